@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random SD1.5-layout pipeline built once per session and saved to disk, so tests
+load it by path exactly as a user's model would be loaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_STYLE = ROOT / "examples" / "tiny-style"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    from trainer.tiny import build_tiny_sd15
+
+    return build_tiny_sd15(tmp_path_factory.mktemp("base") / "tiny-sd15")
+
+
+@pytest.fixture
+def make_cfg(tiny_base, tmp_path):
+    """Config factory: the tiny-test preset pointed at the session's tiny base and a temp output folder."""
+    from trainer.config import load_config
+
+    def make(*overrides: str):
+        base = [
+            f'model.path="{tiny_base}"',
+            f'data.path="{TINY_STYLE}"',
+            f'output.dir="{tmp_path / "outputs"}"',
+            "train.steps=4",
+            "train.checkpoint_every=0",
+            "train.save_every=0",
+            "sample.every=0",
+            "sample.prompts=[]",
+        ]
+        return load_config(ROOT / "presets" / "tiny-test.toml", [*base, *overrides])
+
+    return make

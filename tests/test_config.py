@@ -1,0 +1,65 @@
+import pytest
+
+from trainer.config import Config, ConfigError, PRESETS_DIR, list_presets, load_config, load_preset, parse_override, to_toml
+
+
+def test_every_preset_loads():
+    names = list_presets()
+    assert {"sd15-style", "tiny-test"} <= set(names)
+    for name in names:
+        assert isinstance(load_preset(name), Config)
+
+
+def test_sd15_preset_has_style_defaults():
+    cfg = load_preset("sd15-style")
+    assert (cfg.lora.rank, cfg.lora.alpha) == (16, 16.0)
+    assert (cfg.train.lr_unet, cfg.train.lr_text_encoder) == (1e-4, 5e-5)
+    assert cfg.train.optimizer == "adamw" and cfg.train.lr_scheduler == "cosine" and cfg.train.warmup_steps > 0
+    assert cfg.data.resolution == 512 and cfg.train.mixed_precision == "auto"
+
+
+def test_unknown_key_is_rejected_with_its_name(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nstepz = 10\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "train.stepz" in str(err.value) and str(path) in str(err.value)
+
+
+def test_bad_values_are_rejected():
+    for override in ["lora.rank=0", "train.lr_scheduler=\"wavy\"", "data.caption_dropout=1.5", "output.name=\"../x\"",
+                     "data.resolution=500", "lora.train_unet=false"]:
+        extra = ["lora.train_text_encoder=false"] if override.startswith("lora.train_unet") else []
+        with pytest.raises(ConfigError):
+            load_config(PRESETS_DIR / "tiny-test.toml", [override, *extra])
+
+
+def test_not_toml_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[train\nsteps=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_overrides_parse_as_toml_values():
+    assert parse_override("train.steps=200") == (["train", "steps"], 200)
+    assert parse_override("data.trigger=zk style") == (["data", "trigger"], "zk style")
+    assert parse_override('sample.prompts=["a", "b"]') == (["sample", "prompts"], ["a", "b"])
+    with pytest.raises(ConfigError):
+        parse_override("no-equals-sign")
+
+
+def test_merge_order_preset_then_ui_then_cli():
+    cfg = load_config(PRESETS_DIR / "sd15-style.toml", ["lora.rank=8"], extra={"lora": {"rank": 4, "alpha": 2.0}})
+    assert cfg.lora.rank == 8  # CLI beats UI
+    assert cfg.lora.alpha == 2.0  # UI beats preset
+    assert cfg.train.lr_unet == 1e-4  # preset kept
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(PRESETS_DIR / "sd15-style.toml", ["train.resume=\"latest\""])
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg

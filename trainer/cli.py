@@ -1,0 +1,90 @@
+"""Command line: everything the UI does, headless.
+
+  python -m trainer train CONFIG.toml [--set section.key=value ...] [--run-dir DIR]
+  python -m trainer resume RUN_DIR [--set ...]
+  python -m trainer build-tiny DIR
+  accelerate launch --num_processes N -m trainer train CONFIG.toml     (data-parallel on N devices)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from trainer.config import Config, ConfigError, load_config
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """outputs/<name>, or outputs/<name>-2, -3 ... so an earlier run is never overwritten."""
+    root = Path(cfg.output.dir)
+    candidate, n = root / cfg.output.name, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = root / f"{cfg.output.name}-{n}"
+    return candidate
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _agree_on_run_dir(cfg: Config) -> Path:
+    # Under `accelerate launch` every process parses the CLI; they must pick the same new folder, so rank 0
+    # picks and the others read its choice from the environment variable accelerate passes to all.
+    from accelerate import PartialState
+
+    state = PartialState()
+    chosen = [str(new_run_dir(cfg))] if state.is_main_process else [None]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(chosen, from_process=0)
+    return Path(chosen[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Style-LoRA trainer for Stable Diffusion")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train a LoRA from a config or preset TOML")
+    p_train.add_argument("config", help="TOML file: a preset from presets/ or a run's config.toml")
+    p_train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a setting, e.g. --set train.steps=500 --set data.path=/my/images")
+    p_train.add_argument("--run-dir", help="run folder (default: output.dir/output.name, made unique)")
+    p_resume = sub.add_parser("resume", help="continue a run from its latest checkpoint")
+    p_resume.add_argument("run_dir")
+    p_resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p_tiny = sub.add_parser("build-tiny", help="write the tiny random SD1.5-layout test model to a folder")
+    p_tiny.add_argument("folder")
+    args = parser.parse_args(argv)
+
+    from trainer.data import DatasetError
+    from trainer.model import ModelError
+
+    try:
+        if args.command == "build-tiny":
+            from trainer.tiny import build_tiny_sd15
+
+            print(build_tiny_sd15(args.folder))
+            return 0
+        if args.command == "resume":
+            run_dir = Path(args.run_dir)
+            cfg = load_config(run_dir / "config.toml", [*args.overrides, 'train.resume="latest"'])
+        else:
+            cfg = load_config(args.config, args.overrides)
+            run_dir = Path(args.run_dir) if args.run_dir else _agree_on_run_dir(cfg)
+        from trainer.loop import train
+
+        if _is_main_process():
+            print(f"run folder: {run_dir}")
+        final = train(cfg, run_dir)
+        if _is_main_process():
+            print(f"adapter: {final}")
+        return 0
+    except (ConfigError, DatasetError, ModelError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

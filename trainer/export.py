@@ -1,0 +1,74 @@
+"""Adapter files. This module writes the diffusers/PEFT layout that diffusers' load_lora_weights reads.
+
+Keys are `unet.<module>.lora_A.weight` / `text_encoder.<module>.lora_B.weight`; the peft LoraConfig of each
+part (rank, alpha, rsLoRA, targets) goes into the `lora_adapter_metadata` header entry the way diffusers'
+own save_lora_weights writes it, so diffusers restores the exact alpha instead of assuming alpha = rank.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from trainer.io import atomic_path
+
+
+def _adapter_config(module: torch.nn.Module) -> dict:
+    config = module.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def peft_layout(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, torch.Tensor], dict]:
+    """State dict with diffusers prefixes and the packed adapter metadata, for every module that has LoRA."""
+    from peft.utils import get_peft_model_state_dict
+
+    tensors: dict[str, torch.Tensor] = {}
+    adapter_metadata: dict = {}
+    for prefix, module in modules.items():
+        if not getattr(module, "peft_config", None):
+            continue
+        for key, value in get_peft_model_state_dict(module).items():
+            tensors[f"{prefix}.{key}"] = value.detach().float().cpu().contiguous()
+        for key, value in _adapter_config(module).items():
+            adapter_metadata[f"{prefix}.{key}"] = value
+    return tensors, adapter_metadata
+
+
+def save_diffusers_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str] | None = None) -> Path:
+    """Write `path` atomically in the diffusers/PEFT layout. `metadata` values must be strings."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    tensors, adapter_metadata = peft_layout(modules)
+    if not tensors:
+        raise ValueError("no LoRA weights to save: neither the UNet nor the text encoder has an adapter")
+    header = {"format": "pt", **(metadata or {})}
+    header[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata, indent=2, sort_keys=True, default=str)
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, tmp, metadata=header)
+    return Path(path)
+
+
+def training_metadata(cfg, base_kind: str, step: int, num_images: int, started_at: float) -> dict[str, str]:
+    """The training facts every adapter file carries (kohya-style ss_* names; all values strings)."""
+    import time
+
+    from trainer.config import to_toml
+
+    return {
+        "ss_output_name": cfg.output.name,
+        "ss_base_model_version": {"sd1": "sd_v1"}.get(base_kind, base_kind),
+        "ss_network_dim": str(cfg.lora.rank),
+        "ss_network_alpha": str(cfg.lora.alpha),
+        "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
+        "ss_num_train_images": str(num_images),
+        "ss_steps": str(step),
+        "ss_training_started_at": str(started_at),
+        "ss_training_finished_at": str(time.time()),
+        "ss_sd_model_name": cfg.model.path,
+        "modelspec.title": cfg.output.name,
+        "modelspec.trigger_phrase": cfg.data.trigger,
+        "style_lora_config": to_toml(cfg),
+    }

@@ -1,0 +1,259 @@
+"""The training loop, top to bottom.
+
+Every random choice of micro-batch k (data order, flip, caption shuffle/dropout, latent sample, noise,
+timestep, LoRA dropout) is drawn from generators seeded by (seed, k). So a run resumed at step s draws exactly
+what the uninterrupted run drew from step s on: resuming once or twice ends at the same weights.
+Data-parallel: process p of P takes micro-batch k = (step*accum + a)*P + p.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trainer import data as ds
+from trainer.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from trainer.config import Config, save_config
+from trainer.events import STOP_FILE, EventLog
+from trainer.export import save_diffusers_lora, training_metadata
+from trainer.model import attach_lora, load_base, lora_parameters
+from trainer.sampling import render_samples
+
+
+def resolve_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0]
+
+
+@torch.no_grad()
+def encode_latent_dist(vae, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dist = vae.encode(image[None].to(vae.device, vae.dtype)).latent_dist
+    return dist.mean[0].float(), dist.std[0].float()
+
+
+def adapter_path(run_dir: Path, cfg: Config, step: int | None = None) -> Path:
+    suffix = "" if step is None else f"-step{step:06d}"
+    return run_dir / f"{cfg.output.name}{suffix}.diffusers.safetensors"
+
+
+def train(cfg: Config, run_dir: Path) -> Path:
+    """Train the LoRA described by `cfg` into `run_dir`; returns the final adapter path."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.mixed_precision),
+                              gradient_accumulation_steps=cfg.train.grad_accum)
+    main = accelerator.is_main_process
+    events = EventLog(run_dir / "events.jsonl" if main else None)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.toml")
+        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
+    device, tc = accelerator.device, cfg.train
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    started_at = time.time()
+
+    # --- data: scan, report problems by file, keep going with the rest
+    items, problems = ds.scan_dataset(cfg.data)
+    for problem in problems:
+        events.emit("problem", path=str(problem.path), reason=problem.reason)
+        if main:
+            print(f"skipped/warning: {problem}")
+    batches_per_epoch = len(ds.epoch_batches(items, tc.batch_size, tc.seed, 0))
+    micro_per_step = tc.grad_accum * accelerator.num_processes
+    total_steps = math.ceil(tc.epochs * batches_per_epoch / micro_per_step) if tc.epochs else tc.steps
+
+    # --- model: frozen base in weight_dtype, LoRA params in fp32
+    base = load_base(cfg.model)
+    set_seed(tc.seed)  # LoRA init draws from the global generators: same seed, same starting adapter
+    attach_lora(base, cfg.lora)
+    unet, text_encoder, vae = base.unet, base.text_encoder, base.vae
+    unet.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    vae.to(device, dtype=torch.float32)  # fp32 VAE: SD's VAE overflows in fp16, and it runs once per image when cached
+    trained = {name: m for name, m in (("unet", unet), ("text_encoder", text_encoder)) if lora_parameters(m)}
+    cast_training_params(list(trained.values()), dtype=torch.float32)
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if "text_encoder" in trained:
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    groups = []
+    if "unet" in trained:
+        groups.append({"params": lora_parameters(unet), "lr": tc.lr_unet})
+    if "text_encoder" in trained:
+        groups.append({"params": lora_parameters(text_encoder), "lr": tc.lr_text_encoder})
+    optimizer = torch.optim.AdamW(groups, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
+                                  weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
+                                 num_training_steps=total_steps)
+    # Only trained modules go through prepare (DDP refuses modules without trainable parameters).
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    wrapped = dict(zip(trained, prepared[:-1]))
+    optimizer = prepared[-1]
+    unet_fwd = wrapped.get("unet", unet)
+    te_fwd = wrapped.get("text_encoder", text_encoder)
+
+    # --- resume
+    start_step = 0
+    if tc.resume:
+        folder = list_checkpoints(run_dir)[-1] if tc.resume == "latest" and list_checkpoints(run_dir) else Path(tc.resume)
+        if not (folder / "state.json").is_file():
+            raise FileNotFoundError(f"train.resume: no checkpoint at {folder}")
+        start_step = load_checkpoint(folder, trained, optimizer, lr_scheduler)
+        events.emit("resumed", step=start_step, checkpoint=str(folder))
+
+    # --- caches: VAE latents (both orientations when flipping) and text embeddings when the TE is frozen
+    latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+    if tc.cache_latents:
+        for i, item in enumerate(tqdm(items, desc="caching latents", disable=not main)):
+            for flip in ((False, True) if cfg.data.flip else (False,)):
+                latent_cache[i, flip] = encode_latent_dist(vae, ds.load_image(item.path, item.bucket, flip))
+    text_cache: dict[int, torch.Tensor] = {}
+    if tc.cache_text_embeddings and "text_encoder" not in trained and ds.caption_is_static(cfg.data):
+        with torch.no_grad():
+            for i, item in enumerate(items):
+                caption = ds.build_caption(item.caption, cfg.data, random.Random(0))
+                text_cache[i] = encode_text(base.tokenizer, text_encoder, [caption], device)[0]
+
+    epoch_cache: dict[int, list[list[int]]] = {}
+
+    def batch_at(k: int) -> list[int]:
+        epoch = k // batches_per_epoch
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = ds.epoch_batches(items, tc.batch_size, tc.seed, epoch)
+        return epoch_cache[epoch][k % batches_per_epoch]
+
+    scheduler = base.noise_scheduler
+    num_timesteps = scheduler.config.num_train_timesteps
+
+    def micro_batch_loss(k: int) -> torch.Tensor:
+        rng = random.Random(f"{tc.seed}-{k}")
+        gen = torch.Generator("cpu").manual_seed(tc.seed * 1_000_003 + k)
+        torch.manual_seed(tc.seed + k)  # LoRA dropout draws from the global generator
+        indices = batch_at(k)
+        flips = [cfg.data.flip and rng.random() < 0.5 for _ in indices]
+        captions = [ds.build_caption(items[i].caption, cfg.data, rng) for i in indices]
+        means, stds = [], []
+        for i, flip in zip(indices, flips):
+            if (i, flip) in latent_cache:
+                mean, std = latent_cache[i, flip]
+            else:
+                mean, std = encode_latent_dist(vae, ds.load_image(items[i].path, items[i].bucket, flip))
+            means.append(mean)
+            stds.append(std)
+        mean, std = torch.stack(means), torch.stack(stds)
+        latents = (mean + std * torch.randn(mean.shape, generator=gen).to(device)) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen)
+        if tc.noise_offset:
+            noise += tc.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
+        noise = noise.to(device)
+        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen).to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
+        if text_cache:
+            hidden = torch.stack([text_cache[i] for i in indices])
+        else:
+            with torch.set_grad_enabled("text_encoder" in trained):
+                hidden = encode_text(base.tokenizer, te_fwd, captions, device)
+        pred = unet_fwd(noisy, timesteps, hidden.to(weight_dtype)).sample.float()
+        target = noise if base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if tc.min_snr_gamma:
+            snr = compute_snr(scheduler, timesteps)
+            weight = snr.clamp(max=tc.min_snr_gamma) / (snr + 1 if base.prediction_type == "v_prediction" else snr)
+            loss = loss * weight
+        return loss.mean()
+
+    def save_adapter(path: Path, step: int) -> Path:
+        meta = training_metadata(cfg, base.kind, step, len(items), started_at)
+        return save_diffusers_lora(path, {n: accelerator.unwrap_model(m) for n, m in wrapped.items()}, meta)
+
+    def sample(step: int) -> None:
+        if cfg.sample.prompts and main:
+            paths = render_samples(base, accelerator.unwrap_model(unet_fwd), accelerator.unwrap_model(te_fwd),
+                                   cfg, step, run_dir / "samples", weight_dtype)
+            events.emit("samples", step=step, paths=[str(p) for p in paths])
+
+    def checkpoint(step: int) -> None:
+        if main:
+            folder = save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", step,
+                                     {n: accelerator.unwrap_model(m) for n, m in wrapped.items()}, optimizer,
+                                     lr_scheduler)
+            prune_checkpoints(run_dir, tc.keep_checkpoints)
+            events.emit("checkpoint", step=step, path=str(folder))
+        accelerator.wait_for_everyone()
+
+    events.emit("start", total_steps=total_steps, start_step=start_step, images=len(items),
+                problems=len(problems), device=str(device), precision=accelerator.mixed_precision,
+                processes=accelerator.num_processes, run_dir=str(run_dir))
+    for m in wrapped.values():
+        m.train()
+    bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=not main, dynamic_ncols=True)
+    step, stopped, tick = start_step, False, time.time()
+    params = [p for g in groups for p in g["params"]]
+    while step < total_steps:
+        loss_sum = 0.0
+        for a in range(tc.grad_accum):
+            k = (step * tc.grad_accum + a) * accelerator.num_processes + accelerator.process_index
+            with accelerator.accumulate(*wrapped.values()):
+                loss = micro_batch_loss(k)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tc.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().float()
+        lr_scheduler.step()
+        step += 1
+        loss_value = accelerator.reduce(loss_sum / tc.grad_accum, reduction="mean").item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower the learning rate")
+        now = time.time()
+        rate = 1.0 / max(now - tick, 1e-9)
+        tick = now
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        events.emit("step", step=step, total=total_steps, loss=loss_value, lr=lr_scheduler.get_last_lr()[0],
+                    it_s=round(rate, 3), eta_s=round((total_steps - step) / max(rate, 1e-9), 1), gpu_mem_gib=mem)
+        stopped = (run_dir / STOP_FILE).exists()
+        if step == total_steps or stopped:
+            break
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+            checkpoint(step)
+        if tc.save_every and step % tc.save_every == 0 and main:
+            events.emit("adapter", step=step, path=str(save_adapter(adapter_path(run_dir, cfg, step), step)))
+        if cfg.sample.every and step % cfg.sample.every == 0:
+            sample(step)
+    bar.close()
+
+    # --- end (finished or stopped): resumable checkpoint, samples, final adapter
+    if stopped or tc.checkpoint_every:
+        checkpoint(step)
+    sample(step)
+    final = adapter_path(run_dir, cfg)
+    if main:
+        save_adapter(final, step)
+        events.emit("adapter", step=step, path=str(final), final=True)
+        events.emit("stopped" if stopped else "done", step=step, path=str(final),
+                    seconds=round(time.time() - started_at, 1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final

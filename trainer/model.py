@@ -1,0 +1,131 @@
+"""Load a Stable Diffusion base (diffusers folder, hub id, single .safetensors file) and attach LoRA with peft."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import LoraConfig, ModelConfig
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelError(ValueError):
+    """The base model cannot be found or loaded; the message names the path and the reason."""
+
+
+@dataclass
+class Base:
+    """The parts of a Stable Diffusion pipeline the trainer uses."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any  # DDPMScheduler with the base's beta schedule, used for training
+    sample_scheduler: Any  # the base's own inference scheduler, for sample images
+    prediction_type: str
+    kind: str  # "sd1" for now; SDXL/SD2 detection lands with their issue
+    source: str
+
+
+def resolve_source(path: str) -> tuple[str, str]:
+    """Classify model.path: ('folder'|'file'|'hub', resolved path or id). Raises ModelError with a clear reason."""
+    if path.startswith("builtin:"):
+        from trainer.tiny import builtin_model_path
+
+        try:
+            return "folder", str(builtin_model_path(path.removeprefix("builtin:")))
+        except ValueError as err:
+            raise ModelError(f"model.path {path!r}: {err}") from None
+    p = Path(path).expanduser()
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(
+            f"model.path {path!r}: {p.suffix} files are Python pickles, which can run arbitrary code when loaded; "
+            "only .safetensors checkpoints and diffusers folders are accepted"
+        )
+    if p.is_dir():
+        if not (p / "model_index.json").is_file() and not (p / "unet").is_dir():
+            raise ModelError(f"model.path {path!r}: folder is not a diffusers pipeline (no model_index.json)")
+        return "folder", str(p)
+    if p.is_file():
+        if p.suffix.lower() != ".safetensors":
+            raise ModelError(f"model.path {path!r}: expected a .safetensors checkpoint or a diffusers folder")
+        return "file", str(p)
+    if p.suffix.lower() == ".safetensors" or path.startswith((".", "/", "~")) or not HUB_ID.match(path):
+        raise ModelError(f"model.path {path!r}: no such file or folder")
+    return "hub", path
+
+
+def load_base(cfg: ModelConfig) -> Base:
+    """Load the base pipeline in fp32 on CPU; the trainer moves and casts it."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    kind, where = resolve_source(cfg.path)
+    common = dict(safety_checker=None, requires_safety_checker=False, dtype=torch.float32)
+    try:
+        if kind == "file":
+            pipe = StableDiffusionPipeline.from_single_file(where, config=cfg.single_file_config, **common)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(where, revision=cfg.revision, variant=cfg.variant, **common)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        hint = " (no internet or hub access here? pass a local diffusers folder or .safetensors file)" if kind == "hub" else ""
+        if kind == "file" and not cfg.single_file_config:
+            hint = " (offline, a single-file checkpoint needs model.single_file_config: a local diffusers folder of the same architecture)"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model.path {cfg.path!r}: cannot load: {first_line}{hint}") from None
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = cfg.prediction_type
+    if prediction_type == "auto":
+        prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    noise_scheduler.register_to_config(prediction_type=prediction_type)
+    return Base(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        noise_scheduler=noise_scheduler,
+        sample_scheduler=pipe.scheduler,
+        prediction_type=prediction_type,
+        kind="sd1",
+        source=cfg.path,
+    )
+
+
+def peft_lora_config(cfg: LoraConfig, targets: list[str]):
+    from peft import LoraConfig as PeftLoraConfig
+
+    # init_lora_weights=True: A kaiming-uniform, B zero (what kohya does), so training starts at the base.
+    return PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        use_rslora=cfg.rslora,
+        target_modules=targets,
+        init_lora_weights=True,
+    )
+
+
+def attach_lora(base: Base, cfg: LoraConfig) -> None:
+    """Freeze the base and add a trainable LoRA adapter named 'default' to the UNet and/or text encoder."""
+    for module in (base.unet, base.vae, base.text_encoder):
+        module.requires_grad_(False)
+    parts = [("unet", base.unet, cfg.train_unet, cfg.unet_targets)]
+    parts.append(("text encoder", base.text_encoder, cfg.train_text_encoder, cfg.text_encoder_targets))
+    for name, module, wanted, targets in parts:
+        if not wanted:
+            continue
+        try:
+            module.add_adapter(peft_lora_config(cfg, targets))
+        except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+            raise ModelError(f"lora: the {name} has no module matching {targets}: {err}") from None
+
+
+def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
