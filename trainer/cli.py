@@ -33,9 +33,10 @@ def _is_main_process() -> bool:
 def _agree_on_run_dir(cfg: Config) -> Path:
     # Under `accelerate launch` every process parses the CLI; they must pick the same new folder, so rank 0
     # picks and the others read its choice from the environment variable accelerate passes to all.
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # must match the Accelerator the loop creates
     chosen = [str(new_run_dir(cfg))] if state.is_main_process else [None]
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list

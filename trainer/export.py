@@ -31,6 +31,10 @@ def peft_layout(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, torch.Te
         if not getattr(module, "peft_config", None):
             continue
         for key, value in get_peft_model_state_dict(module).items():
+            if prefix.startswith("text_encoder") and not key.startswith("text_model."):
+                # transformers 5 dropped CLIPTextModel's `text_model.` level; files keep the canonical name
+                # that every diffusers/transformers version (and every LoRA on the hub) uses.
+                key = f"text_model.{key}"
             tensors[f"{prefix}.{key}"] = value.detach().float().cpu().contiguous()
         for key, value in _adapter_config(module).items():
             adapter_metadata[f"{prefix}.{key}"] = value

@@ -57,8 +57,9 @@ def train(cfg: Config, run_dir: Path) -> Path:
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
+    # cpu=True without CUDA lets accelerate run data-parallel over gloo when launched with several processes.
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.mixed_precision),
-                              gradient_accumulation_steps=cfg.train.grad_accum)
+                              gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     events = EventLog(run_dir / "events.jsonl" if main else None)
     if main:
