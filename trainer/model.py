@@ -73,11 +73,17 @@ def load_base(cfg: ModelConfig) -> Base:
             pipe = StableDiffusionPipeline.from_single_file(where, config=cfg.single_file_config, **common)
         else:
             pipe = StableDiffusionPipeline.from_pretrained(where, revision=cfg.revision, variant=cfg.variant, **common)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        hint = " (no internet or hub access here? pass a local diffusers folder or .safetensors file)" if kind == "hub" else ""
-        if kind == "file" and not cfg.single_file_config:
+    except Exception as err:  # diffusers raises many types (OSError, ValueError, SingleFileComponentError...)
+        text = str(err).strip()
+        first_line = text.splitlines()[0] if text else type(err).__name__
+        offline = any(w in text for w in ("offline", "cached", "connect", "Hub"))
+        hint = ""
+        if offline and kind == "hub":
+            hint = " (no hub access here? pass a local diffusers folder or .safetensors file)"
+        elif offline and kind == "file":
             hint = " (offline, a single-file checkpoint needs model.single_file_config: a local diffusers folder of the same architecture)"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        elif kind == "file":
+            hint = " (is it a full Stable Diffusion checkpoint, not a LoRA or a VAE?)"
         raise ModelError(f"model.path {cfg.path!r}: cannot load: {first_line}{hint}") from None
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

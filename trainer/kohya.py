@@ -1,0 +1,391 @@
+"""kohya/A1111 LoRA files (what A1111/Forge and ComfyUI load) and conversion to/from the diffusers/PEFT layout.
+
+Keys: `lora_unet_<module path, . -> _>` and `lora_te_text_model_<path>` (SD1.x CLIP), each with `.lora_down.weight`
+[r, in(, kh, kw)], `.lora_up.weight` [out, r(, 1, 1)] and `.alpha` (0-dim fp32). Readers apply
+up·down·(alpha/r)·multiplier, so we write alpha = (peft's scaling)·r: whatever made the scaling (lora_alpha != r,
+rsLoRA, rank/alpha patterns) the strength is exact. diffusers' convert_state_dict_to_kohya writes alpha = rank, which
+silently rescales the update whenever lora_alpha != r, so it is not used here.
+
+DoRA: `.dora_scale` is peft's magnitude m with shape [out, 1(, 1, 1)]. The shape says "decomposed on the output
+axis" (LyCORIS `wd_on_out=True`; ComfyUI picks the axis by `dora_scale.shape[0] == out`): W' = m·V/||V||_row with
+V = W + up·down·alpha/r, which is exactly peft's merged DoRA weight. Caveats, checked in their sources: A1111 only
+implements the input-axis form ([1, in]) and cannot apply these; ComfyUI's output-axis branch currently divides by
+||W|| instead of ||V|| (Comfy-Org/ComfyUI PR #15458 proposes the fix), a small deviation while ΔW is small.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import functools
+import hashlib
+import json
+import math
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from trainer.io import atomic_path
+
+ADAPTER = "default"
+PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DIFFUSERS_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+
+# SD1.5's UNet/CLIP-L layout: module names depend on the block layout, not the sizes, so building these on the meta
+# device (no memory, ~0.2 s) gives every real SD1.5 module name for resolving kohya keys without a base model.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+SD15_TEXT_ENCODER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+
+
+def _kohya_name(part: str, module: str) -> str:
+    """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+    if part not in PREFIX:
+        raise ValueError(f"{part!r}: only the SD1.x 'unet' and 'text_encoder' can be written as kohya keys")
+    if part == "text_encoder":
+        # transformers 5's CLIPTextModel dropped the `text_model.` level; A1111 and ComfyUI expect it in the key.
+        module = "text_model." + module.removeprefix("text_model.")
+    return PREFIX[part] + module.replace(".", "_")
+
+
+def _lora_layers(part: str, module: torch.nn.Module):
+    """Yield (module name, peft LoRA layer) for adapter 'default'; raise for anything a kohya file cannot express."""
+    from peft.tuners.lora.layer import Conv2d, Linear
+    from peft.tuners.lora.variants import DoraConv2dVariant, DoraLinearVariant
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, layer in module.named_modules():
+        if not isinstance(layer, BaseTunerLayer):
+            continue
+        if not any(ADAPTER in getattr(layer, attr, {}) for attr in layer.adapter_layer_names):
+            continue  # wraps other adapters only
+        where = f"{part}.{name}"
+        if not isinstance(layer, (Linear, Conv2d)):
+            raise ValueError(f"{where}: LoRA on {type(layer).__name__} cannot be written as a kohya LoRA (Linear and Conv2d only)")
+        variant = layer.lora_variant.get(ADAPTER)
+        if variant is not None and not isinstance(variant, (DoraLinearVariant, DoraConv2dVariant)):
+            raise ValueError(f"{where}: the {type(variant).__name__} LoRA variant has no kohya equivalent")
+        if layer.merged:
+            raise ValueError(f"{where}: the adapter is merged into the base weight; unmerge it before exporting")
+        if layer.lora_bias.get(ADAPTER) or getattr(layer, "fan_in_fan_out", False):
+            raise ValueError(f"{where}: lora_bias / fan_in_fan_out LoRA cannot be written as a kohya LoRA")
+        if isinstance(layer, Conv2d):
+            base = layer.get_base_layer()
+            if base.groups != 1 or tuple(layer.lora_B[ADAPTER].weight.shape[2:]) != (1, 1):
+                raise ValueError(f"{where}: grouped-conv LoRA cannot be written as a kohya LoRA")
+        yield name.removeprefix("base_model.model."), layer
+
+
+def kohya_state_dict(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The kohya tensors of the 'default' peft adapter of each module ({"unet": ..., "text_encoder": ...})."""
+    tensors: dict[str, torch.Tensor] = {}
+    for part, module in modules.items():
+        if module is None or not getattr(module, "peft_config", None):
+            continue
+        for name, layer in _lora_layers(part, module):
+            key = _kohya_name(part, name)
+            down = layer.lora_A[ADAPTER].weight.detach().float().cpu().contiguous()
+            up = layer.lora_B[ADAPTER].weight.detach().float().cpu().contiguous()
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.lora_up.weight"] = up
+            # alpha/r must reproduce peft's scaling whatever produced it (alpha != r, rsLoRA, alpha/rank patterns).
+            tensors[f"{key}.alpha"] = torch.tensor(layer.scaling[ADAPTER] * down.shape[0], dtype=torch.float32)
+            if ADAPTER in layer.lora_magnitude_vector:  # DoRA: peft's m is [out] (Linear) or [1, out, 1, 1] (Conv2d)
+                magnitude = layer.lora_magnitude_vector[ADAPTER].weight.detach().float().cpu()
+                tensors[f"{key}.dora_scale"] = magnitude.reshape(up.shape[0], *[1] * (up.dim() - 1)).contiguous()
+    return tensors
+
+
+def kohya_metadata(
+    base: dict[str, str], *, rank: int, alpha: float, trigger: str, tag_frequency: dict, base_kind: str,
+    cover_png: bytes | None, rslora: bool = False,
+) -> dict[str, str]:
+    """kohya ss_* and SAI modelspec.* header entries on top of `base` (e.g. export.training_metadata). All strings."""
+    if base_kind != "sd1":
+        raise ValueError(f"kohya export supports SD1.x bases only, not {base_kind!r}")
+    meta = {k: str(v) for k, v in base.items()}
+    resolution = re.findall(r"\d+", meta.get("ss_resolution", "")) or ["512", "512"]
+    started = float(meta.get("ss_training_started_at", 0) or 0) or datetime.datetime.now().timestamp()
+    meta.update({
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        # ss_network_alpha uses kohya's alpha/r convention; rsLoRA's alpha/sqrt(r) is the same scale at alpha·sqrt(r).
+        "ss_network_alpha": str(alpha * math.sqrt(rank) if rslora else alpha),
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
+        # modelspec values as kohya's library/sai_model_spec.py writes them for an SD1 LoRA.
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": meta.get("modelspec.title") or meta.get("ss_output_name") or "LoRA",
+        "modelspec.resolution": f"{resolution[0]}x{resolution[-1]}",
+        "modelspec.date": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    if trigger:
+        meta["modelspec.trigger_phrase"] = trigger
+        meta["ssmd_keywords"] = trigger  # the additional-networks metadata editor's trigger words
+    if cover_png is not None:
+        if not cover_png.startswith(PNG_SIGNATURE):
+            raise ValueError("cover image must be PNG bytes")
+        # A JSON list of base64 images: what sd-webui-additional-networks writes and A1111/ComfyUI read as a preview.
+        meta["ssmd_cover_images"] = json.dumps([base64.b64encode(cover_png).decode("ascii")])
+    return meta
+
+
+def _addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """kohya train_util.precalculate_safetensors_hashes: sha256 of the tensor payload (bytes after the header) and
+    the legacy hash (first 8 hex of sha256 of 64 KiB at 1 MiB), over a serialisation with only ss_* metadata."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
+    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def _write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    if not tensors:
+        raise ValueError("no LoRA weights to save: neither the UNet nor the text encoder has an adapter")
+    metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_") and k != "modelspec.hash_sha256"}
+    if any(k.endswith(".dora_scale") for k in tensors):
+        # kohya's networks.lora cannot hold DoRA; LyCORIS can, and these args name the output-axis decomposition.
+        metadata["ss_network_module"] = "lycoris.kohya"
+        metadata["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
+    not_str = sorted(k for k, v in metadata.items() if not isinstance(v, str))
+    if not_str:
+        raise ValueError(f"metadata values must be strings: {not_str}")
+    model_hash, legacy_hash = _addnet_hashes(tensors, metadata)
+    metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
+    metadata["modelspec.hash_sha256"] = f"0x{model_hash}"  # ModelSpec: sha256 of all tensor content
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return Path(path)
+
+
+def save_kohya_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str]) -> Path:
+    """Write `path` atomically in the kohya layout, with sshs_model_hash / sshs_legacy_hash as kohya computes them."""
+    return _write_kohya(path, kohya_state_dict(modules), dict(metadata))
+
+
+def _module_names(modules: dict[str, torch.nn.Module]) -> dict[str, tuple[str, str]]:
+    """{kohya name: (part, module path)} for every Linear/Conv2d (peft-wrapped or not) of the given models."""
+    from peft.tuners.lora import LoraLayer
+
+    table: dict[str, tuple[str, str]] = {}
+    for part, model in modules.items():
+        if part not in PREFIX or model is None:
+            continue
+        for name, module in model.named_modules():
+            parts = name.split(".")
+            if not name or "base_layer" in parts or any(p.startswith("lora_") for p in parts):
+                continue  # peft's own submodules
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, LoraLayer)):
+                continue
+            if part == "text_encoder":
+                name = name.removeprefix("text_model.")
+            key = _kohya_name(part, name)
+            if table.setdefault(key, (part, name)) != (part, name):
+                raise ValueError(f"{key}: ambiguous, names both {table[key][1]!r} and {name!r}")
+    return table
+
+
+@functools.cache
+def _sd15_names() -> dict[str, tuple[str, str]]:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))
+    return _module_names({"unet": unet, "text_encoder": text_encoder})
+
+
+def _peft_key(part: str, module: str) -> str:
+    # The canonical diffusers file spelling keeps CLIP's `text_model.` level (as trainer.export writes it).
+    return f"{part}.text_model.{module}" if part == "text_encoder" else f"{part}.{module}"
+
+
+def _lora_config(modules: dict[str, tuple[int, float, bool]]) -> dict:
+    """A peft LoraConfig (as a dict) giving every module its own rank and alpha: the most common ones as r/lora_alpha,
+    the rest as rank_pattern/alpha_pattern keyed by the full module path, which peft matches exactly."""
+    from peft import LoraConfig
+
+    doras = {dora for _, _, dora in modules.values()}
+    if len(doras) > 1:
+        raise ValueError("mixed DoRA and plain LoRA modules in one model cannot be expressed as one peft LoraConfig")
+    r = Counter(rank for rank, _, _ in modules.values()).most_common(1)[0][0]
+    alpha = Counter(a for _, a, _ in modules.values()).most_common(1)[0][0]
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(modules),
+        rank_pattern={m: rank for m, (rank, _, _) in modules.items() if rank != r},
+        alpha_pattern={m: a for m, (_, a, _) in modules.items() if a != alpha},
+        use_dora=doras.pop(),
+    )
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+
+
+def _group(state: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
+        if suffix is None:
+            raise ValueError(f"{key}: unsupported tensor (expected one of {', '.join(suffixes)})")
+        groups.setdefault(key[: -len(suffix) - 1], {})[suffix] = tensor
+    for name, group in groups.items():
+        if not set(suffixes[:2]) <= group.keys():
+            raise ValueError(f"{name}: has no down/up (A/B) pair")
+    return groups
+
+
+def kohya_to_diffusers(
+    state: dict[str, torch.Tensor], model_modules: dict[str, torch.nn.Module] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """kohya tensors -> (peft-layout tensors, diffusers `lora_adapter_metadata` with per-module rank/alpha).
+
+    kohya names are resolved against the modules of `model_modules` when given, else against SD1.5's module names:
+    `_` is both separator and part of names (to_q, transformer_blocks), so only real names disambiguate."""
+    table = _module_names(model_modules) if model_modules else _sd15_names()
+    tensors: dict[str, torch.Tensor] = {}
+    per_part: dict[str, dict[str, tuple[int, float, bool]]] = {}
+    unknown = []
+    for name, group in sorted(_group(state, KOHYA_SUFFIXES).items()):
+        if name.startswith(("lora_te2_", "lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks")):
+            raise ValueError(f"{name}: SDXL/SGM-style key; only SD1.x kohya LoRAs with diffusers UNet names are supported")
+        lookup = "lora_te_" + name.removeprefix("lora_te1_") if name.startswith("lora_te1_") else name
+        if lookup not in table:
+            unknown.append(name)
+            continue
+        part, module = table[lookup]
+        down, up = group["lora_down.weight"].float(), group["lora_up.weight"].float()
+        rank = down.shape[0]
+        alpha = float(group["alpha"]) if "alpha" in group else float(rank)  # no alpha means scale 1.0 in A1111/ComfyUI
+        key = _peft_key(part, module)
+        tensors[f"{key}.lora_A.weight"] = down.contiguous()
+        tensors[f"{key}.lora_B.weight"] = up.contiguous()
+        if "dora_scale" in group:
+            scale, out = group["dora_scale"].float(), up.shape[0]
+            if scale.shape[0] != out or scale.numel() != out:
+                raise ValueError(f"{name}: dora_scale {tuple(scale.shape)} is decomposed on the input axis; peft's DoRA "
+                                 "normalises output rows, so it cannot be converted exactly")
+            # peft's magnitude is [out] for Linear and [1, out, 1, 1] for Conv2d
+            tensors[f"{key}.lora_magnitude_vector"] = scale.reshape(out) if up.dim() == 2 else scale.reshape(1, out, 1, 1)
+        per_part.setdefault(part, {})[module] = (rank, alpha, "dora_scale" in group)
+    if unknown:
+        raise ValueError(f"{len(unknown)} kohya key(s) match no module of the base model (they would not load): "
+                         + ", ".join(unknown[:5]))
+    metadata = {}
+    for part, modules in per_part.items():
+        metadata.update({f"{part}.{k}": v for k, v in _lora_config(modules).items()})
+    return tensors, metadata
+
+
+def _peft_scaling(config: dict, part: str, module: str, rank: int) -> float:
+    """The scaling peft gives `module` under `config` (a LoraConfig dict), as LoraLayer.update_layer computes it."""
+    from peft.utils.other import get_pattern_key
+
+    names = [module, f"text_model.{module}"] if part == "text_encoder" else [module]
+
+    def pick(pattern: dict | None, default):
+        for name in names:
+            key = get_pattern_key(list(pattern or {}), name)
+            if key in (pattern or {}):
+                return pattern[key]
+        return default
+
+    r, alpha = pick(config.get("rank_pattern"), config["r"]), pick(config.get("alpha_pattern"), config["lora_alpha"])
+    if r != rank:
+        raise ValueError(f"{part}.{module}: adapter metadata says rank {r}, the tensors have rank {rank}")
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict) -> dict[str, torch.Tensor]:
+    """peft-layout tensors (`unet.<module>.lora_A.weight`, ...) + diffusers adapter metadata -> kohya tensors."""
+    configs = {
+        part: {k.removeprefix(f"{part}."): v for k, v in (adapter_metadata or {}).items() if k.startswith(f"{part}.")}
+        for part in PREFIX
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    guessed = set()
+    for name, group in sorted(_group(state, DIFFUSERS_SUFFIXES).items()):
+        part, _, module = name.partition(".")
+        if part not in PREFIX:
+            raise ValueError(f"{name}: only 'unet' and 'text_encoder' LoRA keys can be written as kohya keys")
+        module = module.removeprefix("text_model.") if part == "text_encoder" else module
+        down, up = group["lora_A.weight"].float(), group["lora_B.weight"].float()
+        rank = down.shape[0]
+        if "r" in configs[part]:
+            scaling = _peft_scaling(configs[part], part, module, rank)
+        else:
+            scaling = 1.0
+            guessed.add(part)
+        key = _kohya_name(part, module)
+        tensors[f"{key}.lora_down.weight"] = down.contiguous()
+        tensors[f"{key}.lora_up.weight"] = up.contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(scaling * rank, dtype=torch.float32)
+        if "lora_magnitude_vector" in group:
+            magnitude = group["lora_magnitude_vector"].float()
+            tensors[f"{key}.dora_scale"] = magnitude.reshape(up.shape[0], *[1] * (up.dim() - 1)).contiguous()
+    if guessed:
+        warnings.warn(f"no lora_adapter_metadata for {', '.join(sorted(guessed))}: assuming alpha = rank (scale 1.0, "
+                      "what diffusers assumes too); if it was trained with another alpha its strength will differ",
+                      stacklevel=2)
+    return tensors
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a .safetensors file; anything else is refused (pickles can run code)."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors LoRA files can be converted ({path.suffix or 'no suffix'} files "
+                         "may be Python pickles, which can run arbitrary code when loaded)")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable .safetensors file ({err})") from None
+
+
+def convert_file(src: Path, dst: Path, to: str) -> Path:
+    """Convert a LoRA file between the kohya and diffusers/PEFT layouts (to = "kohya" | "diffusers"), keeping its
+    metadata and the exact strength of every module. Writes `dst` atomically."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    src, dst = Path(src), Path(dst)
+    if to not in ("kohya", "diffusers"):
+        raise ValueError(f"convert: unknown target format {to!r} (use 'kohya' or 'diffusers')")
+    if dst.suffix.lower() != ".safetensors":
+        raise ValueError(f"{dst}: the output must be a .safetensors file")
+    state, header = _read_safetensors(src)
+    is_kohya = any(k.startswith("lora_") for k in state)
+    # Hashes describe the old payload and would be wrong for the new one.
+    header = {k: v for k, v in header.items() if not k.startswith("sshs_") and k not in ("format", "modelspec.hash_sha256")}
+    if to == "diffusers":
+        if not is_kohya:
+            raise ValueError(f"{src}: not a kohya LoRA (no lora_unet_/lora_te_ keys)")
+        tensors, adapter_metadata = kohya_to_diffusers(state)
+        header.update(format="pt")
+        header[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata, indent=2, sort_keys=True, default=str)
+        with atomic_path(dst) as tmp:
+            save_file(tensors, tmp, metadata=header)
+        return dst
+    if is_kohya:
+        raise ValueError(f"{src}: already a kohya LoRA")
+    raw = header.pop(LORA_ADAPTER_METADATA_KEY, None)
+    return _write_kohya(dst, diffusers_to_kohya(state, json.loads(raw) if raw else {}), header)
