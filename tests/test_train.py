@@ -19,8 +19,8 @@ def run(cfg, run_dir, capture=None):
     if capture is not None:
         real = loop.load_base
 
-        def spy(model_cfg):
-            capture["base"] = real(model_cfg)
+        def spy(*args, **kwargs):
+            capture["base"] = real(*args, **kwargs)
             return capture["base"]
 
         loop.load_base = spy

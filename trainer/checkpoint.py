@@ -18,13 +18,14 @@ from safetensors.torch import load_file, save_file
 STATE_FILE = "state.json"
 
 
+def _adapter_params(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    # Trainable params plus frozen adapter params (LoRA-FA's A): everything the adapter is made of.
+    return {f"{prefix}.{name}": p for prefix, module in modules.items() for name, p in module.named_parameters()
+            if p.requires_grad or ".lora_" in name}
+
+
 def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    return {
-        f"{prefix}.{name}": p.detach().float().cpu().contiguous()
-        for prefix, module in modules.items()
-        for name, p in module.named_parameters()
-        if p.requires_grad
-    }
+    return {name: p.detach().float().cpu().contiguous() for name, p in _adapter_params(modules).items()}
 
 
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -47,7 +48,9 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> Path:
+def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler,
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """`extra`: variant state that is not a parameter (Delta-LoRA snapshot, AdaLoRA sensitivity averages)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -56,6 +59,7 @@ def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module]
     opt_tensors, opt_plain = _split_optimizer(optimizer.state_dict())
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()}, tmp / "extra.safetensors")
     state = {"step": step, "optimizer": opt_plain, "lr_scheduler": lr_scheduler.state_dict()}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     if folder.exists():
@@ -64,12 +68,12 @@ def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module]
     return folder
 
 
-def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> int:
-    """Restore weights, optimizer, scheduler and RNG in place; return the step to continue from."""
+def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> tuple[int, dict]:
+    """Restore weights, optimizer, scheduler and RNG in place; return the step to continue from and the extra state."""
     folder = Path(folder)
     state = json.loads((folder / STATE_FILE).read_text())
     weights = load_file(folder / "lora.safetensors")
-    params = {f"{prefix}.{name}": p for prefix, m in modules.items() for name, p in m.named_parameters() if p.requires_grad}
+    params = _adapter_params(modules)
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
     if missing or unexpected:
@@ -83,7 +87,8 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
     optimizer.load_state_dict(_join_optimizer(load_file(folder / "optimizer.safetensors"), state["optimizer"]))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     torch.set_rng_state(load_file(folder / "rng.safetensors")["torch_cpu"])
-    return int(state["step"])
+    extra = load_file(folder / "extra.safetensors") if (folder / "extra.safetensors").is_file() else {}
+    return int(state["step"]), extra
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

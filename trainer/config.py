@@ -83,11 +83,43 @@ class LoraConfig(Section):
     text_encoder_targets: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "out_proj"], description="Text-encoder module names that get LoRA."
     )
+    variant: Literal["lora", "dora", "loraplus", "lorafa", "vera", "adalora", "loradrop", "deltalora", "qlora"] = Field(
+        "lora",
+        description="LoRA family member. lora: low-rank update B·A. dora: LoRA plus a learned per-column magnitude. "
+        "loraplus: B learns loraplus_ratio× faster than A. lorafa: A frozen after init, only B trains (less memory). "
+        "vera: one frozen random A/B shared by all layers, only two scaling vectors per layer train (tiny files). "
+        "adalora: SVD-form LoRA whose rank budget moves to the layers that need it. loradrop: a short probe run "
+        "scores each layer, then only the important layers train. deltalora: the frozen weight also follows the "
+        "change of B·A (scaled by deltalora_lambda). qlora: base UNet quantized to 4/8 bit (CUDA only).",
+    )
+    loraplus_ratio: float = Field(16.0, gt=0, description="LoRA+: learning-rate ratio of B to A (paper: 2^4).")
+    vera_rank: int = Field(256, ge=1, description="VeRA: rank of the shared frozen random projections.")
+    vera_d_initial: float = Field(0.1, gt=0, description="VeRA: initial value of the d scaling vector.")
+    adalora_init_rank: int = Field(12, ge=1, description="AdaLoRA: starting rank per layer (budget shrinks to lora.rank).")
+    adalora_tinit: float = Field(0.1, ge=0, lt=1, description="AdaLoRA: fraction of steps before rank pruning starts.")
+    adalora_tfinal: float = Field(0.2, ge=0, lt=1, description="AdaLoRA: fraction of final steps with the budget fixed.")
+    adalora_delta_t: int = Field(10, ge=1, description="AdaLoRA: steps between budget re-allocations.")
+    adalora_orth_reg: float = Field(0.5, ge=0, description="AdaLoRA: weight of the orthogonality regulariser on P and Q.")
+    loradrop_probe_steps: float = Field(
+        0.1, gt=0, description="LoRA-drop: length of the probe run, as a fraction of train steps (or steps if >= 1)."
+    )
+    loradrop_threshold: float = Field(
+        0.9, gt=0, le=1, description="LoRA-drop: keep the most important layers until their share of importance reaches this."
+    )
+    deltalora_lambda: float = Field(0.5, ge=0, description="Delta-LoRA: update ratio λ of the frozen weight (paper: 0.5).")
+    deltalora_start: int = Field(500, ge=0, description="Delta-LoRA: step K after which the frozen weight follows B·A (paper: 500).")
+    qlora_bits: Literal[4, 8] = Field(4, description="QLoRA: quantize the base UNet to 4-bit NF4 or 8-bit.")
 
     @model_validator(mode="after")
     def _check_something_trains(self) -> "LoraConfig":
         if not (self.train_unet or self.train_text_encoder):
             raise ValueError("nothing to train: set train_unet or train_text_encoder to true")
+        if self.variant == "deltalora" and self.dropout:
+            raise ValueError("deltalora needs dropout = 0 (the frozen-weight update assumes the LoRA path has no dropout)")
+        if self.variant == "adalora" and self.adalora_init_rank < self.rank:
+            raise ValueError(f"adalora_init_rank ({self.adalora_init_rank}) must be >= rank ({self.rank}), the final budget")
+        if self.variant == "adalora" and self.adalora_tinit + self.adalora_tfinal >= 1:
+            raise ValueError("adalora_tinit + adalora_tfinal must leave some steps for re-allocation (sum < 1)")
         return self
 
 

@@ -13,10 +13,12 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 from trainer.config import DataConfig
 
@@ -204,6 +206,8 @@ def choose_bucket(size: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I"):
+        import numpy as np  # lazy: scanning a dataset (the UI) must not pay for numpy/torch imports
+
         # 16-bit greyscale: Pillow's convert() clips at 255 instead of scaling, which would blow out the image.
         arr = np.asarray(img, dtype=np.float32) / 257.0
         img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
@@ -215,8 +219,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK, L, 1, P, YCbCr, ...
 
 
-def load_image(path: Path, bucket: tuple[int, int], flip: bool = False) -> torch.Tensor:
+def load_image(path: Path, bucket: tuple[int, int], flip: bool = False) -> "torch.Tensor":
     """Float32 [3, h, w] in [-1, 1]: resized to cover the bucket, center-cropped to it exactly."""
+    import numpy as np
+    import torch  # lazy: `from trainer.data import scan_dataset` (the web UI) must not import torch
+
     bw, bh = bucket
     with Image.open(path) as img:
         img = _to_rgb(ImageOps.exif_transpose(img))

@@ -31,21 +31,64 @@ def peft_layout(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, torch.Te
         if not getattr(module, "peft_config", None):
             continue
         for key, value in get_peft_model_state_dict(module).items():
-            if prefix.startswith("text_encoder") and not key.startswith("text_model."):
-                # transformers 5 dropped CLIPTextModel's `text_model.` level; files keep the canonical name
-                # that every diffusers/transformers version (and every LoRA on the hub) uses.
-                key = f"text_model.{key}"
-            tensors[f"{prefix}.{key}"] = value.detach().float().cpu().contiguous()
+            if prefix.startswith("text_encoder") and key.endswith("lora_magnitude_vector"):
+                key += ".weight"  # transformers 5's adapter loader only maps DoRA magnitudes spelled this way
+            tensors[_file_key(prefix, key)] = value.detach().float().cpu().contiguous()
         for key, value in _adapter_config(module).items():
             adapter_metadata[f"{prefix}.{key}"] = value
     return tensors, adapter_metadata
 
 
-def save_diffusers_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str] | None = None) -> Path:
-    """Write `path` atomically in the diffusers/PEFT layout. `metadata` values must be strings."""
+def _file_key(prefix: str, module: str) -> str:
+    # transformers 5 dropped CLIPTextModel's `text_model.` level; files keep the canonical name that every
+    # diffusers/transformers version (and every LoRA on the hub) uses.
+    if prefix.startswith("text_encoder") and not module.startswith("text_model."):
+        module = f"text_model.{module}"
+    return f"{prefix}.{module}"
+
+
+def factors_layout(factors: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A plain-LoRA diffusers layout from per-module factors (any variant, see trainer.variants.lora_factors).
+
+    Ranks and alphas may differ per module (AdaLoRA, Delta-LoRA's rank 2r): they go to peft's rank_pattern and
+    alpha_pattern with alpha = scale·rank, so diffusers applies exactly scale·up·down.
+    """
+    tensors, adapter_metadata, parts = {}, {}, {}
+    for full_name, f in factors.items():
+        prefix, module = full_name.split(".", 1)
+        parts.setdefault(prefix, {})[module] = f
+        key = _file_key(prefix, module)
+        tensors[f"{key}.lora_A.weight"] = f.down.float().contiguous()
+        tensors[f"{key}.lora_B.weight"] = f.up.float().contiguous()
+        if f.magnitude is not None:
+            suffix = ".weight" if prefix.startswith("text_encoder") else ""  # see peft_layout
+            tensors[f"{key}.lora_magnitude_vector{suffix}"] = f.magnitude.float().contiguous()
+    for prefix, modules in parts.items():
+        ranks = {m: int(f.down.shape[0]) for m, f in modules.items()}
+        config = {
+            "r": max(ranks.values()), "lora_alpha": 1.0, "lora_dropout": 0.0, "use_rslora": False,
+            "use_dora": any(f.magnitude is not None for f in modules.values()), "bias": "none",
+            "init_lora_weights": True, "target_modules": sorted(modules),
+            "rank_pattern": ranks, "alpha_pattern": {m: modules[m].scale * r for m, r in ranks.items()},
+        }
+        adapter_metadata.update({f"{prefix}.{k}": v for k, v in config.items()})
+    return tensors, adapter_metadata
+
+
+def save_diffusers_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str] | None = None,
+                        delta=None, convert: bool = False) -> Path:
+    """Write `path` atomically in the diffusers/PEFT layout. `metadata` values must be strings.
+
+    convert: write the exact plain-LoRA equivalent (VeRA, AdaLoRA, Delta-LoRA), which diffusers can load.
+    """
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
-    tensors, adapter_metadata = peft_layout(modules)
+    if convert:
+        from trainer.variants import lora_factors
+
+        tensors, adapter_metadata = factors_layout(lora_factors(modules, delta))
+    else:
+        tensors, adapter_metadata = peft_layout(modules)
     if not tensors:
         raise ValueError("no LoRA weights to save: neither the UNet nor the text encoder has an adapter")
     header = {"format": "pt", **(metadata or {})}

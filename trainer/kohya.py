@@ -34,7 +34,9 @@ from trainer.io import atomic_path
 ADAPTER = "default"
 PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-DIFFUSERS_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+# peft saves the DoRA magnitude as `.lora_magnitude_vector` for diffusers models and `.lora_magnitude_vector.weight`
+# for transformers ones; diffusers' text-encoder loader (transformers 5) only loads the latter spelling.
+DIFFUSERS_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight")
 KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 
 # SD1.5's UNet/CLIP-L layout: module names depend on the block layout, not the sizes, so building these on the meta
@@ -169,8 +171,7 @@ def _write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     model_hash, legacy_hash = _addnet_hashes(tensors, metadata)
     metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
     metadata["modelspec.hash_sha256"] = f"0x{model_hash}"  # ModelSpec: sha256 of all tensor content
-    with atomic_path(Path(path)) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    save_file(tensors, str(path), metadata=metadata)
     return Path(path)
 
 
@@ -281,8 +282,9 @@ def kohya_to_diffusers(
             if scale.shape[0] != out or scale.numel() != out:
                 raise ValueError(f"{name}: dora_scale {tuple(scale.shape)} is decomposed on the input axis; peft's DoRA "
                                  "normalises output rows, so it cannot be converted exactly")
-            # peft's magnitude is [out] for Linear and [1, out, 1, 1] for Conv2d
-            tensors[f"{key}.lora_magnitude_vector"] = scale.reshape(out) if up.dim() == 2 else scale.reshape(1, out, 1, 1)
+            # peft's magnitude is [out] for Linear and [1, out, 1, 1] for Conv2d; key spelled as peft saves it
+            suffix = "lora_magnitude_vector.weight" if part == "text_encoder" else "lora_magnitude_vector"
+            tensors[f"{key}.{suffix}"] = scale.reshape(out) if up.dim() == 2 else scale.reshape(1, out, 1, 1)
         per_part.setdefault(part, {})[module] = (rank, alpha, "dora_scale" in group)
     if unknown:
         raise ValueError(f"{len(unknown)} kohya key(s) match no module of the base model (they would not load): "
@@ -336,8 +338,9 @@ def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict) -
         tensors[f"{key}.lora_down.weight"] = down.contiguous()
         tensors[f"{key}.lora_up.weight"] = up.contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(scaling * rank, dtype=torch.float32)
-        if "lora_magnitude_vector" in group:
-            magnitude = group["lora_magnitude_vector"].float()
+        magnitude = group.get("lora_magnitude_vector", group.get("lora_magnitude_vector.weight"))
+        if magnitude is not None:
+            magnitude = magnitude.float()
             tensors[f"{key}.dora_scale"] = magnitude.reshape(up.shape[0], *[1] * (up.dim() - 1)).contiguous()
     if guessed:
         warnings.warn(f"no lora_adapter_metadata for {', '.join(sorted(guessed))}: assuming alpha = rank (scale 1.0, "

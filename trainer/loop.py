@@ -8,6 +8,7 @@ Data-parallel: process p of P takes micro-batch k = (step*accum + a)*P + p.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -21,7 +22,11 @@ from trainer.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoi
 from trainer.config import Config, save_config
 from trainer.events import STOP_FILE, EventLog
 from trainer.export import save_diffusers_lora, training_metadata
-from trainer.model import attach_lora, load_base, lora_parameters
+from trainer.io import atomic_write_text
+from trainer.model import attach_lora, check_qlora_available, load_base, lora_parameters
+from trainer.variants import (DeltaLora, adalora_orth_loss, adalora_state, load_adalora_state,
+                              make_optimizer, measure_layer_importance, needs_conversion, probe_steps,
+                              select_important)
 from trainer.sampling import render_samples
 
 
@@ -50,6 +55,33 @@ def adapter_path(run_dir: Path, cfg: Config, step: int | None = None) -> Path:
 
 def train(cfg: Config, run_dir: Path) -> Path:
     """Train the LoRA described by `cfg` into `run_dir`; returns the final adapter path."""
+    if cfg.lora.variant == "qlora":
+        check_qlora_available()  # refuse up front, before minutes of loading
+    if cfg.lora.variant != "loradrop":
+        return _train(cfg, Path(run_dir))
+    # LoRA-drop: a short probe run scores every layer by its adapter output ||s·BAx||², then the real run trains
+    # LoRA only on the layers that carry `loradrop_threshold` of the total importance.
+    selection = Path(run_dir) / "loradrop.json"
+    if not selection.is_file():
+        probe_cfg = cfg.model_copy(deep=True)
+        probe_cfg.lora.variant = "lora"
+        probe_cfg.train.steps = probe_steps(cfg.lora, cfg.train.steps)
+        probe_cfg.train.epochs = probe_cfg.train.checkpoint_every = probe_cfg.train.save_every = 0
+        probe_cfg.train.resume = None
+        probe_cfg.sample.prompts = []
+        importance = _train(probe_cfg, Path(run_dir) / "loradrop-probe", measure_importance=True)
+        kept = select_important(importance, cfg.lora.loradrop_threshold)
+        atomic_write_text(selection, json.dumps({"importance": importance, "kept": kept}, indent=1))
+    kept = json.loads(selection.read_text())["kept"]
+    unet_kept = [k.removeprefix("unet.") for k in kept if k.startswith("unet.")]
+    te_kept = [k.removeprefix("text_encoder.") for k in kept if k.startswith("text_encoder.")]
+    lora = cfg.lora.model_copy(update={"unet_targets": unet_kept, "text_encoder_targets": te_kept,
+                                       "train_unet": bool(unet_kept), "train_text_encoder": bool(te_kept)})
+    return _train(cfg, Path(run_dir), lora=lora)
+
+
+def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = False):
+    """The loop. `lora` overrides cfg.lora for the model (LoRA-drop's selection) while cfg is what gets saved."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -81,11 +113,12 @@ def train(cfg: Config, run_dir: Path) -> Path:
     total_steps = math.ceil(tc.epochs * batches_per_epoch / micro_per_step) if tc.epochs else tc.steps
 
     # --- model: frozen base in weight_dtype, LoRA params in fp32
-    base = load_base(cfg.model)
+    lora = lora or cfg.lora
+    base = load_base(cfg.model, quantize_bits=lora.qlora_bits if lora.variant == "qlora" else None)
     set_seed(tc.seed)  # LoRA init draws from the global generators: same seed, same starting adapter
-    attach_lora(base, cfg.lora)
+    tuners = attach_lora(base, lora, total_steps)
     unet, text_encoder, vae = base.unet, base.text_encoder, base.vae
-    unet.to(device, dtype=weight_dtype)
+    unet.to(device) if lora.variant == "qlora" else unet.to(device, dtype=weight_dtype)
     text_encoder.to(device, dtype=weight_dtype)
     vae.to(device, dtype=torch.float32)  # fp32 VAE: SD's VAE overflows in fp16, and it runs once per image when cached
     trained = {name: m for name, m in (("unet", unet), ("text_encoder", text_encoder)) if lora_parameters(m)}
@@ -95,13 +128,10 @@ def train(cfg: Config, run_dir: Path) -> Path:
         if "text_encoder" in trained:
             text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    groups = []
-    if "unet" in trained:
-        groups.append({"params": lora_parameters(unet), "lr": tc.lr_unet})
-    if "text_encoder" in trained:
-        groups.append({"params": lora_parameters(text_encoder), "lr": tc.lr_text_encoder})
-    optimizer = torch.optim.AdamW(groups, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
-                                  weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    lrs = {"unet": tc.lr_unet, "text_encoder": tc.lr_text_encoder}
+    adamw = dict(betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(lora, [(m, lrs[n]) for n, m in trained.items()], adamw, fused=device.type == "cuda")
+    delta = DeltaLora(trained, lora.deltalora_lambda, lora.deltalora_start) if lora.variant == "deltalora" else None
     lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
                                  num_training_steps=total_steps)
     # Only trained modules go through prepare (DDP refuses modules without trainable parameters).
@@ -117,7 +147,10 @@ def train(cfg: Config, run_dir: Path) -> Path:
         folder = list_checkpoints(run_dir)[-1] if tc.resume == "latest" and list_checkpoints(run_dir) else Path(tc.resume)
         if not (folder / "state.json").is_file():
             raise FileNotFoundError(f"train.resume: no checkpoint at {folder}")
-        start_step = load_checkpoint(folder, trained, optimizer, lr_scheduler)
+        start_step, extra = load_checkpoint(folder, trained, optimizer, lr_scheduler)
+        if delta:
+            delta.load_state(extra)
+        load_adalora_state(tuners, extra)
         events.emit("resumed", step=start_step, checkpoint=str(folder))
 
     # --- caches: VAE latents (both orientations when flipping) and text embeddings when the TE is frozen
@@ -180,11 +213,15 @@ def train(cfg: Config, run_dir: Path) -> Path:
             snr = compute_snr(scheduler, timesteps)
             weight = snr.clamp(max=tc.min_snr_gamma) / (snr + 1 if base.prediction_type == "v_prediction" else snr)
             loss = loss * weight
-        return loss.mean()
+        loss = loss.mean()
+        for name in tuners:  # AdaLoRA keeps P and Q near-orthogonal, as in the paper
+            loss = loss + lora.adalora_orth_reg * adalora_orth_loss(trained[name])
+        return loss
 
     def save_adapter(path: Path, step: int) -> Path:
         meta = training_metadata(cfg, base.kind, step, len(items), started_at)
-        return save_diffusers_lora(path, {n: accelerator.unwrap_model(m) for n, m in wrapped.items()}, meta)
+        return save_diffusers_lora(path, {n: accelerator.unwrap_model(m) for n, m in wrapped.items()}, meta,
+                                   delta=delta, convert=needs_conversion(lora))
 
     def sample(step: int) -> None:
         if cfg.sample.prompts and main:
@@ -196,7 +233,8 @@ def train(cfg: Config, run_dir: Path) -> Path:
         if main:
             folder = save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", step,
                                      {n: accelerator.unwrap_model(m) for n, m in wrapped.items()}, optimizer,
-                                     lr_scheduler)
+                                     lr_scheduler, extra={**(delta.state() if delta else {}),
+                                                          **adalora_state(tuners)})
             prune_checkpoints(run_dir, tc.keep_checkpoints)
             events.emit("checkpoint", step=step, path=str(folder))
         accelerator.wait_for_everyone()
@@ -208,9 +246,11 @@ def train(cfg: Config, run_dir: Path) -> Path:
         m.train()
     bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=not main, dynamic_ncols=True)
     step, stopped, tick = start_step, False, time.time()
-    params = [p for g in groups for p in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     while step < total_steps:
         loss_sum = 0.0
+        if delta:
+            delta.begin_step(step)
         for a in range(tc.grad_accum):
             k = (step * tc.grad_accum + a) * accelerator.num_processes + accelerator.process_index
             with accelerator.accumulate(*wrapped.values()):
@@ -219,6 +259,9 @@ def train(cfg: Config, run_dir: Path) -> Path:
                 if accelerator.sync_gradients and tc.max_grad_norm:
                     accelerator.clip_grad_norm_(params, tc.max_grad_norm)
                 optimizer.step()
+                if accelerator.sync_gradients:
+                    for tuner in tuners.values():  # AdaLoRA: sensitivity update and rank masking, before zero_grad
+                        tuner.update_and_allocate(step)
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach().float()
         lr_scheduler.step()
@@ -244,6 +287,9 @@ def train(cfg: Config, run_dir: Path) -> Path:
         if cfg.sample.every and step % cfg.sample.every == 0:
             sample(step)
     bar.close()
+    if measure_importance:
+        return measure_layer_importance(trained, micro_batch_loss, first_k=step * micro_per_step,
+                                        batches=max(1, batches_per_epoch // accelerator.num_processes))
 
     # --- end (finished or stopped): resumable checkpoint, samples, final adapter
     if stopped or tc.checkpoint_every:

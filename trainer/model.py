@@ -34,6 +34,19 @@ class Base:
     source: str
 
 
+def _load_quantized_unet(kind: str, where: str, cfg: ModelConfig, bits: int):
+    from diffusers import BitsAndBytesConfig, UNet2DConditionModel
+
+    check_qlora_available()
+    quant = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+    if kind == "file":
+        return UNet2DConditionModel.from_single_file(where, config=cfg.single_file_config, subfolder="unet",
+                                                     quantization_config=quant, dtype=torch.bfloat16)
+    return UNet2DConditionModel.from_pretrained(where, subfolder="unet", revision=cfg.revision, variant=cfg.variant,
+                                                quantization_config=quant, dtype=torch.bfloat16)
+
+
 def resolve_source(path: str) -> tuple[str, str]:
     """Classify model.path: ('folder'|'file'|'hub', resolved path or id). Raises ModelError with a clear reason."""
     if path.startswith("builtin:"):
@@ -62,12 +75,25 @@ def resolve_source(path: str) -> tuple[str, str]:
     return "hub", path
 
 
-def load_base(cfg: ModelConfig) -> Base:
-    """Load the base pipeline in fp32 on CPU; the trainer moves and casts it."""
+def check_qlora_available() -> None:
+    """QLoRA needs bitsandbytes kernels, which need CUDA: refuse before anything is loaded."""
+    if not torch.cuda.is_available():
+        raise ModelError("lora.variant = qlora needs a CUDA GPU (bitsandbytes 4/8-bit kernels); this machine has none. "
+                         "Use variant lora (or lorafa for lower memory) here.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError("lora.variant = qlora needs the bitsandbytes package: pip install bitsandbytes") from None
+
+
+def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
+    """Load the base pipeline in fp32 on CPU (the trainer moves and casts it); QLoRA: UNet quantized on CUDA."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     kind, where = resolve_source(cfg.path)
     common = dict(safety_checker=None, requires_safety_checker=False, dtype=torch.float32)
+    if quantize_bits:
+        common["unet"] = _load_quantized_unet(kind, where, cfg, quantize_bits)
     try:
         if kind == "file":
             pipe = StableDiffusionPipeline.from_single_file(where, config=cfg.single_file_config, **common)
@@ -104,33 +130,28 @@ def load_base(cfg: ModelConfig) -> Base:
     )
 
 
-def peft_lora_config(cfg: LoraConfig, targets: list[str]):
-    from peft import LoraConfig as PeftLoraConfig
+def attach_lora(base: Base, cfg: LoraConfig, total_steps: int = 1000) -> dict[str, object]:
+    """Freeze the base and add the trainable adapter 'default' (of cfg.variant) to the UNet and/or text encoder.
 
-    # init_lora_weights=True: A kaiming-uniform, B zero (what kohya does), so training starts at the base.
-    return PeftLoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        use_rslora=cfg.rslora,
-        target_modules=targets,
-        init_lora_weights=True,
-    )
+    Returns the peft tuners of variants that need per-step calls (AdaLoRA), keyed "unet"/"text_encoder".
+    """
+    from trainer.variants import add_adapter, peft_config
 
-
-def attach_lora(base: Base, cfg: LoraConfig) -> None:
-    """Freeze the base and add a trainable LoRA adapter named 'default' to the UNet and/or text encoder."""
     for module in (base.unet, base.vae, base.text_encoder):
         module.requires_grad_(False)
+    tuners = {}
     parts = [("unet", base.unet, cfg.train_unet, cfg.unet_targets)]
-    parts.append(("text encoder", base.text_encoder, cfg.train_text_encoder, cfg.text_encoder_targets))
+    parts.append(("text_encoder", base.text_encoder, cfg.train_text_encoder, cfg.text_encoder_targets))
     for name, module, wanted, targets in parts:
         if not wanted:
             continue
         try:
-            module.add_adapter(peft_lora_config(cfg, targets))
+            tuner = add_adapter(module, peft_config(cfg, targets, total_steps))
         except ValueError as err:  # peft: "Target modules {...} not found in the base model"
-            raise ModelError(f"lora: the {name} has no module matching {targets}: {err}") from None
+            raise ModelError(f"lora: the {name.replace('_', ' ')} has no module matching {targets}: {err}") from None
+        if tuner is not None:
+            tuners[name] = tuner
+    return tuners
 
 
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
