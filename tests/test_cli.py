@@ -28,9 +28,14 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert "training" in out.stderr and "it/s" in out.stderr  # tqdm progress bar
     assert "steps = 3" in (run_dir / "config.toml").read_text()
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-000003-00.png"]
-    assert load_file(run_dir / "tiny-test.diffusers.safetensors")
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events[-1]["type"] == "done"
+
+    from diffusers import StableDiffusionPipeline  # the adapter loads in diffusers on the same builtin base
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "builtin" / "tiny-sd15", safety_checker=None)
+    pipe.load_lora_weights(str(run_dir / "tiny-test.diffusers.safetensors"), adapter_name="style")
+    assert pipe.get_list_adapters() == {"unet": ["style"], "text_encoder": ["style"]}
 
     # A second run with the same name never overwrites the first.
     again = cli("train", "presets/tiny-test.toml", "--set", f'output.dir="{tmp_path}"', "--set", "train.steps=1",

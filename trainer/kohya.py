@@ -171,7 +171,8 @@ def _write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     model_hash, legacy_hash = _addnet_hashes(tensors, metadata)
     metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
     metadata["modelspec.hash_sha256"] = f"0x{model_hash}"  # ModelSpec: sha256 of all tensor content
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     return Path(path)
 
 

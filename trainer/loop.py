@@ -239,7 +239,9 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             events.emit("checkpoint", step=step, path=str(folder))
         accelerator.wait_for_everyone()
 
-    events.emit("start", total_steps=total_steps, start_step=start_step, images=len(items),
+    trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
+    events.emit("start", total_steps=total_steps, start_step=start_step, images=len(items), trainable_params=trainable,
+                variant=lora.variant,
                 problems=len(problems), device=str(device), precision=accelerator.mixed_precision,
                 processes=accelerator.num_processes, run_dir=str(run_dir))
     for m in wrapped.values():

@@ -1,0 +1,372 @@
+"""Adapter files: kohya/A1111 layout (trainer.kohya) and its conversion to/from the diffusers/PEFT layout.
+
+Models are the tiny base's real UNet/CLIP with peft adapters attached in-test and lora_B randomised, so every
+delta weight is non-trivial. Strength must survive exactly: lora_alpha != r, rsLoRA, rank/alpha patterns, DoRA, conv.
+"""
+
+import base64
+import copy
+import hashlib
+import io
+import json
+import re
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_save
+
+import trainer.kohya as kohya
+from trainer.kohya import (
+    convert_file,
+    diffusers_to_kohya,
+    kohya_metadata,
+    kohya_state_dict,
+    kohya_to_diffusers,
+    save_kohya_lora,
+)
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "time_emb_proj", "conv_shortcut"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+PATTERNS = dict(rank_pattern={"proj_in": 2, "q_proj": 3}, alpha_pattern={"to_k": 1.5, "conv1": 7.0, "fc1": 0.5})
+CASES = {
+    "alpha_ne_r": dict(r=4, lora_alpha=8.0),
+    "rslora": dict(r=4, lora_alpha=3.0, use_rslora=True),
+    "patterns": dict(r=4, lora_alpha=4.0, **PATTERNS),
+    "dora": dict(r=4, lora_alpha=6.0, use_dora=True),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The models are tiny: with several threads on a busy machine OpenMP start-up and spin-waits cost seconds per
+    # UNet call (measured ~2.5 s vs 40 ms), so these tests run single-threaded and restore the setting after.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def attach(unet, text_encoder, unet_case, te_case, seed=0):
+    from peft import LoraConfig
+
+    modules = {}
+    for i, (part, model, targets, case) in enumerate(
+        (("unet", unet, UNET_TARGETS, unet_case), ("text_encoder", text_encoder, TE_TARGETS, te_case))
+    ):
+        if case is None:
+            continue
+        config = dict(CASES[case]) if isinstance(case, str) else dict(case)
+        for key in ("rank_pattern", "alpha_pattern"):  # the patterns name modules of both parts: keep this part's
+            if key in config:
+                config[key] = {k: v for k, v in config[key].items() if k in targets}
+        model.add_adapter(LoraConfig(target_modules=targets, **config))
+        g = torch.Generator().manual_seed(seed + i)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # zero at init: make the update non-trivial
+                p.data = torch.randn(p.shape, generator=g) * 0.2
+            if "lora_magnitude_vector" in name:  # = ||W|| at init: move it off so DoRA rescales rows
+                p.data = p.data * (1 + 0.2 * torch.randn(p.shape, generator=g))
+        modules[part] = model
+    return modules
+
+
+def tiny_models(tiny_base, unet_case, te_case, seed=0):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base / "unet")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_base / "text_encoder")
+    return attach(unet, text_encoder, unet_case, te_case, seed)
+
+
+def spec_key(part, name):
+    """The A1111/ComfyUI key of a module, written from the convention (not from trainer.kohya)."""
+    prefix = "lora_unet_" if part == "unet" else "lora_te_text_model_"
+    return prefix + name.replace(".", "_")
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def assert_matches_peft(modules, state):
+    """Every peft LoRA layer's effective weight equals what an A1111/ComfyUI-style reader builds from `state`."""
+    from peft.tuners.lora import LoraLayer
+
+    checked = 0
+    for part, model in modules.items():
+        for name, layer in model.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            key = spec_key(part, name)
+            down, up, alpha = state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"], state[f"{key}.alpha"]
+            assert alpha.dim() == 0 and alpha.dtype == torch.float32
+            weight = layer.get_base_layer().weight.detach()
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * (alpha / down.shape[0])
+            if f"{key}.dora_scale" in state:
+                # output-axis weight decomposition (LyCORIS wd_on_out / OneTrainer): m * V / ||V||_row
+                combined = weight + delta
+                norm = combined.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
+                merged_copy = copy.deepcopy(layer)
+                merged_copy.merge(adapter_names=["default"])
+                assert rel_err(state[f"{key}.dora_scale"] * combined / norm, merged_copy.get_base_layer().weight.detach()) < 1e-5, key
+            else:
+                assert rel_err(delta, layer.get_delta_weight("default").detach()) < 1e-5, key
+            checked += 1
+    assert checked == sum(k.endswith(".lora_down.weight") for k in state) and checked > 0
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_delta_weights_exact_and_survive_round_trip(tiny_base, tmp_path, case):
+    modules = tiny_models(tiny_base, case, case)
+    state = kohya_state_dict(modules)
+    assert_matches_peft(modules, state)
+    assert any(v.dim() == 4 and k.endswith("lora_down.weight") and v.shape[-1] == 3 for k, v in state.items()), "3x3 conv"
+    assert ("dora" in case) == any(k.endswith(".dora_scale") for k in state)
+
+    first = save_kohya_lora(tmp_path / "a.safetensors", modules, {"ss_output_name": "a"})
+    middle = convert_file(first, tmp_path / "b.safetensors", "diffusers")
+    assert all(k.startswith(("unet.", "text_encoder.text_model.")) and ".lora_" in k for k in load_file(middle))
+    # resolving names against the live (peft-wrapped) base gives the same modules as the built-in SD1.5 names
+    assert kohya_to_diffusers(state, modules)[0].keys() == load_file(middle).keys()
+    last = load_file(convert_file(middle, tmp_path / "c.safetensors", "kohya"))
+    assert last.keys() == state.keys()
+    assert_matches_peft(modules, last)
+
+    # a file written by trainer.export (the live peft config as metadata: rsLoRA, patterns, DoRA) converts exactly too
+    from trainer.export import save_diffusers_lora
+
+    exported = save_diffusers_lora(tmp_path / "d.safetensors", modules)
+    assert_matches_peft(modules, load_file(convert_file(exported, tmp_path / "e.safetensors", "kohya")))
+
+
+def test_every_kohya_key_maps_to_exactly_one_module_of_the_base(tiny_base):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    state = kohya_state_dict(tiny_models(tiny_base, "dora", "patterns"))
+    base = {"unet": UNet2DConditionModel.from_pretrained(tiny_base / "unet"),
+            "text_encoder": CLIPTextModel.from_pretrained(tiny_base / "text_encoder")}
+    names = [(spec_key(part, name), module) for part, model in base.items() for name, module in model.named_modules()]
+    for key, tensor in state.items():
+        lora_name, _, suffix = key.partition(".")
+        assert suffix in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale"), key
+        found = [m for n, m in names if n == lora_name]
+        assert len(found) == 1, f"{key} maps to {len(found)} modules (ComfyUI: 'lora key not loaded')"
+        module = found[0]
+        assert isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+        out_dim, in_dim = module.weight.shape[:2]
+        rank = state[f"{lora_name}.lora_down.weight"].shape[0]
+        kernel = tuple(module.weight.shape[2:])
+        expected = {"lora_down.weight": (rank, in_dim, *kernel), "lora_up.weight": (out_dim, rank, *[1] * len(kernel)),
+                    "alpha": (), "dora_scale": (out_dim, *[1] * (1 + len(kernel)))}[suffix]
+        assert tuple(tensor.shape) == expected, key
+
+
+def render(pipe):
+    out = pipe("zkstyle, a red circle", num_inference_steps=2, height=64, width=64, output_type="pt",
+               generator=torch.Generator().manual_seed(0))
+    return out.images
+
+
+def fresh_pipe(tiny_base):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize(("unet_case", "te_case", "direct_kohya"), [
+    ("alpha_ne_r", "rslora", True),
+    # diffusers 0.42's own kohya loader drops per-module alphas (its alpha_pattern keys keep `processor.to_k_lora...`
+    # and `text_model.` spellings that match no module) and all dora_scale keys; A1111/ComfyUI read `.alpha` per key.
+    # Our kohya -> diffusers conversion carries them exactly, so those cases load the converted file.
+    ("dora", "dora", False),
+    ("patterns", "patterns", False),
+])
+def test_files_load_in_diffusers_and_draw_like_the_live_model(tiny_base, tmp_path, unet_case, te_case, direct_kohya):
+    from trainer.export import save_diffusers_lora
+
+    pipe = fresh_pipe(tiny_base)
+    before = render(pipe)
+    modules = attach(pipe.unet, pipe.text_encoder, unet_case, te_case)
+    live = render(pipe)
+    assert (live - before).abs().max() > 1e-2, "the adapter must visibly change the image"
+
+    kohya_file = save_kohya_lora(tmp_path / "k.safetensors", modules, {})
+    files = [save_diffusers_lora(tmp_path / "d.safetensors", modules),
+             convert_file(kohya_file, tmp_path / "kd.safetensors", "diffusers")]
+    files += [kohya_file] if direct_kohya else []
+    for path in files:
+        loaded = fresh_pipe(tiny_base)
+        loaded.load_lora_weights(str(path))
+        assert (render(loaded) - live).abs().max() < 1e-4, path.name
+
+
+def png_bytes():
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_metadata_strings_cover_and_hashes(tiny_base, tmp_path):
+    from PIL import Image
+
+    modules = tiny_models(tiny_base, "alpha_ne_r", None)
+    base = {"ss_output_name": "my-style", "ss_resolution": "(64, 64)", "ss_training_started_at": "1700000000.0"}
+    tags = {"1_style": {"zkstyle": 3, "red circle": 1}}
+    meta = kohya_metadata(base, rank=4, alpha=8.0, trigger="zkstyle", tag_frequency=tags, base_kind="sd1",
+                          cover_png=png_bytes())
+    path = save_kohya_lora(tmp_path / "m.safetensors", modules, meta)
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    assert all(isinstance(v, str) for v in header.values())
+    assert {k: header[k] for k in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
+                                   "ss_v2", "modelspec.sai_model_spec", "modelspec.architecture",
+                                   "modelspec.implementation", "modelspec.title", "modelspec.trigger_phrase",
+                                   "modelspec.resolution")} == {
+        "ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "8.0",
+        "ss_base_model_version": "sd_v1", "ss_v2": "False", "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.implementation": "diffusers",
+        "modelspec.title": "my-style", "modelspec.trigger_phrase": "zkstyle", "modelspec.resolution": "64x64"}
+    assert json.loads(header["ss_tag_frequency"]) == tags
+    assert header["modelspec.date"].startswith("2023-11-14")
+
+    cover = base64.b64decode(json.loads(header["ssmd_cover_images"])[0])
+    assert Image.open(io.BytesIO(cover)).format == "PNG"
+
+    raw = path.read_bytes()
+    payload = raw[8 + struct.unpack("<Q", raw[:8])[0]:]
+    assert header["sshs_model_hash"] == hashlib.sha256(payload).hexdigest()
+    assert header["modelspec.hash_sha256"] == "0x" + header["sshs_model_hash"]
+    assert re.fullmatch(r"[0-9a-f]{8}", header["sshs_legacy_hash"])
+    # kohya hashes with ss_* metadata only, so editing other entries keeps the hashes
+    again = save_kohya_lora(tmp_path / "n.safetensors", modules, {**meta, "modelspec.description": "edited"})
+    with safe_open(str(again), framework="pt") as f:
+        assert {k: f.metadata()[k] for k in ("sshs_model_hash", "sshs_legacy_hash")} == {
+            k: header[k] for k in ("sshs_model_hash", "sshs_legacy_hash")}
+
+    # the legacy hash reads 64 KiB at 1 MiB of a serialisation with ss_* metadata only: needs a file past 1 MiB
+    big = tiny_models(tiny_base, dict(r=64, lora_alpha=32.0), None)
+    big_path = save_kohya_lora(tmp_path / "big.safetensors", big, {"ss_output_name": "big", "modelspec.title": "x"})
+    assert big_path.stat().st_size > 0x110000
+    with safe_open(str(big_path), framework="pt") as f:
+        big_header = f.metadata()
+    kohya_bytes = safetensors_save(load_file(big_path), metadata={k: v for k, v in big_header.items()
+                                                                  if k.startswith("ss_")})
+    assert big_header["sshs_legacy_hash"] == hashlib.sha256(kohya_bytes[0x100000:0x110000]).hexdigest()[:8]
+
+    with pytest.raises(ValueError, match="PNG"):
+        kohya_metadata(base, rank=4, alpha=8.0, trigger="", tag_frequency={}, base_kind="sd1", cover_png=b"GIF89a")
+    with pytest.raises(ValueError, match="sdxl"):
+        kohya_metadata(base, rank=4, alpha=8.0, trigger="", tag_frequency={}, base_kind="sdxl", cover_png=None)
+
+
+def test_failed_write_leaves_no_file_and_keeps_the_old_one(tiny_base, tmp_path, monkeypatch):
+    modules = tiny_models(tiny_base, "alpha_ne_r", "alpha_ne_r")
+    good = save_kohya_lora(tmp_path / "good.safetensors", modules, {})
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(kohya, "save_file", crash)
+    target = tmp_path / "new.safetensors"
+    with pytest.raises(OSError, match="disk full"):
+        save_kohya_lora(target, modules, {})
+    with pytest.raises(OSError, match="disk full"):
+        convert_file(good, target, "diffusers")
+    assert not target.exists()
+
+    target.write_bytes(b"previous adapter")
+    with pytest.raises(OSError, match="disk full"):
+        save_kohya_lora(target, modules, {})
+    assert target.read_bytes() == b"previous adapter"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.safetensors", "new.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["lora.ckpt", "lora.pt", "lora.bin", "notes.txt", "fake.safetensors"])
+def test_convert_refuses_anything_but_safetensors(tmp_path, monkeypatch, name):
+    src = tmp_path / name
+    if name.endswith((".ckpt", ".pt", ".bin")):
+        torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, src)
+    else:
+        src.write_bytes(b"this is not a tensor file")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load must never run on user files"))
+    with pytest.raises(ValueError, match=re.escape(str(src))):
+        convert_file(src, tmp_path / "out.safetensors", "diffusers")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_foreign_kohya_file_resolves_against_sd15_names():
+    """Keys of a real SD1.5 LoRA (modules the tiny base lacks) resolve without a base model; bad keys are refused."""
+    def lora(rank, out_dim, in_dim, alpha=None, kernel=()):
+        group = {"lora_down.weight": torch.randn(rank, in_dim, *kernel), "lora_up.weight": torch.randn(out_dim, rank, *[1] * len(kernel))}
+        return group | ({"alpha": torch.tensor(alpha)} if alpha is not None else {})
+
+    groups = {
+        "lora_unet_down_blocks_2_attentions_1_transformer_blocks_0_attn2_to_out_0": lora(8, 1280, 1280, 4.0),
+        "lora_unet_up_blocks_3_resnets_2_conv_shortcut": lora(8, 320, 640, 4.0, (1, 1)),
+        "lora_unet_time_embedding_linear_1": lora(8, 1280, 320, 4.0),
+        "lora_te_text_model_encoder_layers_11_mlp_fc2": lora(16, 768, 3072),  # no alpha: scale 1.0
+        "lora_te1_text_model_encoder_layers_3_self_attn_q_proj": lora(8, 768, 768, 2.0),
+    }
+    state = {f"{name}.{suffix}": t for name, group in groups.items() for suffix, t in group.items()}
+    tensors, meta = kohya_to_diffusers(state)
+    assert "unet.down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_out.0.lora_A.weight" in tensors
+    assert "unet.up_blocks.3.resnets.2.conv_shortcut.lora_B.weight" in tensors
+    assert "text_encoder.text_model.encoder.layers.11.mlp.fc2.lora_A.weight" in tensors
+    assert meta["unet.r"] == 8 and meta["unet.lora_alpha"] == 4.0
+    assert meta["text_encoder.rank_pattern"] == {"encoder.layers.11.mlp.fc2": 16}
+    assert meta["text_encoder.alpha_pattern"] == {"encoder.layers.11.mlp.fc2": 16.0}  # alpha = rank
+
+    back = diffusers_to_kohya(tensors, meta)
+    for name, group in groups.items():
+        name = name.replace("lora_te1_", "lora_te_")
+        assert torch.equal(back[f"{name}.lora_up.weight"], group["lora_up.weight"])
+        assert back[f"{name}.alpha"].item() == group.get("alpha", torch.tensor(float(group["lora_down.weight"].shape[0]))).item()
+
+    bad = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_x.lora_down.weight": torch.zeros(1, 1),
+           "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_x.lora_up.weight": torch.zeros(1, 1)}
+    with pytest.raises(ValueError, match="to_x"):
+        kohya_to_diffusers(bad)
+    input_axis = {f"lora_unet_time_embedding_linear_1.{k}": v for k, v in lora(8, 1280, 320, 4.0).items()}
+    input_axis["lora_unet_time_embedding_linear_1.dora_scale"] = torch.ones(1, 320)
+    with pytest.raises(ValueError, match="input axis"):
+        kohya_to_diffusers(input_axis)
+    with pytest.raises(ValueError, match="SDXL"):
+        kohya_to_diffusers({f"lora_unet_input_blocks_4_1_proj_in.{k}": v for k, v in lora(4, 8, 8).items()})
+
+
+def test_diffusers_file_without_metadata_warns_and_assumes_alpha_equals_rank(tiny_base, tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    unet = tiny_models(tiny_base, "alpha_ne_r", None)["unet"]
+    state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    with pytest.warns(UserWarning, match="alpha = rank"):
+        out = diffusers_to_kohya(state, {})
+    assert all(v.item() == 4.0 for k, v in out.items() if k.endswith(".alpha"))
+
+    save_file(state, tmp_path / "bare.safetensors")
+    with pytest.warns(UserWarning, match="alpha = rank"):
+        convert_file(tmp_path / "bare.safetensors", tmp_path / "k.safetensors", "kohya")
+
+
+def test_unexpressible_adapters_are_refused(tiny_base):
+    from peft import LoraConfig
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel.from_pretrained(tiny_base / "text_encoder")
+    text_encoder.add_adapter(LoraConfig(r=2, target_modules=["token_embedding", "q_proj"]))
+    with pytest.raises(ValueError, match="token_embedding"):
+        kohya_state_dict({"text_encoder": text_encoder})
+    with pytest.raises(ValueError, match="no LoRA weights"):
+        save_kohya_lora(tiny_base.parent / "never.safetensors", {"unet": torch.nn.Linear(2, 2)}, {})
