@@ -24,7 +24,8 @@ def test_tiny_preset_end_to_end(tmp_path):
               env_extra={"STYLE_LORA_BUILTIN_DIR": str(tmp_path / "builtin")})
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "tiny-test"
-    assert f"adapter: {run_dir / 'tiny-test.diffusers.safetensors'}" in out.stdout
+    assert f"adapter: {run_dir / 'tiny-test.safetensors'}  (A1111" in out.stdout
+    assert f"adapter: {run_dir / 'tiny-test.diffusers.safetensors'}  (diffusers)" in out.stdout
     assert "training" in out.stderr and "it/s" in out.stderr  # tqdm progress bar
     assert "steps = 3" in (run_dir / "config.toml").read_text()
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-000003-00.png"]

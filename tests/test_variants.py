@@ -4,8 +4,11 @@
 probe works for LoRA, DoRA, VeRA, AdaLoRA and Delta-LoRA (whose frozen-weight drift is part of the output).
 """
 
+import copy
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import trainer.loop as loop
 from trainer.model import ModelError
@@ -49,8 +52,9 @@ def effective_deltas(modules: dict) -> dict[str, torch.Tensor]:
     for prefix, module in modules.items():
         module.eval()
         for name, layer in lora_layers(module).items():
+            layer = copy.deepcopy(layer).double()  # float64: W_eff − W cancels without fp32 rounding noise
             base = layer.get_base_layer()
-            eye = torch.eye(base.in_features, dtype=torch.float32, device=base.weight.device)
+            eye = torch.eye(base.in_features, dtype=torch.float64, device=base.weight.device)
             out[f"{prefix}.{name}"] = (layer(eye) - base(eye)).T.float()
     return out
 
@@ -71,6 +75,18 @@ def test_variant_trains_and_exports_exact_delta(variant, make_cfg, tiny_base, tm
         got = loaded[name]
         rel = (got - want).norm() / want.norm().clamp_min(1e-12)
         assert rel < 1e-5, f"{variant} {name}: relative ΔW error {rel:.2e}"
+
+    # The kohya/A1111 file: up·down·alpha/r per key is the same ΔW (DoRA's renormalised form is checked in test_export).
+    if variant != "dora":
+        kohya = load_file(final.with_name("tiny-test.safetensors"))
+        for name, want in live.items():
+            part, module = name.split(".", 1)
+            prefix = "lora_unet_" if part == "unet" else "lora_te_text_model_"
+            key = prefix + module.replace(".", "_")
+            up, down, alpha = kohya[f"{key}.lora_up.weight"], kohya[f"{key}.lora_down.weight"], kohya[f"{key}.alpha"]
+            got = up @ down * (alpha / down.shape[0])
+            assert (got - want).norm() / want.norm().clamp_min(1e-12) < 1e-5, f"kohya {variant} {name}"
+        assert len(kohya) == 3 * len(live)
 
     if variant == "loradrop":  # the probe dropped the unimportant layers before the real run
         probe = loop.json.loads((tmp_path / "run" / "loradrop.json").read_text())

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run folder: {run_dir}")
         final = train(cfg, run_dir)
         if _is_main_process():
-            print(f"adapter: {final}")
+            print(f"adapter: {final.with_name(final.name.replace('.diffusers', ''))}  (A1111/Forge/ComfyUI)")
+            print(f"adapter: {final}  (diffusers)")
         return 0
     except (ConfigError, DatasetError, ModelError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

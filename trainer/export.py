@@ -119,3 +119,20 @@ def training_metadata(cfg, base_kind: str, step: int, num_images: int, started_a
         "modelspec.trigger_phrase": cfg.data.trigger,
         "style_lora_config": to_toml(cfg),
     }
+
+
+def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta: dict[str, str], *, base_kind: str,
+                  tag_frequency: dict, cover_png: bytes | None, step: int | None = None, delta=None,
+                  convert: bool = False) -> tuple[Path, Path]:
+    """Both files of a run: `<name>.safetensors` (kohya/A1111 layout, what A1111/Forge/ComfyUI users drop in) and
+    `<name>.diffusers.safetensors` (diffusers/PEFT layout). `step` names an intermediate save."""
+    from trainer.kohya import kohya_metadata, save_kohya_lora
+
+    stem = cfg.output.name + ("" if step is None else f"-step{step:06d}")
+    kohya_meta = kohya_metadata(meta, rank=cfg.lora.rank, alpha=cfg.lora.alpha, trigger=cfg.data.trigger,
+                                tag_frequency=tag_frequency, base_kind=base_kind, cover_png=cover_png,
+                                rslora=cfg.lora.rslora)
+    kohya = save_kohya_lora(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, delta=delta)
+    diffusers = save_diffusers_lora(Path(run_dir) / f"{stem}.diffusers.safetensors", modules, meta, delta=delta,
+                                    convert=convert)
+    return kohya, diffusers

@@ -60,51 +60,51 @@ def _kohya_name(part: str, module: str) -> str:
     return PREFIX[part] + module.replace(".", "_")
 
 
-def _lora_layers(part: str, module: torch.nn.Module):
-    """Yield (module name, peft LoRA layer) for adapter 'default'; raise for anything a kohya file cannot express."""
-    from peft.tuners.lora.layer import Conv2d, Linear
+def _check_layer(where: str, layer) -> None:
+    """Raise for a peft LoRA layer a kohya file cannot express (VeRA/AdaLoRA layers are factored elsewhere)."""
+    from peft.tuners.lora.layer import Conv2d, LoraLayer, Linear
     from peft.tuners.lora.variants import DoraConv2dVariant, DoraLinearVariant
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for name, layer in module.named_modules():
-        if not isinstance(layer, BaseTunerLayer):
-            continue
-        if not any(ADAPTER in getattr(layer, attr, {}) for attr in layer.adapter_layer_names):
-            continue  # wraps other adapters only
-        where = f"{part}.{name}"
-        if not isinstance(layer, (Linear, Conv2d)):
-            raise ValueError(f"{where}: LoRA on {type(layer).__name__} cannot be written as a kohya LoRA (Linear and Conv2d only)")
-        variant = layer.lora_variant.get(ADAPTER)
-        if variant is not None and not isinstance(variant, (DoraLinearVariant, DoraConv2dVariant)):
-            raise ValueError(f"{where}: the {type(variant).__name__} LoRA variant has no kohya equivalent")
-        if layer.merged:
-            raise ValueError(f"{where}: the adapter is merged into the base weight; unmerge it before exporting")
-        if layer.lora_bias.get(ADAPTER) or getattr(layer, "fan_in_fan_out", False):
-            raise ValueError(f"{where}: lora_bias / fan_in_fan_out LoRA cannot be written as a kohya LoRA")
-        if isinstance(layer, Conv2d):
-            base = layer.get_base_layer()
-            if base.groups != 1 or tuple(layer.lora_B[ADAPTER].weight.shape[2:]) != (1, 1):
-                raise ValueError(f"{where}: grouped-conv LoRA cannot be written as a kohya LoRA")
-        yield name.removeprefix("base_model.model."), layer
+    if not isinstance(layer, LoraLayer) or type(layer).__module__.startswith(("peft.tuners.adalora", "peft.tuners.vera")):
+        return
+    if not isinstance(layer, (Linear, Conv2d)):
+        raise ValueError(f"{where}: LoRA on {type(layer).__name__} cannot be written as a kohya LoRA (Linear and Conv2d only)")
+    variant = layer.lora_variant.get(ADAPTER)
+    if variant is not None and not isinstance(variant, (DoraLinearVariant, DoraConv2dVariant)):
+        raise ValueError(f"{where}: the {type(variant).__name__} LoRA variant has no kohya equivalent")
+    if layer.merged:
+        raise ValueError(f"{where}: the adapter is merged into the base weight; unmerge it before exporting")
+    if layer.lora_bias.get(ADAPTER) or getattr(layer, "fan_in_fan_out", False):
+        raise ValueError(f"{where}: lora_bias / fan_in_fan_out LoRA cannot be written as a kohya LoRA")
+    if isinstance(layer, Conv2d):
+        base = layer.get_base_layer()
+        if base.groups != 1 or tuple(layer.lora_B[ADAPTER].weight.shape[2:]) != (1, 1):
+            raise ValueError(f"{where}: grouped-conv LoRA cannot be written as a kohya LoRA")
 
 
-def kohya_state_dict(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """The kohya tensors of the 'default' peft adapter of each module ({"unet": ..., "text_encoder": ...})."""
-    tensors: dict[str, torch.Tensor] = {}
+def kohya_state_dict(modules: dict[str, torch.nn.Module], delta=None) -> dict[str, torch.Tensor]:
+    """The kohya tensors of the 'default' adapter of each module ({"unet": ..., "text_encoder": ...}).
+
+    Any variant: trainer.variants.lora_factors gives the exact plain-LoRA factors (VeRA, AdaLoRA, Delta-LoRA
+    via `delta`), so A1111/ComfyUI load every trained adapter at its trained strength.
+    """
+    from trainer.variants import lora_factors, lora_layers
+
+    modules = {p: m for p, m in modules.items() if m is not None and getattr(m, "peft_config", None)}
     for part, module in modules.items():
-        if module is None or not getattr(module, "peft_config", None):
-            continue
-        for name, layer in _lora_layers(part, module):
-            key = _kohya_name(part, name)
-            down = layer.lora_A[ADAPTER].weight.detach().float().cpu().contiguous()
-            up = layer.lora_B[ADAPTER].weight.detach().float().cpu().contiguous()
-            tensors[f"{key}.lora_down.weight"] = down
-            tensors[f"{key}.lora_up.weight"] = up
-            # alpha/r must reproduce peft's scaling whatever produced it (alpha != r, rsLoRA, alpha/rank patterns).
-            tensors[f"{key}.alpha"] = torch.tensor(layer.scaling[ADAPTER] * down.shape[0], dtype=torch.float32)
-            if ADAPTER in layer.lora_magnitude_vector:  # DoRA: peft's m is [out] (Linear) or [1, out, 1, 1] (Conv2d)
-                magnitude = layer.lora_magnitude_vector[ADAPTER].weight.detach().float().cpu()
-                tensors[f"{key}.dora_scale"] = magnitude.reshape(up.shape[0], *[1] * (up.dim() - 1)).contiguous()
+        for name, layer in lora_layers(module).items():
+            _check_layer(f"{part}.{name}", layer)
+    tensors: dict[str, torch.Tensor] = {}
+    for full_name, f in lora_factors(modules, delta).items():
+        part, name = full_name.split(".", 1)
+        key = _kohya_name(part, name.removeprefix("base_model.model."))
+        down, up = f.down.float().cpu().contiguous(), f.up.float().cpu().contiguous()
+        tensors[f"{key}.lora_down.weight"] = down
+        tensors[f"{key}.lora_up.weight"] = up
+        # alpha/r must reproduce the applied scale whatever produced it (alpha != r, rsLoRA, patterns, variants).
+        tensors[f"{key}.alpha"] = torch.tensor(f.scale * down.shape[0], dtype=torch.float32)
+        if f.magnitude is not None:  # DoRA: peft's m is [out] (Linear) or [1, out, 1, 1] (Conv2d)
+            tensors[f"{key}.dora_scale"] = f.magnitude.float().cpu().reshape(up.shape[0], *[1] * (up.dim() - 1)).contiguous()
     return tensors
 
 
@@ -176,9 +176,9 @@ def _write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     return Path(path)
 
 
-def save_kohya_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str]) -> Path:
+def save_kohya_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str], delta=None) -> Path:
     """Write `path` atomically in the kohya layout, with sshs_model_hash / sshs_legacy_hash as kohya computes them."""
-    return _write_kohya(path, kohya_state_dict(modules), dict(metadata))
+    return _write_kohya(path, kohya_state_dict(modules, delta), dict(metadata))
 
 
 def _module_names(modules: dict[str, torch.nn.Module]) -> dict[str, tuple[str, str]]:

@@ -21,7 +21,7 @@ from trainer import data as ds
 from trainer.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from trainer.config import Config, save_config
 from trainer.events import STOP_FILE, EventLog
-from trainer.export import save_diffusers_lora, training_metadata
+from trainer.export import save_adapters, training_metadata
 from trainer.io import atomic_write_text
 from trainer.model import attach_lora, check_qlora_available, load_base, lora_parameters
 from trainer.variants import (DeltaLora, adalora_orth_loss, adalora_state, load_adalora_state,
@@ -46,11 +46,6 @@ def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.T
 def encode_latent_dist(vae, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dist = vae.encode(image[None].to(vae.device, vae.dtype)).latent_dist
     return dist.mean[0].float(), dist.std[0].float()
-
-
-def adapter_path(run_dir: Path, cfg: Config, step: int | None = None) -> Path:
-    suffix = "" if step is None else f"-step{step:06d}"
-    return run_dir / f"{cfg.output.name}{suffix}.diffusers.safetensors"
 
 
 def train(cfg: Config, run_dir: Path) -> Path:
@@ -218,10 +213,14 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             loss = loss + lora.adalora_orth_reg * adalora_orth_loss(trained[name])
         return loss
 
-    def save_adapter(path: Path, step: int) -> Path:
-        meta = training_metadata(cfg, base.kind, step, len(items), started_at)
-        return save_diffusers_lora(path, {n: accelerator.unwrap_model(m) for n, m in wrapped.items()}, meta,
-                                   delta=delta, convert=needs_conversion(lora))
+    def save_adapter(step: int, final: bool) -> list[Path]:
+        samples = sorted((run_dir / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)
+        paths = save_adapters(run_dir, cfg, {n: accelerator.unwrap_model(m) for n, m in wrapped.items()},
+                              training_metadata(cfg, base.kind, step, len(items), started_at), base_kind=base.kind,
+                              tag_frequency=ds.tag_frequency(items), cover_png=samples[-1].read_bytes() if samples else None,
+                              step=None if final else step, delta=delta, convert=needs_conversion(lora))
+        events.emit("adapter", step=step, paths=[str(p) for p in paths], final=final)
+        return list(paths)
 
     def sample(step: int) -> None:
         if cfg.sample.prompts and main:
@@ -285,7 +284,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         if tc.checkpoint_every and step % tc.checkpoint_every == 0:
             checkpoint(step)
         if tc.save_every and step % tc.save_every == 0 and main:
-            events.emit("adapter", step=step, path=str(save_adapter(adapter_path(run_dir, cfg, step), step)))
+            save_adapter(step, final=False)
         if cfg.sample.every and step % cfg.sample.every == 0:
             sample(step)
     bar.close()
@@ -297,11 +296,10 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     if stopped or tc.checkpoint_every:
         checkpoint(step)
     sample(step)
-    final = adapter_path(run_dir, cfg)
+    final = run_dir / f"{cfg.output.name}.diffusers.safetensors"
     if main:
-        save_adapter(final, step)
-        events.emit("adapter", step=step, path=str(final), final=True)
-        events.emit("stopped" if stopped else "done", step=step, path=str(final),
+        paths = save_adapter(step, final=True)
+        events.emit("stopped" if stopped else "done", step=step, paths=[str(p) for p in paths],
                     seconds=round(time.time() - started_at, 1))
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -124,8 +124,8 @@ class DeltaLora:
         def hook(layer, args, output):
             if name not in self.snapshot or self.lam == 0:
                 return output
-            a0, b0 = self.snapshot[name]
             a, b = layer.lora_A[ADAPTER].weight.detach(), layer.lora_B[ADAPTER].weight.detach()
+            a0, b0 = (t.to(a) for t in self.snapshot[name])
             x = args[0].to(a.dtype)
             delta = (x @ a.T) @ b.T - (x @ a0.T) @ b0.T
             return output + (self.lam * layer.scaling[ADAPTER] * delta).to(output.dtype)
