@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0: the CPU wheel on dev/CI machines; on a CUDA machine pip picks the CUDA build of the same release.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test test-fast clean
+.PHONY: install run demo test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# Until the web UI lands: a full offline training run on the built-in tiny model and the shipped example images.
+# The web UI on http://127.0.0.1:7860 (localhost only), with the offline built-in base preselected.
 run: install
+	$(PY) -m app
+
+# Headless: a full offline training run on the built-in tiny model and the shipped example images.
+demo: install
 	$(PY) -m trainer train presets/tiny-test.toml
 
 test: install

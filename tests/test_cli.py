@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,3 +95,24 @@ def test_accelerate_two_processes(tiny_base, tmp_path):
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]  # one writer, not two
     assert (run_dir / "checkpoints" / "step-000002" / "state.json").is_file()
     assert load_file(run_dir / "tiny-test.diffusers.safetensors")
+
+
+def test_convert_command_round_trips_a_trained_adapter(tiny_base, tmp_path):
+    run = cli("train", "presets/tiny-test.toml", "--run-dir", str(tmp_path / "run"), "--set", f'model.path="{tiny_base}"',
+              "--set", "train.steps=1", "--set", "sample.prompts=[]", "--set", "lora.alpha=2.0")
+    assert run.returncode == 0, run.stderr[-3000:]
+    kohya = load_file(tmp_path / "run" / "tiny-test.safetensors")
+    out = cli("convert", str(tmp_path / "run" / "tiny-test.safetensors"), str(tmp_path / "d.safetensors"), "--to", "diffusers")
+    assert out.returncode == 0, out.stderr[-3000:]
+    back = cli("convert", str(tmp_path / "d.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya")
+    assert back.returncode == 0, back.stderr[-3000:]
+    again = load_file(tmp_path / "k.safetensors")
+    assert again.keys() == kohya.keys()
+    for key, value in kohya.items():
+        assert torch.allclose(again[key], value, rtol=1e-6, atol=0), key
+    assert kohya[next(k for k in kohya if k.endswith(".alpha"))].item() == 2.0  # real alpha, not rank (4)
+
+    pickle = tmp_path / "evil.ckpt"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    refused = cli("convert", str(pickle), str(tmp_path / "x.safetensors"), "--to", "kohya")
+    assert refused.returncode == 2 and "evil.ckpt" in refused.stderr and "Traceback" not in refused.stderr

@@ -2,6 +2,7 @@
 
   python -m trainer train CONFIG.toml [--set section.key=value ...] [--run-dir DIR]
   python -m trainer resume RUN_DIR [--set ...]
+  python -m trainer convert IN.safetensors OUT.safetensors --to kohya|diffusers
   python -m trainer build-tiny DIR
   accelerate launch --num_processes N -m trainer train CONFIG.toml     (data-parallel on N devices)
 """
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p_resume = sub.add_parser("resume", help="continue a run from its latest checkpoint")
     p_resume.add_argument("run_dir")
     p_resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p_conv = sub.add_parser("convert", help="convert a LoRA .safetensors between the kohya/A1111 and diffusers layouts")
+    p_conv.add_argument("src")
+    p_conv.add_argument("dst")
+    p_conv.add_argument("--to", required=True, choices=["kohya", "diffusers"])
     p_tiny = sub.add_parser("build-tiny", help="write the tiny random SD1.5-layout test model to a folder")
     p_tiny.add_argument("folder")
     args = parser.parse_args(argv)
@@ -68,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.tiny import build_tiny_sd15
 
             print(build_tiny_sd15(args.folder))
+            return 0
+        if args.command == "convert":
+            from trainer.kohya import convert_file
+
+            print(convert_file(Path(args.src), Path(args.dst), args.to))
             return 0
         if args.command == "resume":
             run_dir = Path(args.run_dir)
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adapter: {final.with_name(final.name.replace('.diffusers', ''))}  (A1111/Forge/ComfyUI)")
             print(f"adapter: {final}  (diffusers)")
         return 0
-    except (ConfigError, DatasetError, ModelError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, ModelError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
