@@ -52,3 +52,26 @@ def make_cfg(tiny_base, tmp_path):
         return load_config(ROOT / "presets" / "tiny-test.toml", [*base, *overrides])
 
     return make
+
+
+@pytest.fixture
+def train_capturing(monkeypatch):
+    """train(cfg, run_dir) -> (the Base object the loop trained, final adapter path), to inspect live weights."""
+    import trainer.loop as loop
+
+    def run(cfg, run_dir):
+        captured = {}
+        real = loop.load_base
+
+        def spy(*args, **kwargs):
+            captured["base"] = real(*args, **kwargs)
+            return captured["base"]
+
+        monkeypatch.setattr(loop, "load_base", spy)
+        try:
+            final = loop.train(cfg, run_dir)
+        finally:
+            monkeypatch.setattr(loop, "load_base", real)
+        return captured["base"], final
+
+    return run

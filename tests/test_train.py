@@ -14,35 +14,17 @@ import trainer.loop as loop
 from trainer.events import STOP_FILE, read_events
 
 
-def run(cfg, run_dir, capture=None):
-    """Train; optionally keep the Base object the loop used, to inspect its weights afterwards."""
-    if capture is not None:
-        real = loop.load_base
-
-        def spy(*args, **kwargs):
-            capture["base"] = real(*args, **kwargs)
-            return capture["base"]
-
-        loop.load_base = spy
-    try:
-        return loop.train(cfg, run_dir)
-    finally:
-        if capture is not None:
-            loop.load_base = real
-
-
 def steps_of(run_dir):
     events, _ = read_events(run_dir / "events.jsonl")
     return [e for e in events if e["type"] == "step"], events
 
 
-def test_few_steps_move_lora_and_keep_base(make_cfg, tiny_base, tmp_path):
+def test_few_steps_move_lora_and_keep_base(make_cfg, tiny_base, tmp_path, train_capturing):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     cfg = make_cfg("train.steps=3")
-    captured = {}
-    final = run(cfg, tmp_path / "run", captured)
+    base, final = train_capturing(cfg, tmp_path / "run")
 
     steps, events = steps_of(tmp_path / "run")
     assert [e["step"] for e in steps] == [1, 2, 3]
@@ -56,7 +38,6 @@ def test_few_steps_move_lora_and_keep_base(make_cfg, tiny_base, tmp_path):
     assert all(v.abs().max() > 0 for v in lora_b.values()), "every LoRA B moved from its zero init"
 
     # The frozen base weights inside the trained model are bit-identical to the weights on disk.
-    base = captured["base"]
     for trained, original in ((base.unet, UNet2DConditionModel.from_pretrained(tiny_base / "unet")),
                               (base.text_encoder, CLIPTextModel.from_pretrained(tiny_base / "text_encoder"))):
         reference = dict(original.named_parameters())
@@ -72,7 +53,7 @@ def test_few_steps_move_lora_and_keep_base(make_cfg, tiny_base, tmp_path):
 def test_adapter_loads_in_diffusers_and_changes_output(make_cfg, tiny_base, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    final = run(make_cfg("train.steps=3", "train.lr_unet=1e-2", "train.lr_text_encoder=1e-2"), tmp_path / "run")
+    final = loop.train(make_cfg("train.steps=3", "train.lr_unet=1e-2", "train.lr_text_encoder=1e-2"), tmp_path / "run")
     pipe = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
 
@@ -95,7 +76,7 @@ def test_unet_only_vpred_minsnr_offset_accum_checkpointing(make_cfg, tmp_path):
                    "train.min_snr_gamma=5.0", "train.noise_offset=0.05", "train.grad_accum=2",
                    "train.gradient_checkpointing=true", "train.cache_latents=false",
                    "data.shuffle_captions=false", "data.caption_dropout=0.0")
-    final = run(cfg, tmp_path / "run")
+    final = loop.train(cfg, tmp_path / "run")
     steps, _ = steps_of(tmp_path / "run")
     assert len(steps) == 2 and all(math.isfinite(e["loss"]) for e in steps)
     keys = load_file(final).keys()
@@ -103,7 +84,7 @@ def test_unet_only_vpred_minsnr_offset_accum_checkpointing(make_cfg, tmp_path):
 
 
 def test_text_encoder_only(make_cfg, tmp_path):
-    final = run(make_cfg("train.steps=2", "lora.train_unet=false"), tmp_path / "run")
+    final = loop.train(make_cfg("train.steps=2", "lora.train_unet=false"), tmp_path / "run")
     keys = load_file(final).keys()
     assert keys and all(k.startswith("text_encoder.") for k in keys)
 
@@ -112,7 +93,7 @@ def test_bad_image_is_reported_and_the_rest_trains(make_cfg, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(Path(__file__).parent.parent / "examples" / "tiny-style", data)
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    run(make_cfg("train.steps=1", f'data.path="{data}"'), tmp_path / "run")
+    loop.train(make_cfg("train.steps=1", f'data.path="{data}"'), tmp_path / "run")
     _, events = steps_of(tmp_path / "run")
     problems = [e for e in events if e["type"] == "problem"]
     assert [p["path"].endswith("broken.png") for p in problems] == [True]
@@ -138,11 +119,11 @@ def _stop_at(run_dir, step):
 
 def test_stop_and_resume_twice_equals_uninterrupted(make_cfg, tmp_path):
     common = ("train.steps=6", "train.checkpoint_every=0", "lora.dropout=0.1")
-    straight = load_file(run(make_cfg(*common), tmp_path / "straight"))
+    straight = load_file(loop.train(make_cfg(*common), tmp_path / "straight"))
 
     resumed_dir = tmp_path / "resumed"
     watcher = _stop_at(resumed_dir, 2)
-    run(make_cfg(*common), resumed_dir)
+    loop.train(make_cfg(*common), resumed_dir)
     watcher.join()
     _, events = steps_of(resumed_dir)
     assert events[-1]["type"] == "stopped"
@@ -150,9 +131,9 @@ def test_stop_and_resume_twice_equals_uninterrupted(make_cfg, tmp_path):
     assert first_stop < 6
 
     watcher = _stop_at(resumed_dir, first_stop + 2)
-    run(make_cfg(*common, 'train.resume="latest"'), resumed_dir)
+    loop.train(make_cfg(*common, 'train.resume="latest"'), resumed_dir)
     watcher.join()
-    run(make_cfg(*common, 'train.resume="latest"'), resumed_dir)
+    loop.train(make_cfg(*common, 'train.resume="latest"'), resumed_dir)
     _, events = steps_of(resumed_dir)
     assert [e["type"] for e in events].count("resumed") == 2
     assert events[-1]["type"] == "done" and events[-1]["step"] == 6

@@ -27,22 +27,10 @@ VARIANT_SETTINGS = {
 }
 
 
-def trained_model(make_cfg, tmp_path, variant, extra=()):
-    captured = {}
-    real = loop.load_base
-
-    def spy(*args, **kwargs):
-        captured["base"] = real(*args, **kwargs)
-        return captured["base"]
-
-    loop.load_base = spy
-    try:
-        cfg = make_cfg("train.steps=4", f'lora.variant="{variant}"', "lora.dropout=0.0", "train.lr_unet=5e-3",
-                       "train.lr_text_encoder=5e-3", *VARIANT_SETTINGS[variant], *extra)
-        final = loop.train(cfg, tmp_path / "run")
-    finally:
-        loop.load_base = real
-    return captured["base"], final
+def trained_model(make_cfg, train_capturing, tmp_path, variant, extra=()):
+    cfg = make_cfg("train.steps=4", f'lora.variant="{variant}"', "lora.dropout=0.0", "train.lr_unet=5e-3",
+                   "train.lr_text_encoder=5e-3", *VARIANT_SETTINGS[variant], *extra)
+    return train_capturing(cfg, tmp_path / "run")
 
 
 @torch.no_grad()
@@ -60,10 +48,10 @@ def effective_deltas(modules: dict) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("variant", list(VARIANT_SETTINGS))
-def test_variant_trains_and_exports_exact_delta(variant, make_cfg, tiny_base, tmp_path):
+def test_variant_trains_and_exports_exact_delta(variant, make_cfg, train_capturing, tiny_base, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    base, final = trained_model(make_cfg, tmp_path, variant)
+    base, final = trained_model(make_cfg, train_capturing, tmp_path, variant)
     live = effective_deltas({"unet": base.unet, "text_encoder": base.text_encoder})
     assert live and any(d.abs().max() > 0 for d in live.values())
 
@@ -104,10 +92,10 @@ def test_qlora_is_refused_on_cpu_before_loading(make_cfg, tmp_path, monkeypatch)
     assert not (tmp_path / "run").exists()
 
 
-def test_deltalora_keeps_base_bit_identical_and_resumes(make_cfg, tiny_base, tmp_path):
+def test_deltalora_keeps_base_bit_identical_and_resumes(make_cfg, train_capturing, tiny_base, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    base, _ = trained_model(make_cfg, tmp_path, "deltalora", extra=["train.checkpoint_every=2"])
+    base, _ = trained_model(make_cfg, train_capturing, tmp_path, "deltalora", extra=["train.checkpoint_every=2"])
     original = dict(UNet2DConditionModel.from_pretrained(tiny_base / "unet").named_parameters())
     for name, p in base.unet.named_parameters():
         if "lora_" not in name:
