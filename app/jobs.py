@@ -5,9 +5,11 @@ everything again by re-reading the folders:
   dataset/       uploaded images and captions (sanitized names)          -> "draft" until submitted
   job.json       queue record: queued_at, then pid/cmd/started_at once started, or cancelled
   config.toml    the resolved config the child trains from
-  events.jsonl   appended by the trainer (start, step, samples, adapter, done|stopped)
+  events.jsonl   appended by the trainer (start, step, samples, adapter, done|stopped|failed)
   train.log      the child's stdout + stderr
-A run's state is derived, never stored alone: terminal event > live pid > dead pid (= failed).
+A run's state is derived, never stored alone: terminal event of the current attempt > live pid > dead pid
+(= failed, with the end of train.log). A failed or stopped run can be resumed (`resume`): a new attempt of the
+same folder that continues from its latest checkpoint; events of earlier attempts stay in events.jsonl.
 """
 
 from __future__ import annotations
@@ -174,9 +176,15 @@ def status(run_dir: Path) -> RunStatus:
     start = next((e for e in events if e.get("type") == "start"), {})
     st = RunStatus(run_dir, "queued", events=events, step=steps[-1]["step"] if steps else 0,
                    total=steps[-1]["total"] if steps else start.get("total_steps", 0))
-    end = next((e["type"] for e in reversed(events) if e.get("type") in ("done", "stopped")), None)
-    if end:
-        st.state = end
+    # Only the current attempt's end counts (a resumed run's earlier 'stopped'/'failed' does not).
+    since = job.get("launched_at", 0) - 0.01 if job.get("pid") else float("inf")
+    end = next((e for e in reversed(events) if e.get("type") in ("done", "stopped", "failed")
+                and e.get("time", float("inf")) >= since), None)
+    if end and end["type"] == "failed":
+        hint = f"\n{end['hint']}" if end.get("hint") else ""
+        st.state, st.reason = "failed", f"{end.get('reason', 'trainer failed')}{hint}\n{log_tail(run_dir)}"
+    elif end:
+        st.state = end["type"]
     elif alive:
         st.state = "stopping" if (run_dir / STOP_FILE).exists() or job.get("cancel_requested") else "running"
     elif job.get("pid"):
@@ -206,6 +214,10 @@ def start(run_dir: Path) -> int:
     """Spawn the trainer for a queued run; stdout+stderr go to RUN/train.log. Returns the pid."""
     run_dir = Path(run_dir).resolve()
     cmd = [*TRAINER_CMD, str(run_dir / "config.toml"), "--run-dir", str(run_dir)]
+    job = read_job(run_dir)
+    if job.get("resume"):
+        cmd += ["--set", 'train.resume="latest"']
+    launched_at = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("STYLE_LORA_BUILTIN_DIR", str(run_dir.parent / ".builtin"))  # stay inside outputs/
     pythonpath = env.get("PYTHONPATH", "")
@@ -215,8 +227,7 @@ def start(run_dir: Path) -> int:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=Path.cwd(), env=env, start_new_session=True)
     _CHILDREN[proc.pid] = proc
-    job = read_job(run_dir)
-    job.update(pid=proc.pid, started_at=time.time(), cmd=cmd)
+    job.update(pid=proc.pid, started_at=time.time(), launched_at=launched_at, cmd=cmd)
     write_job(run_dir, job)
     return proc.pid
 
@@ -237,6 +248,24 @@ def cancel(run_dir: Path) -> str:
             (run_dir / STOP_FILE).touch()
             return f"{run_dir.name}: stopping; the trainer saves a partial adapter after the current step"
         return f"{run_dir.name}: nothing to cancel (state {st.state})"
+
+
+def resume(run_dir: Path) -> str:
+    """Queue a failed or stopped run again; it continues from its latest checkpoint (or from step 0 when it was
+    killed before the first one) and ends at the same weights as a run that was never interrupted."""
+    run_dir = Path(run_dir)
+    with _LOCK:
+        st = status(run_dir)
+        if st.state not in ("failed", "stopped"):
+            return f"{run_dir.name}: nothing to resume (state {st.state})"
+        job = read_job(run_dir)
+        past = {k: job.pop(k) for k in ("pid", "started_at", "launched_at", "cmd", "returncode", "cancel_requested")
+                if k in job}
+        job.setdefault("attempts", []).append({**past, "state": st.state})
+        job.update(queued_at=time.time(), resume=True)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+        write_job(run_dir, job)
+        return f"{run_dir.name}: queued to resume from its latest checkpoint"
 
 
 @contextlib.contextmanager

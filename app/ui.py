@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import form, jobs, uploads
+from app import form, jobs, preview, uploads
 from trainer.config import ConfigError
 
 THUMB_PX = 72
@@ -36,7 +36,7 @@ def _grid(outputs: Path, run_dir: Path | None, min_size: int | None) -> tuple[li
     table = [[f'<img src="/gradio_api/file={html.escape(r["path"])}" alt="{html.escape(r["file"])}" '
               f'style="height:{THUMB_PX}px;max-width:{2 * THUMB_PX}px;object-fit:contain">',
               r["file"], r["caption"], r["status"]] for r in rows]
-    ok = sum(r["status"] == "ok" or r["status"].startswith("missing caption") for r in rows)
+    ok = sum(r["status"].startswith(("ok", "missing caption")) for r in rows)
     summary = f"**{run_dir.name}**: {len(rows)} images, {ok} usable"
     issues = [f"- `{r['file']}`: {r['status']}" for r in rows if r["status"] != "ok"]
     text = "\n".join([summary, *([f"\n⚠️ {error}"] if error else []), *issues])
@@ -95,7 +95,7 @@ def on_train(outputs: Path, run: str, preset: str, extra: str, values: dict[str,
     if run_dir is None:
         raise gr.Error("Add images on the Dataset tab first.", print_exception=False)
     rows, error = uploads.dataset_items(run_dir, int(values.get("data.min_image_size") or 64))
-    if error or not any(r["status"] == "ok" or r["status"].startswith("missing") for r in rows):
+    if error or not any(r["status"].startswith(("ok", "missing")) for r in rows):
         raise gr.Error(f"The dataset has no usable image. {error}", print_exception=False)
     try:
         cfg = form.values_to_config(preset, values, extra)
@@ -264,6 +264,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
                 with gr.Accordion("Config and log", open=False):
                     config_code = gr.Code(label="config.toml", language=None, interactive=False)
                     log_box = gr.Textbox(label="train.log (end)", lines=12, max_lines=12, interactive=False)
+            preview.build_tab(outputs)  # app/preview.py: LoRA vs base, grids, mixing (a separate worker process)
         timer = gr.Timer(TICK_S)
         shown = gr.State("")  # fingerprint of what the panel shows, to skip redundant refreshes
 
@@ -311,7 +312,8 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
             p = run_panel(outputs, name)
             import pandas as pd  # gradio depends on pandas; LinePlot wants a DataFrame
 
-            loss = pd.DataFrame(p["loss"], columns=["step", "loss"])
+            # Typed columns even when empty: an untyped (object) frame makes the plot treat loss as categories.
+            loss = pd.DataFrame(p["loss"], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
             return p["markdown"], loss, p["samples"], p["files"] or None, p["config"], p["log"]
 
         def tick(name: str, seen: str):

@@ -8,9 +8,10 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from trainer.data import IMAGE_EXTENSIONS
 from trainer.io import atomic_write_text
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_EXTS = set(IMAGE_EXTENSIONS)  # the trainer's list (PIL only, no torch), so an accepted upload can train
 CAPTION_EXTS = {".txt"}
 MAX_FILE_BYTES = 50 * 2**20  # one image or caption
 MAX_FILES = 1000  # images + captions in one dataset
@@ -157,7 +158,11 @@ def dataset_items(run_dir: Path, min_image_size: int = 64) -> tuple[list[dict], 
     except DatasetError as err:
         problems, error = [], str(err).replace(str(dataset) + "/", "")
     rows = []
-    bad = {Path(p.path): p.reason for p in problems}
+    bad = {Path(p.path): p.reason for p in problems if p.skipped}
+    warned: dict[Path, list[str]] = {}
+    for p in problems:
+        if not p.skipped:
+            warned.setdefault(Path(p.path), []).append(p.reason)
     for path in sorted(p for p in dataset.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
         rel = path.relative_to(dataset).as_posix()
         cap = path.with_suffix(".txt")
@@ -173,9 +178,17 @@ def dataset_items(run_dir: Path, min_image_size: int = 64) -> tuple[list[dict], 
             status = "missing caption (trains on the trigger word alone)"
         else:
             status = "ok"
+        if path in warned and not error and path not in bad:
+            status += "; warning: " + "; ".join(warned[path])
         rows.append({"file": rel, "path": str(path), "caption": caption, "status": status})
-    if not rows and not error:
-        error = "no images yet: drop PNG/JPEG/WebP/BMP files, .txt captions or a .zip"
+    stems = {Path(r["path"]).with_suffix("") for r in rows}
+    for p in problems:  # captions that reach no image (a name that differs in case, 'a.png.txt'...): a row each
+        path = Path(p.path)
+        if p.skipped and path.suffix.lower() in CAPTION_EXTS and path.with_suffix("") not in stems:
+            rows.append({"file": path.relative_to(dataset).as_posix(), "path": str(path), "caption": "",
+                         "status": p.reason})
+    if not any(Path(r["path"]).suffix.lower() in IMAGE_EXTS for r in rows) and not error:
+        error = f"no images yet: drop {'/'.join(e[1:].upper() for e in sorted(IMAGE_EXTS))} files, .txt captions or a .zip"
     return rows, error
 
 
@@ -184,6 +197,8 @@ def save_captions(run_dir: Path, captions: dict[str, str]) -> list[str]:
     dataset = Path(run_dir) / "dataset"
     refused = []
     for rel, caption in captions.items():
+        if PurePosixPath(rel).suffix.lower() in CAPTION_EXTS:
+            continue  # the grid's row for a caption file without an image: nothing to save
         image = dataset / rel
         if not _inside(image, dataset) or not image.is_file() or image.suffix.lower() not in IMAGE_EXTS:
             refused.append(f"{rel}: not an image of this dataset")

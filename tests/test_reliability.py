@@ -127,8 +127,8 @@ def test_corpus_trains_the_rest_and_writes_only_the_run_folder(corpus, make_cfg,
     start = next(e for e in events if e["type"] == "start")
     assert start["images"] == 4 + sum(len([f for f in c["files"] if not f.endswith(".txt")])
                                       for c in data_cases(cases) if c["expect"] != "skip")
-    disk = next(e for e in events if e["type"] == "disk")
-    assert start["trainable_params"] <= disk["lora_params"] <= 1.5 * start["trainable_params"]  # the estimate
+    assert start["trainable_params"] <= start["lora_params_estimate"] <= 1.5 * start["trainable_params"]
+    assert start["disk_needed_bytes"] < start["disk_free_bytes"]
     assert _tree(data) == before, "the dataset was modified"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*outside_before, "run"])
     assert not PWNED.exists()
@@ -192,8 +192,6 @@ def test_pickles_are_never_loaded(corpus, tmp_path, monkeypatch):
     assert calls == [] and not PWNED.exists() and not (tmp_path / "out.safetensors").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="trainer/model.load_base must pass use_safetensors=True (diffusers falls back "
-                                       "to torch.load of *.bin in a folder); remove this mark with that fix")
 def test_base_folder_with_only_pickled_weights_is_refused(tiny_base, tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
@@ -313,16 +311,14 @@ def test_oom_is_a_failed_state_with_a_hint(make_cfg, tmp_path, reap, monkeypatch
     assert "**Failed**: out of memory" in panel_markdown(jobs.status(run))
 
 
-FINAL_FILES = ("tiny-test.safetensors", "tiny-test.diffusers.safetensors")
-
-
 def _same_weights(a: Path, b: Path) -> None:
+    """The final adapters of run folders a (output name tiny-test) and b (a UI run: named like its folder)."""
     import torch
     from safetensors.torch import load_file
 
-    for name in FINAL_FILES:
-        x, y = load_file(a / name), load_file(b / name)
-        assert x.keys() == y.keys() and x, name
+    for suffix in (".safetensors", ".diffusers.safetensors"):
+        x, y = load_file(a / f"tiny-test{suffix}"), load_file(b / f"{b.name}{suffix}")
+        assert x.keys() == y.keys() and x, suffix
         for key in x:
             assert torch.allclose(x[key], y[key], atol=1e-6, rtol=0), (name, key)
 
@@ -343,7 +339,7 @@ def _checkpoints_intact(run: Path) -> list[int]:
     return steps
 
 
-KILL_COMMON = ("train.steps=6", "train.checkpoint_every=1", "train.keep_checkpoints=2", "lora.dropout=0.1")
+KILL_COMMON = ("train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=2", "lora.dropout=0.1")
 
 
 def _kill(run: Path) -> None:
@@ -357,16 +353,16 @@ def test_kill_9_then_resume_ends_at_the_same_weights(make_cfg, tmp_path, reap):
 
     loop.train(make_cfg(*KILL_COMMON), tmp_path / "straight")
     run = _queue_run(tmp_path, make_cfg(*KILL_COMMON), reap, "killed")
-    wait_for(lambda: jobs.status(run).step >= 3, 240, 0.02, "step 3")
+    wait_for(lambda: jobs.status(run).step >= 2, 240, 0.02, "step 2")
     _kill(run)
     st = wait_for(lambda: (s := jobs.status(run)).state == "failed" and s, 30, what="failed")
     assert "killed by signal 9" in st.reason and "training:" in st.reason  # the end of the log
     kept = _checkpoints_intact(run)
-    assert kept and max(kept) >= 2
+    assert kept and max(kept) >= 1
     assert "queued to resume" in jobs.resume(run)
     assert jobs.advance(tmp_path / "outputs") == run
     st = wait_for(lambda: (s := jobs.status(run)).state in jobs.TERMINAL and s, 240, what="resumed run ends")
-    assert st.state == "done" and st.step == 6, st.reason
+    assert st.state == "done" and st.step == 5, st.reason
     resumed = [e for e in st.events if e["type"] == "resumed"]
     assert resumed and resumed[-1]["step"] == max(kept)
     _same_weights(tmp_path / "straight", run)
@@ -388,7 +384,9 @@ def test_kill_9_at_random_points_loses_nothing(make_cfg, tmp_path, reap):
     demo.queue().launch(prevent_thread_lock=True, server_port=port, allowed_paths=[str(outputs)], quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        rng = random.Random(int(os.environ.get("KILL_SEED", time.time())))
+        seed = int(os.environ.get("KILL_SEED", time.time()))
+        rng = random.Random(seed)
+        print("KILL_SEED", seed)
         run = _queue_run(tmp_path, make_cfg(*KILL_COMMON), reap, "random-kills")
         log = []
         for attempt in range(8):
@@ -397,7 +395,7 @@ def test_kill_9_at_random_points_loses_nothing(make_cfg, tmp_path, reap):
             if target == "time":
                 time.sleep(rng.uniform(0.5, 8.0))
             else:
-                k = rng.randint(1, 5)
+                k = rng.randint(1, 4)
                 wait_for(lambda: jobs.status(run).step >= k or jobs.status(run).state in jobs.TERMINAL, 240, 0.01)
                 time.sleep(rng.uniform(0, 0.5))
             if jobs.status(run).state in jobs.TERMINAL:
@@ -406,11 +404,13 @@ def test_kill_9_at_random_points_loses_nothing(make_cfg, tmp_path, reap):
             status = client.predict(run.name, api_name="/status")  # the UI is up and reports the failure
             assert status["state"] == "failed" and "killed by signal 9" in status["reason"], status
             kept = _checkpoints_intact(run)
-            log.append({"attempt": attempt, "at": target, "step_when_killed": status["step"], "checkpoints": kept})
+            since = jobs.read_job(run)["launched_at"]
+            reached = [e["step"] for e in jobs.status(run).events if e["type"] == "step" and e["time"] >= since]
+            log.append({"attempt": attempt, "kill": target, "steps_this_attempt": reached, "checkpoints_left": kept})
             jobs.resume(run)
             assert jobs.advance(outputs) == run
         st = wait_for(lambda: (s := jobs.status(run)).state in jobs.TERMINAL and s, 300, what="run ends")
-        assert st.state == "done" and st.step == 6, st.reason
+        assert st.state == "done" and st.step == 5, st.reason
         _same_weights(tmp_path / "straight", run)
         print("kill log:", json.dumps(log))
         assert log, "no kill landed"

@@ -4,6 +4,7 @@
   python -m trainer resume RUN_DIR [--set ...]
   python -m trainer convert IN.safetensors OUT.safetensors --to kohya|diffusers
   python -m trainer build-tiny DIR
+  python -m trainer preview --base MODEL [--hotswap] [--compile]   (JSON-lines preview worker on stdin/stdout)
   accelerate launch --num_processes N -m trainer train CONFIG.toml     (data-parallel on N devices)
 """
 
@@ -63,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     p_conv.add_argument("--to", required=True, choices=["kohya", "diffusers"])
     p_tiny = sub.add_parser("build-tiny", help="write the tiny random SD1.5-layout test model to a folder")
     p_tiny.add_argument("folder")
+    p_prev = sub.add_parser("preview", help="preview worker: one base in memory, adapters switched by JSON-lines "
+                            "requests on stdin (see trainer/preview.py)")
+    p_prev.add_argument("--base", required=True, help="base model: diffusers folder, hub id, .safetensors, builtin:...")
+    p_prev.add_argument("--single-file-config", help="for a single-file base: a diffusers folder of its architecture")
+    p_prev.add_argument("--device", help="default: cuda if available, else cpu")
+    p_prev.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p_prev.add_argument("--max-adapters", type=int, default=8, help="adapters kept loaded (LRU)")
+    p_prev.add_argument("--hotswap", action="store_true", help="one UNet slot, adapters hot-swapped in place")
+    p_prev.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; implies --hotswap)")
+    p_prev.add_argument("--max-rank", type=int, default=64, help="hot-swap slot rank (largest adapter or mix rank)")
     args = parser.parse_args(argv)
 
     from trainer.data import DatasetError
@@ -74,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(build_tiny_sd15(args.folder))
             return 0
+        if args.command == "preview":
+            from trainer.preview import serve
+
+            return serve(args.base, single_file_config=args.single_file_config, device=args.device, dtype=args.dtype,
+                         max_adapters=args.max_adapters, hotswap=args.hotswap, compile=args.compile,
+                         max_rank=args.max_rank)
         if args.command == "convert":
             from trainer.kohya import convert_file
 

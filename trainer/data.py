@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
 if TYPE_CHECKING:
     import torch
 
 from trainer.config import DataConfig
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}  # compared lowercase
+# Compared lowercase. GIF and animated WebP train on their first frame (with a warning); AVIF where Pillow reads it.
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"} | ({".avif"} if features.check("avif") else set())
 KOHYA_FOLDER = re.compile(r"^([1-9]\d*)_.+")  # '10_mystyle' -> every image inside is repeated 10 times
 ORIENTATION_TAG = 0x0112
 MAX_LISTED_PROBLEMS = 10
@@ -36,6 +37,7 @@ class DatasetError(ValueError):
 class Problem:
     path: Path
     reason: str
+    skipped: bool = True  # False: a warning about a file that is still used (animated image, name clash)
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
@@ -78,7 +80,7 @@ def _oriented_size(img: Image.Image) -> tuple[int, int]:
 
 
 def _check_image(path: Path, min_size: int) -> tuple[tuple[int, int] | None, str]:
-    """(oriented size, "") for a usable image, else (None, reason)."""
+    """(oriented size, "" or a warning) for a usable image, else (None, reason)."""
     try:
         if path.stat().st_size == 0:
             return None, "empty file (0 bytes)"
@@ -88,18 +90,30 @@ def _check_image(path: Path, min_size: int) -> tuple[tuple[int, int] | None, str
             with Image.open(path) as img:
                 img.load()  # a full decode: catches truncated files that Image.open/verify let through
                 size = _oriented_size(img)
+                frames = getattr(img, "n_frames", 1)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return None, f"image too large to decode safely ({err}); raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine"
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... for bad files
         return None, f"cannot decode image: {err}"
     if min(size) < min_size:
         return None, f"too small ({size[0]}x{size[1]} px, minimum {min_size})"
+    if frames > 1:
+        return size, f"animated image ({frames} frames): only the first frame is used"
     return size, ""
 
 
 def _read_caption(path: Path) -> str:
-    """Caption text with lines joined by ', '. Raises UnicodeDecodeError / OSError."""
-    text = path.read_bytes().decode("utf-8-sig")  # -sig: a BOM written by Windows editors is not caption text
+    """Caption text with lines joined by ', '. Raises UnicodeDecodeError / OSError.
+
+    UTF-8 (a BOM written by Windows editors is not caption text) or UTF-16 with its BOM (Notepad's "Unicode");
+    any other encoding is refused rather than guessed, so a caption is never silently garbled."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = raw.decode("utf-16")
+    else:
+        text = raw.decode("utf-8-sig")
+    if "\x00" in text:
+        raise UnicodeDecodeError("utf-8", raw, raw.find(b"\x00"), raw.find(b"\x00") + 1, "NUL byte in a text file")
     return ", ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
@@ -128,11 +142,14 @@ def scan_dataset(cfg: DataConfig) -> tuple[list[Item], list[Problem]]:
     image_stems = {p.with_suffix("") for p in images}
     items, problems = [], []
 
+    problems += _name_clashes(root, images, cap_ext)
     for path in images:
         size, reason = _check_image(path, cfg.min_image_size)
         if size is None:
             problems.append(Problem(path, reason))
             continue
+        if reason:
+            problems.append(Problem(path, reason, skipped=False))
         caption, cap_path = "", path.with_suffix(cap_ext)
         if cap_path.is_file():
             try:
@@ -152,10 +169,20 @@ def scan_dataset(cfg: DataConfig) -> tuple[list[Item], list[Problem]]:
             folder="" if rel_parent == Path(".") else rel_parent.as_posix(),
         ))
 
+    by_lower = {p.with_suffix("").as_posix().lower(): p for p in images}
+    by_full = {p.as_posix(): p for p in images}
     for path in files:
         name = path.name
         if name.lower().endswith(cap_ext.lower()) and path.parent / name[: -len(cap_ext)] not in image_stems:
-            problems.append(Problem(path, "caption file has no matching image (ignored)"))
+            stem = path.parent / name[: -len(cap_ext)]
+            if (near := by_full.get(stem.as_posix())) is not None:  # 'a.png.txt'
+                hint = f"; it looks meant for '{near.name}', whose caption must be named '{near.stem}{cap_ext}'"
+            elif (near := by_lower.get(stem.as_posix().lower())) is not None:  # 'Photo.png' + 'photo.txt'
+                hint = (f"; its name differs from image '{near.name}' only in letter case, so it is NOT that image's "
+                        f"caption: rename it to '{near.stem}{cap_ext}'")
+            else:
+                hint = ""
+            problems.append(Problem(path, f"caption file has no matching image (ignored){hint}"))
 
     if not images:
         raise DatasetError(f"data.path: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in folder '{root}'")
@@ -166,6 +193,24 @@ def scan_dataset(cfg: DataConfig) -> tuple[list[Item], list[Problem]]:
         raise DatasetError(f"data.path: none of the {len(images)} images in folder '{root}' can be used:\n"
                            + "\n".join(lines))
     return items, problems
+
+
+def _name_clashes(root: Path, images: list[Path], cap_ext: str) -> list[Problem]:
+    """Warnings (the images are still used) for names that silently mix up captions or files elsewhere:
+    'a.png' + 'A.png' (one file on Windows/macOS, or in a zip extracted there) and 'a.png' + 'a.jpg' (both read
+    the same caption 'a.txt')."""
+    problems, by_lower, by_stem = [], {}, {}
+    for path in images:
+        rel = path.relative_to(root).as_posix()
+        if (first := by_lower.setdefault(rel.lower(), rel)) != rel:
+            problems.append(Problem(path, f"same name as '{first}' except for letter case: both are used, but on "
+                                          "Windows/macOS one would overwrite the other; rename one", skipped=False))
+        stem = path.with_suffix("")
+        if (first_path := by_stem.setdefault(stem, path)) != path and stem.with_name(stem.name + cap_ext).is_file():
+            problems.append(Problem(path, f"shares the caption file '{stem.name}{cap_ext}' with '{first_path.name}' "
+                                          "(same name, other extension): both are used with that caption; rename "
+                                          "one if they need different captions", skipped=False))
+    return problems
 
 
 # ----------------------------------------------------------------------------- buckets

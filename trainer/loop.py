@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from trainer import data as ds
-from trainer.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from trainer.checkpoint import (check_disk_space, list_checkpoints, load_checkpoint, prune_checkpoints,
+                                save_checkpoint)
 from trainer.config import Config, save_config
 from trainer.events import STOP_FILE, EventLog
 from trainer.export import save_adapters, training_metadata
-from trainer.io import atomic_write_text
+from trainer.io import atomic_write_text, seal_jsonl
 from trainer.model import attach_lora, check_qlora_available, load_base, lora_parameters
 from trainer.variants import (DeltaLora, adalora_orth_loss, adalora_state, load_adalora_state,
                               make_optimizer, measure_layer_importance, needs_conversion, probe_steps,
@@ -48,8 +50,41 @@ def encode_latent_dist(vae, image: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return dist.mean[0].float(), dist.std[0].float()
 
 
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory; the message says what to lower."""
+
+
+def oom_hint(cfg: Config) -> str:
+    tips = [f"lower train.batch_size (now {cfg.train.batch_size})" if cfg.train.batch_size > 1 else "",
+            f"lower data.resolution (now {cfg.data.resolution})",
+            "" if cfg.train.gradient_checkpointing else "turn on train.gradient_checkpointing",
+            "" if cfg.train.cache_latents else "turn on train.cache_latents",
+            "use train.mixed_precision bf16/fp16" if cfg.train.mixed_precision == "no" else "",
+            "use lora.variant lorafa or a lower lora.rank"]
+    return "Hint: " + "; ".join(t for t in tips if t) + "."
+
+
 def train(cfg: Config, run_dir: Path) -> Path:
-    """Train the LoRA described by `cfg` into `run_dir`; returns the final adapter path."""
+    """Train the LoRA described by `cfg` into `run_dir`; returns the final adapter path. Any failure is also
+    recorded as a `failed` event (message + hint), so the UI shows why without parsing the log."""
+    def failed(**fields) -> None:  # only into an existing run folder (e.g. QLoRA refused on CPU has no run yet)
+        if os.environ.get("RANK", "0") == "0" and Path(run_dir).is_dir():
+            EventLog(Path(run_dir) / "events.jsonl").emit("failed", **fields)
+
+    try:
+        return _train_variant(cfg, Path(run_dir))
+    except torch.OutOfMemoryError as err:
+        first = (str(err).strip().splitlines() or ["out of memory"])[0]
+        message = f"out of memory: {first}"
+        failed(reason=message, hint=oom_hint(cfg), cause="oom")
+        raise OutOfMemory(f"{message}\n{oom_hint(cfg)}") from None
+    except Exception as err:
+        known = isinstance(err, (ValueError, FileNotFoundError))  # config/dataset/model/disk errors read alone
+        failed(reason=str(err) if known else f"{type(err).__name__}: {err}", cause="error")
+        raise
+
+
+def _train_variant(cfg: Config, run_dir: Path) -> Path:
     if cfg.lora.variant == "qlora":
         check_qlora_available()  # refuse up front, before minutes of loading
     if cfg.lora.variant != "loradrop":
@@ -91,6 +126,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     events = EventLog(run_dir / "events.jsonl" if main else None)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        seal_jsonl(run_dir / "events.jsonl")  # a line torn by kill -9 must not swallow this run's first event
         save_config(cfg, run_dir / "config.toml")
         (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
     device, tc = accelerator.device, cfg.train
@@ -106,6 +142,9 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     batches_per_epoch = len(ds.epoch_batches(items, tc.batch_size, tc.seed, 0))
     micro_per_step = tc.grad_accum * accelerator.num_processes
     total_steps = math.ceil(tc.epochs * batches_per_epoch / micro_per_step) if tc.epochs else tc.steps
+    # Before minutes of loading: refuse when the run's files cannot fit (DiskSpaceError names both sizes).
+    disk = check_disk_space(cfg, run_dir, total_steps) if main else {}
+    test_oom_at = int(os.environ.get("STYLE_LORA_TEST_OOM_AT_STEP", "-1"))  # test-only: simulate an OOM
 
     # --- model: frozen base in weight_dtype, LoRA params in fp32
     lora = lora or cfg.lora
@@ -138,8 +177,10 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
 
     # --- resume
     start_step = 0
-    if tc.resume:
-        folder = list_checkpoints(run_dir)[-1] if tc.resume == "latest" and list_checkpoints(run_dir) else Path(tc.resume)
+    if tc.resume == "latest" and not list_checkpoints(run_dir):
+        events.emit("resumed", step=0, checkpoint=None)  # killed before its first checkpoint: start over
+    elif tc.resume:
+        folder = list_checkpoints(run_dir)[-1] if tc.resume == "latest" else Path(tc.resume)
         if not (folder / "state.json").is_file():
             raise FileNotFoundError(f"train.resume: no checkpoint at {folder}")
         start_step, extra = load_checkpoint(folder, trained, optimizer, lr_scheduler)
@@ -174,6 +215,8 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     num_timesteps = scheduler.config.num_train_timesteps
 
     def micro_batch_loss(k: int) -> torch.Tensor:
+        if k == test_oom_at:
+            raise torch.OutOfMemoryError("CUDA out of memory. (simulated by STYLE_LORA_TEST_OOM_AT_STEP)")
         rng = random.Random(f"{tc.seed}-{k}")
         gen = torch.Generator("cpu").manual_seed(tc.seed * 1_000_003 + k)
         torch.manual_seed(tc.seed + k)  # LoRA dropout draws from the global generator
@@ -242,7 +285,9 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     events.emit("start", total_steps=total_steps, start_step=start_step, images=len(items), trainable_params=trainable,
                 variant=lora.variant,
                 problems=len(problems), device=str(device), precision=accelerator.mixed_precision,
-                processes=accelerator.num_processes, run_dir=str(run_dir))
+                processes=accelerator.num_processes, run_dir=str(run_dir),
+                disk_needed_bytes=disk.get("needed_bytes"), disk_free_bytes=disk.get("free_bytes"),
+                lora_params_estimate=disk.get("lora_params"))
     for m in wrapped.values():
         m.train()
     bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=not main, dynamic_ncols=True)

@@ -44,6 +44,7 @@ def _load_quantized_unet(kind: str, where: str, cfg: ModelConfig, bits: int):
         return UNet2DConditionModel.from_single_file(where, config=cfg.single_file_config, subfolder="unet",
                                                      quantization_config=quant, dtype=torch.bfloat16)
     return UNet2DConditionModel.from_pretrained(where, subfolder="unet", revision=cfg.revision, variant=cfg.variant,
+                                                use_safetensors=True,
                                                 quantization_config=quant, dtype=torch.bfloat16)
 
 
@@ -98,7 +99,9 @@ def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
         if kind == "file":
             pipe = StableDiffusionPipeline.from_single_file(where, config=cfg.single_file_config, **common)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(where, revision=cfg.revision, variant=cfg.variant, **common)
+            # use_safetensors: never fall back to unpickling *.bin weights of a folder or repo
+            pipe = StableDiffusionPipeline.from_pretrained(where, revision=cfg.revision, variant=cfg.variant,
+                                                           use_safetensors=True, **common)
     except Exception as err:  # diffusers raises many types (OSError, ValueError, SingleFileComponentError...)
         text = str(err).strip()
         first_line = text.splitlines()[0] if text else type(err).__name__

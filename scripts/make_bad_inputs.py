@@ -1,0 +1,195 @@
+"""Generate the bad-input corpus: files that break trainers in the wild, made from code (never hand-collected).
+
+  python scripts/make_bad_inputs.py [DEST]        (default: tests/bad_inputs)
+
+DEST/dataset/   one training folder: every bad image/caption case beside a few good images, so a test can check
+                that each case gets its own message and the rest still trains
+DEST/uploads/   files offered to the UI upload path only (zips with '../' entries or symlinks, pickles)
+DEST/models/    files offered as a base model or an adapter (pickles, a pickle renamed .safetensors)
+DEST/manifest.json   one entry per case: the files, what must happen (skip | warn | train | refuse) and a phrase
+                the message must contain. Tests read it, so a case added here is tested everywhere.
+
+Deterministic: the same bytes every run (fixed zip dates, no timestamps in images), so the corpus checked in
+under tests/ can be compared with a fresh one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import struct
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+from PIL import Image, features
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD_SOURCE = ROOT / "examples" / "tiny-style"
+ZIP_DATE = (2024, 1, 1, 0, 0, 0)
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _pattern(size=(96, 96), mode="RGB") -> Image.Image:
+    """A deterministic picture with detail (so JPEG/PNG data are long enough to truncate meaningfully)."""
+    w, h = size
+    img = Image.new("RGB", size)
+    img.putdata([((x * 7 + y * 3) % 256, (x * y) % 256, (x * 13 ^ y * 5) % 256) for y in range(h) for x in range(w)])
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def _bomb_png(side: int = 20000) -> bytes:
+    """A 1-bit side×side PNG (400 Mpx at 20000) that is a few tens of KiB on disk: a decompression bomb.
+    Written chunk by chunk so that making it never holds the pixels in memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" + b"\x00" * ((side + 7) // 8)  # filter byte + packed bits
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _frames(n=3, size=(80, 80)) -> list[Image.Image]:
+    return [Image.new("RGB", size, c) for c in ((220, 40, 40), (40, 220, 40), (40, 40, 220))[:n]]
+
+
+def _zip(entries: list[tuple[zipfile.ZipInfo | str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for info, data in entries:
+            if isinstance(info, str):
+                info = zipfile.ZipInfo(info, ZIP_DATE)
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+class _Evil:
+    """What a malicious .ckpt carries: unpickling it would call os.system. Nothing here ever unpickles it."""
+
+    def __reduce__(self):
+        return (eval, ("__import__('os').system('echo pwned > /tmp/style-lora-pwned')",))
+
+
+def build(dest: Path) -> list[dict]:
+    dest = Path(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    data, uploads, models = dest / "dataset", dest / "uploads", dest / "models"
+    for d in (data, uploads, models):
+        d.mkdir(parents=True)
+    cases: list[dict] = []
+
+    def case(name: str, files: dict[str, bytes], expect: str, says: str, where: str = "dataset", about: str = "",
+             note: str = "") -> None:
+        folder = {"dataset": data, "uploads": uploads, "models": models}[where]
+        for rel, blob in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(blob)
+        cases.append({"name": name, "where": where, "files": sorted(files), "about": about or sorted(files)[0],
+                      "expect": expect, "says": says, "note": note})
+
+    # Good images: the rest of the dataset that must still train.
+    for src in sorted(GOOD_SOURCE.glob("0[0-3]_*")):
+        (data / src.name).write_bytes(src.read_bytes())
+
+    good = _pattern()
+    jpeg = io.BytesIO()
+    good.save(jpeg, "JPEG", quality=90)
+    png = _png(good)
+
+    # --- images that cannot be used: skipped, each with a message
+    case("zero-byte", {"zero_byte.png": b""}, "skip", "empty file (0 bytes)")
+    case("truncated-png", {"truncated_png.png": png[: len(png) // 2]}, "skip", "cannot decode")
+    case("truncated-jpeg", {"truncated_jpg.jpg": jpeg.getvalue()[: len(jpeg.getvalue()) // 2]}, "skip", "cannot decode")
+    case("not-an-image", {"not_an_image.jpg": b"<html><body>404 Not Found</body></html>\n"}, "skip", "cannot decode")
+    case("decompression-bomb", {"bomb_20000x20000.png": _bomb_png()}, "skip", "too large to decode safely")
+    case("one-pixel", {"one_pixel.png": _png(Image.new("RGB", (1, 1), (255, 0, 0)))}, "skip", "too small (1x1 px")
+
+    # --- unusual but valid images: train, converted correctly
+    case("20000px-wide", {"wide_20000px.png": _png(Image.new("RGB", (20000, 48), (30, 120, 200)))}, "train", "",
+         note="extreme aspect ratio: trains in the widest bucket")
+    cmyk = io.BytesIO()
+    _pattern().convert("CMYK").save(cmyk, "JPEG", quality=90)
+    case("cmyk-jpeg", {"cmyk.jpg": cmyk.getvalue()}, "train", "")
+    gray16 = Image.new("I;16", (80, 80))
+    gray16.putdata([(x * 800) % 65536 for x in range(80 * 80)])
+    case("16-bit", {"gray16.png": _png(gray16)}, "train", "", note="scaled to 8 bit, not clipped")
+    pal = Image.new("P", (80, 80), 1)
+    pal.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    pal.paste(0, (0, 0, 40, 80))
+    case("palette-transparency", {"palette_alpha.png": _png(pal, transparency=0)}, "train", "",
+         note="transparent pixels composited on white")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise when shown
+    rot = io.BytesIO()
+    Image.new("RGB", (96, 64), (10, 160, 60)).save(rot, "JPEG", exif=exif.tobytes())
+    case("exif-rotated", {"exif_rotated.jpg": rot.getvalue()}, "train", "", note="trained upright (64x96)")
+    webp = io.BytesIO()
+    good.save(webp, "WEBP", quality=80)
+    case("webp", {"still_webp.webp": webp.getvalue()}, "train", "")
+    if features.check("avif"):
+        avif = io.BytesIO()
+        good.save(avif, "AVIF", quality=60)
+        case("avif", {"still_avif.avif": avif.getvalue()}, "train", "")
+
+    # --- animated images: the first frame trains, with a warning
+    gif = io.BytesIO()
+    first, *rest = _frames()
+    first.save(gif, "GIF", save_all=True, append_images=rest, duration=100, loop=0)
+    case("animated-gif", {"animated_gif.gif": gif.getvalue()}, "warn", "animated image (3 frames): only the first frame")
+    awebp = io.BytesIO()
+    first.save(awebp, "WEBP", save_all=True, append_images=rest, duration=100, loop=0, lossless=True)
+    case("animated-webp", {"animated_webp.webp": awebp.getvalue()}, "warn", "animated image (3 frames): only the first frame")
+
+    # --- captions
+    case("caption-bad-encoding", {"latin1_caption.png": png, "latin1_caption.txt": "café, crème brûlée".encode("cp1252")},
+         "warn", "caption file is not UTF-8", about="latin1_caption.txt", note="image trains on the default caption")
+    case("caption-utf16-bom", {"utf16_caption.png": png, "utf16_caption.txt": "zkstyle, utf16 caption".encode("utf-16")},
+         "train", "", note="UTF-16 with BOM (Notepad 'Unicode') is read correctly")
+    case("caption-without-image", {"orphan_caption.txt": b"a caption whose image is missing"}, "warn",
+         "caption file has no matching image")
+    case("caption-name-case", {"CaseCaption.png": png, "casecaption.txt": b"never used"}, "warn",
+         "differs from image 'CaseCaption.png' only in letter case", about="casecaption.txt")
+    case("caption-with-image-extension", {"double_ext.png": png, "double_ext.png.txt": b"named a.png.txt"}, "warn",
+         "looks meant for 'double_ext.png'", about="double_ext.png.txt")
+
+    # --- names
+    case("duplicate-names-by-case", {"Dup_Case.png": png, "dup_case.png": _png(_pattern().rotate(90))}, "warn",
+         "except for letter case", about="dup_case.png")
+    case("same-stem-two-extensions", {"twin.png": png, "twin.jpg": jpeg.getvalue(), "twin.txt": b"shared caption"},
+         "warn", "shares the caption file 'twin.txt'", about="twin.png")
+
+    # --- uploads only: zips that try to escape, pickles
+    case("zip-dotdot", {"zip_slip.zip": _zip([("../escape.png", png), ("../../etc/evil.png", png), ("ok/in_zip.png", png)])},
+         "refuse", "path with '..' refused", where="uploads", note="ok/in_zip.png is still extracted")
+    link = zipfile.ZipInfo("link.png", ZIP_DATE)
+    link.external_attr = 0o120777 << 16
+    case("zip-symlink", {"zip_symlink.zip": _zip([(link, b"/etc/passwd"), ("fine.png", png)])}, "refuse",
+         "symlink refused", where="uploads")
+    case("zip-absolute", {"zip_absolute.zip": _zip([("/tmp/abs.png", png)])}, "refuse", "absolute path refused",
+         where="uploads")
+    evil = pickle.dumps({"state_dict": _Evil()})
+    case("ckpt-upload", {"model.ckpt": evil}, "refuse", "file type '.ckpt' refused", where="uploads")
+
+    # --- offered as a base model or an adapter
+    case("pickle-base-ckpt", {"base.ckpt": evil}, "refuse", "pickles", where="models")
+    case("pickle-adapter-pt", {"adapter.pt": evil}, "refuse", "pickles", where="models")
+    case("pickle-renamed-safetensors", {"renamed_pickle.safetensors": evil}, "refuse", "not a readable .safetensors",
+         where="models", note="as an adapter; as a base it is refused by the safetensors reader")
+
+    (dest / "manifest.json").write_text(json.dumps(cases, indent=1) + "\n")
+    return cases
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "tests" / "bad_inputs"
+    print(f"{len(build(out))} cases in {out}")
