@@ -32,6 +32,13 @@ def parse_auth(pairs: list[str], auth_file: str | None) -> list[tuple[str, str]]
     return list(users.items())
 
 
+def served_paths(outputs: Path) -> dict[str, list[str]]:
+    """Gradio may serve files from outputs/ only, and never its private folder (the per-user key)."""
+    from app.preview import PRIVATE_DIR
+
+    return {"allowed_paths": [str(outputs)], "blocked_paths": [str(Path(outputs) / PRIVATE_DIR)]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m app", description="Style-LoRA Studio web UI")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_app(outputs)
     try:
         demo.queue(default_concurrency_limit=4).launch(
-            server_name=args.host, server_port=args.port, allowed_paths=[str(outputs)],
+            server_name=args.host, server_port=args.port, **served_paths(outputs),
             max_file_size="50mb", show_error=False, auth=auth or None)
     finally:
         stop.set()

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from app.uploads import add_files, sanitize_name
 from trainer.config import Config, save_config
 from trainer.events import STOP_FILE, read_events
 from trainer.io import atomic_write_text
+
+OWNER_FILE = ".owner"  # the logged-in user who made the run (absent without login)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOG_TAIL_LINES = 20
@@ -58,23 +61,41 @@ class RunStatus:
 # ----------------------------------------------------------------------------- run folders
 
 
-def new_run_dir(outputs: Path, name: str) -> Path:
-    """outputs/<name>, or <name>-2, -3 ... never an existing folder. Created empty."""
+def new_run_dir(outputs: Path, name: str, owner: str | None = None) -> Path:
+    """outputs/<name>, or <name>-2, -3 ... never an existing folder. Created empty.
+
+    With an `owner` (a logged-in user) the folder is outputs/<name>-<random hex> and records its owner: other
+    users neither list it nor can guess its path (Gradio serves any file under outputs/ to a logged-in user).
+    """
     outputs.mkdir(parents=True, exist_ok=True)
     base = sanitize_name(name or "style-lora", 60).replace(".", "-")
     n = 1
     while True:
-        candidate = outputs / (base if n == 1 else f"{base}-{n}")
+        candidate = outputs / (base if n == 1 and owner is None else f"{base}-{secrets.token_hex(8)}" if owner
+                               else f"{base}-{n}")
         try:
             candidate.mkdir()
+            if owner is not None:
+                atomic_write_text(candidate / OWNER_FILE, owner)
             return candidate
         except FileExistsError:
             n += 1
 
 
+def owner_of(run_dir: Path) -> str | None:
+    path = Path(run_dir) / OWNER_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def visible_to(run_dir: Path, user: str | None) -> bool:
+    """Without login (user None) every run is the local user's; with login only one's own runs are."""
+    return user is None or owner_of(run_dir) == user
+
+
 def fork_dataset(outputs: Path, run_dir: Path) -> Path:
     """A new draft run with a copy of run_dir's dataset (a submitted run's dataset is never changed)."""
-    new_dir = new_run_dir(Path(outputs), re.sub(r"-\d+$", "", Path(run_dir).name))
+    stem = re.sub(r"-(\d+|[0-9a-f]{16})$", "", Path(run_dir).name)
+    new_dir = new_run_dir(Path(outputs), stem, owner=owner_of(run_dir))
     shutil.copytree(Path(run_dir) / "dataset", new_dir / "dataset", dirs_exist_ok=True)
     return new_dir
 

@@ -13,9 +13,12 @@ with a message while a run trains. On a CPU-only machine the two simply share th
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import queue
+import secrets
 import shutil
 import subprocess
 import sys
@@ -24,6 +27,8 @@ import time
 import tomllib
 from pathlib import Path
 from typing import Any
+
+import gradio as gr  # handlers' `request: gr.Request` annotations are resolved against this module
 
 from app import jobs
 from app.uploads import sanitize_name
@@ -172,44 +177,62 @@ def _run_adapter(run_dir: Path) -> Path | None:
     return None
 
 
-def adapter_choices(outputs: Path) -> list[tuple[str, str]]:
-    """(label, value): finished runs (value `run:NAME`) and uploaded files (value `file:NAME`)."""
+PRIVATE_DIR = ".private"  # under outputs/, never served
+
+
+def uploads_dir(outputs: Path, user: str | None = None) -> Path:
+    """Uploaded adapters; with login, each user's in a folder named by a keyed hash nobody else can guess."""
+    folder = preview_dir(outputs) / "adapters"
+    if user is None:
+        return folder
+    key_file = Path(outputs) / PRIVATE_DIR / "user-key"  # app/__main__ puts PRIVATE_DIR in gradio's blocked_paths
+    if not key_file.is_file():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(secrets.token_hex(32))
+    digest = hmac.new(key_file.read_text().encode(), user.encode(), hashlib.sha256).hexdigest()[:32]
+    return folder / f"user-{digest}"
+
+
+def adapter_choices(outputs: Path, user: str | None = None) -> list[tuple[str, str]]:
+    """(label, value): finished runs (value `run:NAME`) and uploaded files (value `file:NAME`) the user may see."""
     choices = []
     for st in jobs.list_runs(outputs):
-        if st.state in ("done", "stopped") and _run_adapter(st.run_dir):
+        if st.state in ("done", "stopped") and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
             choices.append((f"{st.name} (run, {st.state})", f"run:{st.name}"))
-    folder = preview_dir(outputs) / "adapters"
+    folder = uploads_dir(outputs, user)
     if folder.is_dir():
         for p in sorted(folder.glob("*.safetensors")):
             choices.append((f"{p.name} (uploaded)", f"file:{p.name}"))
     return choices
 
 
-def resolve(outputs: Path, value: str) -> tuple[Path, str | None]:
+def resolve(outputs: Path, value: str, user: str | None = None) -> tuple[Path, str | None]:
     """(adapter file, the base it was trained on or None) for a picker value."""
     kind, _, name = (value or "").partition(":")
     if kind == "run":
         run_dir = jobs.run_path(Path(outputs), name)
+        if not jobs.visible_to(run_dir, user):
+            raise PreviewError(f"no run named {name!r}")
         path = _run_adapter(run_dir)
         if path is None:
             raise PreviewError(f"run {name} has no adapter file yet")
         return path, _run_base(run_dir)
     if kind == "file":
-        path = preview_dir(outputs) / "adapters" / sanitize_name(name)
+        path = uploads_dir(outputs, user) / sanitize_name(name)
         if path.name != name or not path.is_file():
             raise PreviewError(f"no uploaded adapter named {name!r}")
         return path, None
     raise PreviewError("pick an adapter")
 
 
-def upload(outputs: Path, src: str | Path, base: str) -> str:
+def upload(outputs: Path, src: str | Path, base: str, user: str | None = None) -> str:
     """Copy an uploaded adapter into OUTPUTS/.preview/adapters and validate it against `base`. Returns its value."""
     src = Path(src)
     name = sanitize_name(src.name)
     if not name.lower().endswith(".safetensors"):
         raise PreviewError(f"{src.name}: only .safetensors adapters are accepted (other formats such as .ckpt/.pt "
                            "may be Python pickles, which can run code when loaded)")
-    folder = preview_dir(outputs) / "adapters"
+    folder = uploads_dir(outputs, user)
     folder.mkdir(parents=True, exist_ok=True)
     dst = folder / name
     shutil.copyfile(src, dst)
@@ -272,16 +295,16 @@ def _image_path(outputs: Path) -> Path:
 
 
 def render(outputs: Path, op: str, adapter: str, strength: float, adapter2: str | None, weight2: float, base: str,
-           settings: dict[str, Any]) -> dict:
+           settings: dict[str, Any], user: str | None = None) -> dict:
     """compare | grid | generate through the worker of `base` (default: the adapter's own base)."""
     outputs = Path(outputs)
-    path, run_base = resolve(outputs, adapter)
+    path, run_base = resolve(outputs, adapter, user)
     files = {adapter: str(path)}
     mix = {adapter: float(strength)}
     if adapter2:
         if adapter2 == adapter:
             raise PreviewError("pick two different adapters to mix")
-        files[adapter2] = str(resolve(outputs, adapter2)[0])
+        files[adapter2] = str(resolve(outputs, adapter2, user)[0])
         mix[adapter2] = float(weight2)
     base = (base or "").strip() or run_base or DEFAULT_BASE
     worker = get_worker(base, outputs)
@@ -309,26 +332,28 @@ def status_line(reply: dict, what: str) -> str:
 
 def build_tab(outputs: Path):
     """The Preview tab; call inside the app's `gr.Tabs()`. Every event has an api_name."""
-    import gradio as gr
-
     outputs = Path(outputs)
     start_gpu_watcher(outputs)
 
-    def picker():
-        return gr.Dropdown(choices=adapter_choices(outputs))
+    def user_of(request) -> str | None:
+        return getattr(request, "username", None) or None
 
-    def picker2():
-        return gr.Dropdown(choices=[("(none)", "")] + adapter_choices(outputs))
+    def picker(request: gr.Request):
+        return gr.Dropdown(choices=adapter_choices(outputs, user_of(request)))
+
+    def picker2(request: gr.Request):
+        return gr.Dropdown(choices=[("(none)", "")] + adapter_choices(outputs, user_of(request)))
 
     with gr.Tab("Preview", id="preview"):
         gr.Markdown("Generate with a trained adapter beside the base model at the same seed. The base stays loaded in "
                     "a preview worker; switching adapters takes milliseconds.")
         with gr.Row():
-            adapter = gr.Dropdown(choices=adapter_choices(outputs), label="Adapter", scale=3, elem_id="preview-adapter")
+            # choices are filled per user on page load (ui.on_load) and by Refresh
+            adapter = gr.Dropdown(choices=[], label="Adapter", scale=3, elem_id="preview-adapter")
             strength = gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="Strength", scale=2)
             refresh = gr.Button("Refresh", scale=0)
         with gr.Row():
-            adapter2 = gr.Dropdown(choices=[("(none)", "")] + adapter_choices(outputs), value="",
+            adapter2 = gr.Dropdown(choices=[("(none)", "")], value="",
                                    label="Mix with a second adapter (optional)", scale=3)
             weight2 = gr.Slider(-1.0, 2.0, value=0.5, step=0.05, label="Second adapter weight", scale=2)
         with gr.Row():
@@ -359,37 +384,38 @@ def build_tab(outputs: Path):
         return dict(prompt=p or "", negative=n or "", steps=int(st), guidance=float(g), seed=int(sd or 0),
                     width=int(w) // 8 * 8, height=int(h) // 8 * 8)
 
-    def on_compare(a, s, a2, w2, b, p, n, st, g, sd, w, h):
+    def on_compare(a, s, a2, w2, b, p, n, st, g, sd, w, h, request: gr.Request):
         try:
-            r = render(outputs, "compare", a, s, a2, w2, b, _settings(p, n, st, g, sd, w, h))
+            r = render(outputs, "compare", a, s, a2, w2, b, _settings(p, n, st, g, sd, w, h), user_of(request))
         except (PreviewError, FileNotFoundError) as err:
             raise gr.Error(str(err), print_exception=False) from None
         return r["image"], r["base_image"], status_line(r, f"seed {int(sd or 0)}")
 
-    def on_grid(a, s, a2, w2, b, p, n, st, g, sd, w, h):
+    def on_grid(a, s, a2, w2, b, p, n, st, g, sd, w, h, request: gr.Request):
         settings = _settings(p, n, st, g, sd, w, h)
         first = settings.pop("seed")
         try:
             r = render(outputs, "grid", a, s, a2, w2, b,
-                       {**settings, "strengths": [0.0, 0.5, 1.0], "seeds": [first, first + 1, first + 2]})
+                       {**settings, "strengths": [0.0, 0.5, 1.0], "seeds": [first, first + 1, first + 2]},
+                       user_of(request))
         except (PreviewError, FileNotFoundError) as err:
             raise gr.Error(str(err), print_exception=False) from None
         return r["image"], status_line(r, f"seeds {first}–{first + 2}")
 
-    def on_pick(value: str):
+    def on_pick(value: str, request: gr.Request):
         try:
-            return resolve(outputs, value)[1] or gr.skip()
+            return resolve(outputs, value, user_of(request))[1] or gr.skip()
         except (PreviewError, FileNotFoundError):
             return gr.skip()
 
-    def on_upload(path: str | None, b: str):
+    def on_upload(path: str | None, b: str, request: gr.Request):
         if not path:
             return gr.skip(), gr.skip(), ""
         try:
-            value = upload(outputs, path, b)
+            value = upload(outputs, path, b, user_of(request))
         except PreviewError as err:
             raise gr.Error(str(err), print_exception=False) from None
-        choices = adapter_choices(outputs)
+        choices = adapter_choices(outputs, user_of(request))
         return (gr.Dropdown(choices=choices, value=value), gr.Dropdown(choices=[("(none)", "")] + choices),
                 f"Loaded **{value.removeprefix('file:')}**: it fits {b}.")
 
@@ -399,4 +425,4 @@ def build_tab(outputs: Path):
                                                                               api_name="preview_adapters2")
     adapter.change(on_pick, adapter, base, api_name="preview_base")
     upload_file.upload(on_upload, [upload_file, base], [adapter, adapter2, status], api_name="preview_upload")
-    return {"adapter": adapter, "status": status}
+    return {"adapter": adapter, "adapter2": adapter2, "status": status}

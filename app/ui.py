@@ -22,11 +22,18 @@ TICK_S = 1.0
 # ----------------------------------------------------------------------------- dataset tab
 
 
-def _run_dir(outputs: Path, name: str | None) -> Path | None:
+def _user(request: gr.Request | None) -> str | None:
+    """The logged-in user (server started with --auth), else None: a local single-user server."""
+    return getattr(request, "username", None) or None
+
+
+def _run_dir(outputs: Path, name: str | None, user: str | None = None) -> Path | None:
+    """The run's folder, or None when there is no such run or it belongs to another logged-in user."""
     try:
-        return jobs.run_path(outputs, name) if name else None
+        run_dir = jobs.run_path(outputs, name) if name else None
     except FileNotFoundError:
         return None
+    return run_dir if run_dir is not None and jobs.visible_to(run_dir, user) else None
 
 
 def _grid(outputs: Path, run_dir: Path | None, min_size: int | None) -> tuple[list[list[str]], str]:
@@ -43,15 +50,16 @@ def _grid(outputs: Path, run_dir: Path | None, min_size: int | None) -> tuple[li
     return table, text
 
 
-def _latest_draft(outputs: Path) -> str:
-    drafts = [st.name for st in jobs.list_runs(outputs) if st.state == "draft"]
+def _latest_draft(outputs: Path, user: str | None = None) -> str:
+    drafts = [st.name for st in jobs.list_runs(outputs) if st.state == "draft" and jobs.visible_to(st.run_dir, user)]
     return drafts[0] if drafts else ""
 
 
-def on_upload(outputs: Path, files: list[str] | None, run: str, name: str, min_size: int | None):
-    run_dir = _run_dir(outputs, run)
+def on_upload(outputs: Path, files: list[str] | None, run: str, name: str, min_size: int | None,
+              user: str | None = None):
+    run_dir = _run_dir(outputs, run, user)
     if run_dir is None or jobs.read_job(run_dir):  # a submitted run's dataset is frozen: start a new one
-        run_dir = jobs.new_run_dir(outputs, name or "style-lora")
+        run_dir = jobs.new_run_dir(outputs, name or "style-lora", owner=user)
     paths = [str(f) for f in (files or [])]
     _, problems = uploads.add_files(run_dir, paths, [Path(p).name for p in paths])
     for problem in problems[:5]:
@@ -62,8 +70,8 @@ def on_upload(outputs: Path, files: list[str] | None, run: str, name: str, min_s
     return run_dir.name, table, text, None
 
 
-def on_save_captions(outputs: Path, run: str, table: Any, min_size: int | None):
-    run_dir = _run_dir(outputs, run)
+def on_save_captions(outputs: Path, run: str, table: Any, min_size: int | None, user: str | None = None):
+    run_dir = _run_dir(outputs, run, user)
     if run_dir is None:
         gr.Warning("No dataset to save captions for")
         return "", [], "No dataset."
@@ -89,9 +97,10 @@ def on_preset(preset: str) -> dict:
         return {}
 
 
-def on_train(outputs: Path, run: str, preset: str, extra: str, values: dict[str, Any]) -> tuple[str, str]:
+def on_train(outputs: Path, run: str, preset: str, extra: str, values: dict[str, Any],
+             user: str | None = None) -> tuple[str, str]:
     """Validate the form, write the run config and queue it. Returns (run name or "", status markdown)."""
-    run_dir = _run_dir(outputs, run)
+    run_dir = _run_dir(outputs, run, user)
     if run_dir is None:
         raise gr.Error("Add images on the Dataset tab first.", print_exception=False)
     rows, error = uploads.dataset_items(run_dir, int(values.get("data.min_image_size") or 64))
@@ -112,9 +121,9 @@ def on_train(outputs: Path, run: str, preset: str, extra: str, values: dict[str,
 # ----------------------------------------------------------------------------- runs tab
 
 
-def _run_choices(outputs: Path) -> list[tuple[str, str]]:
+def _run_choices(outputs: Path, user: str | None = None) -> list[tuple[str, str]]:
     return [(f"{st.name} ({st.state})", st.name)
-            for st in jobs.list_runs(outputs) if st.state != "draft"]
+            for st in jobs.list_runs(outputs) if st.state != "draft" and jobs.visible_to(st.run_dir, user)]
 
 
 def _fmt_s(seconds: float | None) -> str:
@@ -151,9 +160,9 @@ def panel_markdown(st: jobs.RunStatus, queue_pos: int | None = None) -> str:
     return "\n\n".join(lines)
 
 
-def run_panel(outputs: Path, name: str) -> dict[str, Any]:
+def run_panel(outputs: Path, name: str, user: str | None = None) -> dict[str, Any]:
     """Everything the live panel shows for one run, as plain values."""
-    run_dir = _run_dir(outputs, name)
+    run_dir = _run_dir(outputs, name, user)
     if run_dir is None:
         return {"markdown": "Pick a run.", "loss": [], "samples": [], "files": [], "config": "", "log": "",
                 "state": ""}
@@ -176,16 +185,16 @@ def run_panel(outputs: Path, name: str) -> dict[str, Any]:
     }
 
 
-def _fingerprint(outputs: Path, name: str) -> str:
-    run_dir = _run_dir(outputs, name)
+def _fingerprint(outputs: Path, name: str, user: str | None = None) -> str:
+    run_dir = _run_dir(outputs, name, user)
     if run_dir is None:
         return f"none:{name}"
     sizes = [(run_dir / f).stat().st_size if (run_dir / f).exists() else -1 for f in ("events.jsonl", "train.log")]
     return f"{name}:{jobs.status(run_dir).state}:{sizes}:{len(jobs.adapter_files(run_dir))}"
 
 
-def _list_fingerprint(outputs: Path) -> str:
-    return ",".join(f"{label}" for label, _ in _run_choices(outputs))
+def _list_fingerprint(outputs: Path, user: str | None = None) -> str:
+    return ",".join(f"{label}" for label, _ in _run_choices(outputs, user))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -249,7 +258,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
                 train_md = gr.Markdown(elem_id="train-status")
             with gr.Tab("Runs", id="runs"):
                 with gr.Row():
-                    runs = gr.Dropdown(choices=_run_choices(outputs), label="Run", scale=3, elem_id="run-select",
+                    runs = gr.Dropdown(choices=[], label="Run", scale=3, elem_id="run-select",
                                        allow_custom_value=True)
                     refresh_btn = gr.Button("Refresh", scale=0)
                     cancel_btn = gr.Button("Cancel run", variant="stop", scale=0, elem_id="cancel-btn")
@@ -264,21 +273,23 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
                 with gr.Accordion("Config and log", open=False):
                     config_code = gr.Code(label="config.toml", language=None, interactive=False)
                     log_box = gr.Textbox(label="train.log (end)", lines=12, max_lines=12, interactive=False)
-            preview.build_tab(outputs)  # app/preview.py: LoRA vs base, grids, mixing (a separate worker process)
+            preview_tab = preview.build_tab(outputs)  # app/preview.py: LoRA vs base, grids, mixing (own worker)
         timer = gr.Timer(TICK_S)
         shown = gr.State("")  # fingerprint of what the panel shows, to skip redundant refreshes
 
         # -- dataset
         min_size = widgets["data.min_image_size"]
 
-        def upload_files(files: list[str] | None, run: str, name: str, min_image_size: int | None):
-            return on_upload(outputs, files, run, name, min_image_size)
+        # Every handler takes the request: with --auth, a user sees and touches only their own runs.
+        def upload_files(files: list[str] | None, run: str, name: str, min_image_size: int | None,
+                         request: gr.Request):
+            return on_upload(outputs, files, run, name, min_image_size, _user(request))
 
-        def save_grid(run: str, table: Any, min_image_size: int | None):
-            return on_save_captions(outputs, run, table, min_image_size)
+        def save_grid(run: str, table: Any, min_image_size: int | None, request: gr.Request):
+            return on_save_captions(outputs, run, table, min_image_size, _user(request))
 
-        def show_dataset(run: str, min_image_size: int | None):
-            return _grid(outputs, _run_dir(outputs, run), min_image_size)
+        def show_dataset(run: str, min_image_size: int | None, request: gr.Request):
+            return _grid(outputs, _run_dir(outputs, run, _user(request)), min_image_size)
 
         upload.upload(upload_files, [upload, current, run_name, min_size], [current, grid, data_md, upload],
                       api_name="upload")
@@ -296,10 +307,11 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         preset.change(apply_preset, preset,
                       [widgets[k] for k in ordered], api_name="preset")
 
-        def train(run: str, preset_name: str, extra_lines: str, **fields: Any):
+        def train(run: str, preset_name: str, extra_lines: str, request: gr.Request, **fields: Any):
             values = {spec.path: fields[spec.key] for spec in form.ALL_SPECS}
-            name, text = on_train(outputs, run, preset_name, extra_lines, values)
-            return text, gr.Dropdown(choices=_run_choices(outputs), value=name), gr.Tabs(selected="runs")
+            user = _user(request)
+            name, text = on_train(outputs, run, preset_name, extra_lines, values, user)
+            return text, gr.Dropdown(choices=_run_choices(outputs, user), value=name), gr.Tabs(selected="runs")
 
         train_btn.click(train, inputs_kwargs={"run": current, "preset_name": preset, "extra_lines": extra,
                                               **{s.key: widgets[s.path] for s in form.ALL_SPECS}},
@@ -308,29 +320,33 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         # -- runs: live panel
         panel_outputs = [panel_md, loss_plot, samples, files, config_code, log_box]
 
-        def panel(name: str):
-            p = run_panel(outputs, name)
+        def panel(name: str, request: gr.Request):
+            p = run_panel(outputs, name, _user(request))
             import pandas as pd  # gradio depends on pandas; LinePlot wants a DataFrame
 
             # Typed columns even when empty: an untyped (object) frame makes the plot treat loss as categories.
             loss = pd.DataFrame(p["loss"], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
             return p["markdown"], loss, p["samples"], p["files"] or None, p["config"], p["log"]
 
-        def tick(name: str, seen: str):
+        def tick(name: str, seen: str, request: gr.Request):
             jobs.advance(outputs)  # the queue thread does this too; cheap and keeps tests deterministic
-            panel_fp, list_fp = _fingerprint(outputs, name), _list_fingerprint(outputs)
+            user = _user(request)
+            panel_fp, list_fp = _fingerprint(outputs, name, user), _list_fingerprint(outputs, user)
             old_panel, _, old_list = seen.partition("|")
             skip = gr.skip()
-            values = panel(name) if panel_fp != old_panel else [skip] * len(panel_outputs)
-            choices = gr.Dropdown(choices=_run_choices(outputs)) if list_fp != old_list else skip
+            values = panel(name, request) if panel_fp != old_panel else [skip] * len(panel_outputs)
+            choices = gr.Dropdown(choices=_run_choices(outputs, user)) if list_fp != old_list else skip
             return [*values, choices, f"{panel_fp}|{list_fp}"]
 
         runs.change(panel, runs, panel_outputs, api_name="panel")
-        refresh_btn.click(lambda: gr.Dropdown(choices=_run_choices(outputs)), None, runs, api_name="list_runs")
+        def list_runs(request: gr.Request):
+            return gr.Dropdown(choices=_run_choices(outputs, _user(request)))
+
+        refresh_btn.click(list_runs, None, runs, api_name="list_runs")
         timer.tick(tick, [runs, shown], [*panel_outputs, runs, shown], api_name="tick", show_progress="hidden")
 
-        def cancel(name: str) -> str:
-            run_dir = _run_dir(outputs, name)
+        def cancel(name: str, request: gr.Request) -> str:
+            run_dir = _run_dir(outputs, name, _user(request))
             if run_dir is None:
                 raise gr.Error("Pick a run to cancel.", print_exception=False)
             msg = jobs.cancel(run_dir)
@@ -339,8 +355,8 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
 
         cancel_btn.click(cancel, runs, panel_md, api_name="cancel")
 
-        def status_json(name: str) -> dict:
-            run_dir = _run_dir(outputs, name)
+        def status_json(name: str, request: gr.Request) -> dict:
+            run_dir = _run_dir(outputs, name, _user(request))
             if run_dir is None:
                 return {"state": "unknown", "name": name}
             st = jobs.status(run_dir)
@@ -351,12 +367,15 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         status_out = gr.JSON(visible=False)
         gr.Button(visible=False).click(status_json, runs, status_out, api_name="status")
 
-        def on_load():
-            draft = _latest_draft(outputs)
-            choices = _run_choices(outputs)
+        def on_load(request: gr.Request):
+            user = _user(request)
+            draft = _latest_draft(outputs, user)
+            choices = _run_choices(outputs, user)
             active = next((c[1] for c in choices if "(running)" in c[0] or "(stopping)" in c[0]), None)
             pick = active or (choices[0][1] if choices else None)
-            return draft, gr.Dropdown(choices=choices, value=pick)
+            adapters = preview.adapter_choices(outputs, user)
+            return (draft, gr.Dropdown(choices=choices, value=pick), gr.Dropdown(choices=adapters),
+                    gr.Dropdown(choices=[("(none)", "")] + adapters))
 
-        demo.load(on_load, None, [current, runs], api_name="restore")
+        demo.load(on_load, None, [current, runs, preview_tab["adapter"], preview_tab["adapter2"]], api_name="restore")
     return demo

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -527,4 +528,43 @@ def test_two_browser_sessions_training_at_once_queue(tmp_path, monkeypatch, reap
         assert min(ended) <= started[1] + 0.5  # the second started only after the first ended
     finally:
         stop.set()
+        demo.close()
+
+
+def test_logged_in_users_see_only_their_own_runs(tmp_path):
+    import httpx
+    from gradio_client import Client, handle_file
+
+    from app import preview
+    from app.__main__ import served_paths
+    from app.ui import build_app
+
+    outputs = tmp_path / "outputs"
+    demo = build_app(outputs)
+    port = _free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, **served_paths(outputs),
+                        auth=[("alice", "wonderland"), ("bob", "builder")])
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        alice = Client(url, verbose=False, auth=("alice", "wonderland"))
+        bob = Client(url, verbose=False, auth=("bob", "builder"))
+        images = [handle_file(str(p)) for p in sorted(TINY_STYLE.glob("*"))[:4]]
+        run = alice.predict(images, "", "secret-style", 16, api_name="/upload")[0]
+        # The folder name carries 64 random bits: not guessable from the run name.
+        assert re.fullmatch(r"secret-style-[0-9a-f]{16}", run), run
+        assert jobs.owner_of(outputs / run) == "alice"
+        assert alice.predict(run, api_name="/status")["state"] == "draft"
+        assert bob.predict(run, api_name="/status")["state"] == "unknown"
+        assert bob.predict(run, 16, api_name="/dataset")[0]["data"] in ([], [[]], None) or \
+            "No dataset" in bob.predict(run, 16, api_name="/dataset")[1]
+        assert bob.predict(api_name="/restore")[0] == ""  # bob's page does not reattach to alice's draft
+        assert alice.predict(api_name="/restore")[0] == run
+        # Preview uploads live in a per-user folder keyed by a secret that gradio never serves.
+        assert preview.uploads_dir(outputs, "alice") != preview.uploads_dir(outputs, "bob")
+        key = outputs / preview.PRIVATE_DIR / "user-key"
+        assert key.is_file()
+        with httpx.Client(base_url=url) as http:
+            assert http.post("login", data={"username": "bob", "password": "builder"}).status_code == 200
+            assert http.get(f"gradio_api/file={key}").status_code in (403, 404)
+    finally:
         demo.close()
