@@ -88,7 +88,15 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['trainable_params']:,} | {r['step_ms']:.0f} | {r['final_loss']:.4f} | "
                      f"{r['file_kb']:.0f} | {r['wall_s']:.1f} |")
-    lines += ["", "QLoRA needs CUDA + bitsandbytes and is not in this CPU table; see docs/benchmarks.md for GPU runs.", ""]
+    lines += [
+        "",
+        "Notes: AdaLoRA's loss includes its orthogonality regulariser (weight `lora.adalora_orth_reg`), so it is",
+        "not comparable to the others. VeRA trains the fewest parameters but its exported file is the exact plain",
+        "LoRA of rank `lora.vera_rank` (32 here), hence larger; Delta-LoRA exports rank 2r for the same reason.",
+        "LoRA-drop's file holds only the layers its probe kept. QLoRA needs CUDA + bitsandbytes and is not in",
+        "this CPU table (no GPU was available when it was produced).",
+        "",
+    ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}")
