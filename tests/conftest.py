@@ -75,3 +75,18 @@ def train_capturing(monkeypatch):
         return captured["base"], final
 
     return run
+
+
+@pytest.fixture
+def reap():
+    """Runs started by a test; any trainer still alive at the end is killed (no orphans after a failure)."""
+    import signal
+
+    from app import jobs
+
+    started: list[Path] = []
+    yield started
+    for run in started:
+        pid = jobs.read_job(run).get("pid")
+        if pid and jobs.pid_alive(pid, run):
+            os.kill(pid, signal.SIGKILL)

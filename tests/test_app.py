@@ -189,15 +189,6 @@ def test_queue_runs_one_at_a_time_in_order(tmp_path, monkeypatch):
     assert [s.state for s in jobs.list_runs(outputs)] == ["done", "done", "cancelled", "done"]
 
 
-@pytest.fixture
-def reap():
-    """Runs started by a test; any trainer still alive at the end is killed (no orphans after a failure)."""
-    started: list[Path] = []
-    yield started
-    for run in started:
-        pid = jobs.read_job(run).get("pid")
-        if pid and jobs.pid_alive(pid, run):
-            os.kill(pid, signal.SIGKILL)
 
 
 def _real_run(tmp_path, make_cfg, reap, name: str, steps: int) -> Path:

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import ROOT
 
 KW = dict(prompt="zkstyle, a red circle", negative="", steps=2, guidance=3.0, width=64, height=64)
 

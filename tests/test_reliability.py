@@ -280,16 +280,6 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- processes: OOM and kill -9
 
 
-@pytest.fixture
-def reap():
-    started: list[Path] = []
-    yield started
-    for run in started:
-        pid = jobs.read_job(run).get("pid")
-        if pid and jobs.pid_alive(pid, run):
-            os.kill(pid, signal.SIGKILL)
-
-
 def _queue_run(tmp_path, cfg, reap, name: str) -> Path:
     run, problems = jobs.create_run(tmp_path / "outputs", cfg, sorted(TINY_STYLE.glob("*")), name=name)
     assert problems == []
@@ -321,7 +311,7 @@ def _same_weights(a: Path, b: Path) -> None:
         x, y = load_file(a / f"tiny-test{suffix}"), load_file(b / f"{b.name}{suffix}")
         assert x.keys() == y.keys() and x, suffix
         for key in x:
-            assert torch.allclose(x[key], y[key], atol=1e-6, rtol=0), (name, key)
+            assert torch.allclose(x[key], y[key], atol=1e-6, rtol=0), (suffix, key)
 
 
 def _checkpoints_intact(run: Path) -> list[int]:

@@ -25,7 +25,6 @@ to it), so the web server never imports torch and a crash or OOM ends only the w
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
