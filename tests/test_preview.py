@@ -16,7 +16,8 @@ KW = dict(prompt="zkstyle, a red circle", negative="", steps=2, guidance=3.0, wi
 
 
 def make_adapter(tiny_base: Path, folder: Path, stem: str, seed: int, rank: int = 4, alpha: float = 8.0,
-                 text_encoder: bool = True, targets: list[str] | None = None) -> tuple[Path, Path]:
+                 text_encoder: bool = True, targets: list[str] | None = None,
+                 variant: str = "lora") -> tuple[Path, Path]:
     """A LoRA with random non-zero B (alpha != rank, so a lost alpha would show), in both file layouts."""
     from trainer.config import LoraConfig, ModelConfig
     from trainer.export import save_diffusers_lora
@@ -25,7 +26,7 @@ def make_adapter(tiny_base: Path, folder: Path, stem: str, seed: int, rank: int 
 
     base = load_base(ModelConfig(path=str(tiny_base)))
     extra = {"unet_targets": targets} if targets else {}
-    attach_lora(base, LoraConfig(rank=rank, alpha=alpha, train_text_encoder=text_encoder, **extra))
+    attach_lora(base, LoraConfig(rank=rank, alpha=alpha, train_text_encoder=text_encoder, variant=variant, **extra))
     gen = torch.Generator().manual_seed(seed)
     for model in (base.unet, base.text_encoder):
         for name, p in model.named_parameters():
@@ -109,6 +110,28 @@ def test_kohya_and_diffusers_layouts_give_the_same_image(previewer, adapters):
                             generator=gen, output_type="pt").images)
     assert (outs[0] - outs[1]).abs().max() < 1e-4
     assert pv.pipe.unet.peft_config[pv.adapters["B"].peft_name].lora_alpha == 2.0  # alpha kept, not = rank
+
+
+def test_dora_adapter_previews_the_same_in_both_layouts(previewer, adapters, tiny_base):
+    from diffusers import StableDiffusionPipeline
+
+    kohya, diffusers = make_adapter(tiny_base, adapters["folder"], "style-dora", seed=7, variant="dora")
+    pv = previewer
+    assert pv.load_adapter(kohya, "D-kohya")["layout"] == "kohya"
+    pv.load_adapter(diffusers, "D")
+    outs = []
+    for name in ("D-kohya", "D", None):
+        pv.activate({name: 1.0} if name else {})
+        outs.append(pv.pipe(KW["prompt"], num_inference_steps=2, guidance_scale=3.0, width=64, height=64,
+                            generator=torch.Generator().manual_seed(5), output_type="pt").images)
+    assert (outs[0] - outs[1]).abs().max() < 1e-4, "kohya dora_scale and diffusers magnitude disagree"
+    assert (outs[1] - outs[2]).abs().max() > 1e-3, "the DoRA adapter changes the image"
+    # ... and equals diffusers' own loader on a fresh pipeline
+    ref = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
+    ref.load_lora_weights(str(diffusers))
+    ref_out = ref(KW["prompt"], num_inference_steps=2, guidance_scale=3.0, width=64, height=64,
+                  generator=torch.Generator().manual_seed(5), output_type="pt").images
+    assert (ref_out - outs[1]).abs().max() < 1e-4
 
 
 def test_bad_files_are_refused_with_a_message(previewer, adapters, tiny_base, tmp_path):

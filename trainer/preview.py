@@ -76,7 +76,8 @@ def _module_table(pipe) -> dict[str, dict[str, torch.nn.Module]]:
     return table
 
 
-def read_adapter(path: str | Path, pipe, table: dict | None = None) -> tuple[dict[str, tuple[dict, dict]], str]:
+def read_adapter(path: str | Path, pipe, table: dict | None = None,
+                 allow_dora: bool = True) -> tuple[dict[str, tuple[dict, dict]], str]:
     """Read, convert and validate an adapter file for `pipe`'s base.
 
     Returns ({part: (peft-layout tensors keyed `part.module.lora_A.weight`, diffusers adapter metadata of that part)},
@@ -116,10 +117,16 @@ def read_adapter(path: str | Path, pipe, table: dict | None = None) -> tuple[dic
         if base is None:
             raise AdapterError(f"{label}: key {name!r} names no Linear/Conv2d module of the base model "
                                "(a LoRA for another architecture?)")
-        if "lora_magnitude_vector" in group or "lora_magnitude_vector.weight" in group:
-            raise AdapterError(f"{label}: key {name!r}: DoRA adapters cannot be previewed yet")
         down, up = group["lora_A.weight"], group["lora_B.weight"]
         weight = base.weight
+        magnitude = group.get("lora_magnitude_vector", group.get("lora_magnitude_vector.weight"))
+        if magnitude is not None:
+            if not allow_dora:  # the hot-swap slot is a plain LoRA layer
+                raise AdapterError(f"{label}: key {name!r}: DoRA adapters cannot go into the hot-swap slot; "
+                                   "preview them without --hotswap/--compile")
+            if magnitude.numel() != weight.shape[0]:
+                raise AdapterError(f"{label}: key {name!r}: DoRA magnitude has {magnitude.numel()} values, the base "
+                                   f"module has {weight.shape[0]} outputs")
         conv = isinstance(base, torch.nn.Conv2d)
         want_down = (down.shape[0], *weight.shape[1:]) if conv else (down.shape[0], weight.shape[1])
         want_up = (weight.shape[0], down.shape[0], 1, 1) if conv else (weight.shape[0], down.shape[0])
@@ -204,7 +211,7 @@ class Previewer:
         if old is not None and old.stamp == stamp and old.path == str(path):
             self.adapters.move_to_end(name)
             return self._info(old, cached=True, ms=_ms(t0))
-        parts, layout = read_adapter(path, self.pipe, self.table)
+        parts, layout = read_adapter(path, self.pipe, self.table, allow_dora=not self.hotswap)
         if old is not None:
             self._drop(name)
         self._counter += 1
