@@ -90,3 +90,24 @@ def reap():
         pid = jobs.read_job(run).get("pid")
         if pid and jobs.pid_alive(pid, run):
             os.kill(pid, signal.SIGKILL)
+
+
+def wait_for(predicate, timeout: float = 180, every: float = 0.1, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def free_port() -> int:
+    """A TCP port on localhost nobody listens on right now (for in-process Gradio servers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
