@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,19 +16,9 @@ import pytest
 from PIL import Image
 
 from app import form, jobs, uploads
-from tests.conftest import ROOT, TINY_STYLE
+from tests.conftest import ROOT, TINY_STYLE, free_port, wait_for
 
 EXAMPLES = sorted(TINY_STYLE.glob("*"))
-
-
-def wait_for(predicate, timeout: float = 120, every: float = 0.2, what: str = "condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def png_bytes(size=(80, 80), color=(200, 30, 30)) -> bytes:
@@ -189,8 +178,6 @@ def test_queue_runs_one_at_a_time_in_order(tmp_path, monkeypatch):
     assert [s.state for s in jobs.list_runs(outputs)] == ["done", "done", "cancelled", "done"]
 
 
-
-
 def _real_run(tmp_path, make_cfg, reap, name: str, steps: int) -> Path:
     cfg = make_cfg(f"train.steps={steps}")
     run, problems = jobs.create_run(tmp_path / "outputs", cfg, EXAMPLES, name=name)
@@ -238,12 +225,6 @@ def test_cancel_stops_with_partial_adapter(tmp_path, make_cfg, reap):
 
 
 # ----------------------------------------------------------------------------- end to end through gradio_client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
