@@ -242,7 +242,8 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         if text_cache:
             hidden = torch.stack([text_cache[i] for i in indices])
         else:
-            with torch.set_grad_enabled("text_encoder" in trained):
+            # grad only when training the TE, and never inside a no_grad caller (LoRA-drop's importance pass)
+            with torch.set_grad_enabled("text_encoder" in trained and torch.is_grad_enabled()):
                 hidden = encode_text(base.tokenizer, te_fwd, captions, device)
         pred = unet_fwd(noisy, timesteps, hidden.to(weight_dtype)).sample.float()
         target = noise if base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
