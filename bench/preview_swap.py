@@ -32,7 +32,7 @@ def sd15_pipeline(tokenizer_dir: Path):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from trainer.kohya import SD15_TEXT_ENCODER, SD15_UNET
+    from trainer.kohya_names import CLIP_L, SD15_UNET
     from trainer.tiny import write_tiny_tokenizer
 
     write_tiny_tokenizer(tokenizer_dir)
@@ -40,7 +40,7 @@ def sd15_pipeline(tokenizer_dir: Path):
     unet = UNet2DConditionModel(**SD15_UNET)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER, vocab_size=len(tokenizer),
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, vocab_size=len(tokenizer),
                                                 max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,

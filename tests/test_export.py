@@ -265,8 +265,8 @@ def test_metadata_strings_cover_and_hashes(tiny_base, tmp_path):
 
     with pytest.raises(ValueError, match="PNG"):
         kohya_metadata(base, rank=4, alpha=8.0, trigger="", tag_frequency={}, base_kind="sd1", cover_png=b"GIF89a")
-    with pytest.raises(ValueError, match="sdxl"):
-        kohya_metadata(base, rank=4, alpha=8.0, trigger="", tag_frequency={}, base_kind="sdxl", cover_png=None)
+    with pytest.raises(ValueError, match="sd3"):
+        kohya_metadata(base, rank=4, alpha=8.0, trigger="", tag_frequency={}, base_kind="sd3", cover_png=None)
 
 
 def test_failed_write_leaves_no_file_and_keeps_the_old_one(tiny_base, tmp_path, monkeypatch):
@@ -342,8 +342,10 @@ def test_foreign_kohya_file_resolves_against_sd15_names():
     input_axis["lora_unet_time_embedding_linear_1.dora_scale"] = torch.ones(1, 320)
     with pytest.raises(ValueError, match="input axis"):
         kohya_to_diffusers(input_axis)
-    with pytest.raises(ValueError, match="SDXL"):
-        kohya_to_diffusers({f"lora_unet_input_blocks_4_1_proj_in.{k}": v for k, v in lora(4, 8, 8).items()})
+    # SGM block names are SDXL's: resolved against the real SDXL UNet (input block 4 = level 1, layer 0)
+    sdxl, _ = kohya_to_diffusers({f"lora_unet_input_blocks_4_1_proj_in.{k}": v for k, v in lora(4, 8, 8).items()})
+    assert set(sdxl) == {"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight",
+                         "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight"}
 
 
 def test_diffusers_file_without_metadata_warns_and_assumes_alpha_equals_rank(tiny_base, tmp_path):

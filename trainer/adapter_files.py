@@ -14,18 +14,28 @@ import torch
 
 from trainer.kohya import DIFFUSERS_SUFFIXES, _group, _peft_scaling, _read_safetensors, kohya_to_diffusers
 
-PARTS = ("unet", "text_encoder")
+PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 class AdapterError(ValueError):
     """An adapter file cannot be used with this base; the message names the file and the reason."""
 
 
+def pipe_parts(pipe) -> dict[str, torch.nn.Module]:
+    """The LoRA-able models of a pipeline: unet, text_encoder and (SDXL) text_encoder_2."""
+    return {p: getattr(pipe, p) for p in PARTS if getattr(pipe, p, None) is not None}
+
+
+def pipe_kind(pipe) -> str:
+    from trainer.arch import kind_from_configs
+
+    return kind_from_configs(pipe.unet.config, True, getattr(pipe, "text_encoder_2", None) is not None)
+
+
 def _module_table(pipe) -> dict[str, dict[str, torch.nn.Module]]:
     """{part: {module path as a diffusers file names it (no `text_model.`): Linear/Conv2d}} of the clean base."""
     table: dict[str, dict[str, torch.nn.Module]] = {}
-    for part in PARTS:
-        model = getattr(pipe, part)
+    for part, model in pipe_parts(pipe).items():
         table[part] = {name.removeprefix("text_model."): m for name, m in model.named_modules()
                        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     return table
@@ -54,7 +64,7 @@ def read_adapter(path: str | Path, pipe, table: dict | None = None,
         if kohya:
             if not all(k.startswith("lora_") for k in state):
                 raise ValueError(f"{next(k for k in state if not k.startswith('lora_'))}: mixes kohya and other keys")
-            tensors, metadata = kohya_to_diffusers(state, {p: getattr(pipe, p) for p in PARTS})
+            tensors, metadata = kohya_to_diffusers(state, pipe_parts(pipe), pipe_kind(pipe))
         else:
             raw = header.get(LORA_ADAPTER_METADATA_KEY)
             metadata = json.loads(raw) if raw else {}
@@ -66,8 +76,9 @@ def read_adapter(path: str | Path, pipe, table: dict | None = None,
     for name, group in sorted(groups.items()):
         part, _, module = name.partition(".")
         module = module.removeprefix("text_model.")
-        if part not in PARTS:
-            raise AdapterError(f"{label}: key {name!r}: only 'unet' and 'text_encoder' LoRA keys are supported")
+        if part not in table:
+            raise AdapterError(f"{label}: key {name!r}: this base has LoRA-able parts {', '.join(table)} only "
+                               "(a LoRA for another architecture?)")
         base = table[part].get(module)
         if base is None:
             raise AdapterError(f"{label}: key {name!r} names no Linear/Conv2d module of the base model "
@@ -88,7 +99,7 @@ def read_adapter(path: str | Path, pipe, table: dict | None = None,
         if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
             raise AdapterError(f"{label}: key {name!r}: shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not "
                                f"fit the base module's weight {tuple(weight.shape)} (a LoRA for another base model?)")
-    for part in PARTS:
+    for part in table:
         keys = {k: v for k, v in tensors.items() if k.startswith(part + ".")}
         if keys:
             parts[part] = (keys, {k: v for k, v in metadata.items() if k.startswith(part + ".")})

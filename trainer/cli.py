@@ -2,8 +2,8 @@
 
   python -m trainer train CONFIG.toml [--set section.key=value ...] [--run-dir DIR]
   python -m trainer resume RUN_DIR [--set ...]
-  python -m trainer convert IN.safetensors OUT.safetensors --to kohya|diffusers
-  python -m trainer build-tiny DIR
+  python -m trainer convert IN.safetensors OUT.safetensors --to kohya|diffusers [--base sd1|sd2|sdxl]
+  python -m trainer build-tiny DIR [--kind sd1|sd2|sdxl]
   python -m trainer preview --base MODEL [--hotswap] [--compile]   (JSON-lines preview worker on stdin/stdout)
   accelerate launch --num_processes N -m trainer train CONFIG.toml     (data-parallel on N devices)
 """
@@ -62,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     p_conv.add_argument("src")
     p_conv.add_argument("dst")
     p_conv.add_argument("--to", required=True, choices=["kohya", "diffusers"])
-    p_tiny = sub.add_parser("build-tiny", help="write the tiny random SD1.5-layout test model to a folder")
+    p_conv.add_argument("--base", choices=["sd1", "sd2", "sdxl"],
+                        help="base family, only needed when the file's metadata and keys do not tell")
+    p_tiny = sub.add_parser("build-tiny", help="write a tiny random test model (SD1.5, SD2 v-pred or SDXL layout)")
     p_tiny.add_argument("folder")
+    p_tiny.add_argument("--kind", choices=["sd1", "sd2", "sdxl"], default="sd1")
     p_prev = sub.add_parser("preview", help="preview worker: one base in memory, adapters switched by JSON-lines "
                             "requests on stdin (see trainer/preview.py)")
     p_prev.add_argument("--base", required=True, help="base model: diffusers folder, hub id, .safetensors, builtin:...")
@@ -82,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build-tiny":
             from trainer.tiny import build_tiny_sd15
+            from trainer.tiny_xl import build_tiny_sd2, build_tiny_sdxl
 
-            print(build_tiny_sd15(args.folder))
+            build = {"sd1": build_tiny_sd15, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl}[args.kind]
+            print(build(args.folder))
             return 0
         if args.command == "preview":
-            from trainer.preview import serve
+            from trainer.preview_worker import serve
 
             return serve(args.base, single_file_config=args.single_file_config, device=args.device, dtype=args.dtype,
                          max_adapters=args.max_adapters, hotswap=args.hotswap, compile=args.compile,
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             from trainer.kohya import convert_file
 
-            print(convert_file(Path(args.src), Path(args.dst), args.to))
+            print(convert_file(Path(args.src), Path(args.dst), args.to, base=args.base))
             return 0
         if args.command == "resume":
             run_dir = Path(args.run_dir)
@@ -110,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if _is_main_process():
             print(f"adapter: {final.with_name(final.name.replace('.diffusers', ''))}  (A1111/Forge/ComfyUI)")
             print(f"adapter: {final}  (diffusers)")
+            from trainer.report import run_report
+
+            run_report(cfg, run_dir)  # never raises: a failed report is a report_failed event, the run stands
         return 0
     except (ConfigError, DatasetError, ModelError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -264,6 +264,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK, L, 1, P, YCbCr, ...
 
 
+def crop_box(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(left, top, resized w, resized h): an image of `size` (w, h) is resized to cover `bucket`, then center-cropped."""
+    (w, h), (bw, bh) = size, bucket
+    scale = max(bw / w, bh / h)
+    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    return (nw - bw) // 2, (nh - bh) // 2, nw, nh
+
+
 def load_image(path: Path, bucket: tuple[int, int], flip: bool = False) -> "torch.Tensor":
     """Float32 [3, h, w] in [-1, 1]: resized to cover the bucket, center-cropped to it exactly."""
     import numpy as np
@@ -272,12 +280,9 @@ def load_image(path: Path, bucket: tuple[int, int], flip: bool = False) -> "torc
     bw, bh = bucket
     with Image.open(path) as img:
         img = _to_rgb(ImageOps.exif_transpose(img))
-    w, h = img.size
-    scale = max(bw / w, bh / h)
-    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    if (nw, nh) != (w, h):
+    left, top, nw, nh = crop_box(img.size, bucket)
+    if (nw, nh) != img.size:
         img = img.resize((nw, nh), Image.Resampling.LANCZOS)
-    left, top = (nw - bw) // 2, (nh - bh) // 2
     img = img.crop((left, top, left + bw, top + bh))
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

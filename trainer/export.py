@@ -98,15 +98,19 @@ def save_diffusers_lora(path: Path, modules: dict[str, torch.nn.Module], metadat
     return Path(path)
 
 
-def training_metadata(cfg, base_kind: str, step: int, num_images: int, started_at: float) -> dict[str, str]:
+def training_metadata(cfg, base_kind: str, step: int, num_images: int, started_at: float,
+                      prediction_type: str = "epsilon") -> dict[str, str]:
     """The training facts every adapter file carries (kohya-style ss_* names; all values strings)."""
     import time
 
+    from trainer.arch import KOHYA_VERSION
     from trainer.config import to_toml
 
     return {
         "ss_output_name": cfg.output.name,
-        "ss_base_model_version": {"sd1": "sd_v1"}.get(base_kind, base_kind),
+        "ss_base_model_version": KOHYA_VERSION[base_kind],
+        "ss_v2": str(base_kind == "sd2"),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_network_dim": str(cfg.lora.rank),
         "ss_network_alpha": str(cfg.lora.alpha),
         "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
@@ -132,7 +136,7 @@ def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta:
     kohya_meta = kohya_metadata(meta, rank=cfg.lora.rank, alpha=cfg.lora.alpha, trigger=cfg.data.trigger,
                                 tag_frequency=tag_frequency, base_kind=base_kind, cover_png=cover_png,
                                 rslora=cfg.lora.rslora)
-    kohya = save_kohya_lora(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, delta=delta)
+    kohya = save_kohya_lora(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, delta=delta, kind=base_kind)
     diffusers = save_diffusers_lora(Path(run_dir) / f"{stem}.diffusers.safetensors", modules, meta, delta=delta,
                                     convert=convert)
     return kohya, diffusers

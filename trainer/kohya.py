@@ -1,7 +1,8 @@
 """kohya/A1111 LoRA files (what A1111/Forge and ComfyUI load) and conversion to/from the diffusers/PEFT layout.
 
-Keys: `lora_unet_<module path, . -> _>` and `lora_te_text_model_<path>` (SD1.x CLIP), each with `.lora_down.weight`
-[r, in(, kh, kw)], `.lora_up.weight` [out, r(, 1, 1)] and `.alpha` (0-dim fp32). Readers apply
+Keys (trainer.kohya_names, per base family): `lora_unet_<module>` and `lora_te_text_model_<path>` (SD1.x/SD2.x),
+SGM UNet names and `lora_te1_`/`lora_te2_` (SDXL), each with `.lora_down.weight` [r, in(, kh, kw)],
+`.lora_up.weight` [out, r(, 1, 1)] and `.alpha` (0-dim fp32). Readers apply
 up·down·(alpha/r)·multiplier, so we write alpha = (peft's scaling)·r: whatever made the scaling (lora_alpha != r,
 rsLoRA, rank/alpha patterns) the strength is exact. diffusers' convert_state_dict_to_kohya writes alpha = rank, which
 silently rescales the update whenever lora_alpha != r, so it is not used here.
@@ -29,36 +30,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from trainer.arch import KOHYA_VERSION, modelspec_architecture
 from trainer.io import atomic_path
+from trainer.kohya_names import (PREFIXES, diffusers_file_kind, kohya_file_kind, kohya_name, module_names, peft_key,
+                                 reference_names, unet_layout)
 
 ADAPTER = "default"
-PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # peft saves the DoRA magnitude as `.lora_magnitude_vector` for diffusers models and `.lora_magnitude_vector.weight`
 # for transformers ones; diffusers' text-encoder loader (transformers 5) only loads the latter spelling.
 DIFFUSERS_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight")
 KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
-
-# SD1.5's UNet/CLIP-L layout: module names depend on the block layout, not the sizes, so building these on the meta
-# device (no memory, ~0.2 s) gives every real SD1.5 module name for resolving kohya keys without a base model.
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
-SD15_TEXT_ENCODER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-
-
-def _kohya_name(part: str, module: str) -> str:
-    """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
-    if part not in PREFIX:
-        raise ValueError(f"{part!r}: only the SD1.x 'unet' and 'text_encoder' can be written as kohya keys")
-    if part == "text_encoder":
-        # transformers 5's CLIPTextModel dropped the `text_model.` level; A1111 and ComfyUI expect it in the key.
-        module = "text_model." + module.removeprefix("text_model.")
-    return PREFIX[part] + module.replace(".", "_")
-
 
 def _check_layer(where: str, layer) -> None:
     """Raise for a peft LoRA layer a kohya file cannot express (VeRA/AdaLoRA layers are factored elsewhere)."""
@@ -82,8 +64,9 @@ def _check_layer(where: str, layer) -> None:
             raise ValueError(f"{where}: grouped-conv LoRA cannot be written as a kohya LoRA")
 
 
-def kohya_state_dict(modules: dict[str, torch.nn.Module], delta=None) -> dict[str, torch.Tensor]:
-    """The kohya tensors of the 'default' adapter of each module ({"unet": ..., "text_encoder": ...}).
+def kohya_state_dict(modules: dict[str, torch.nn.Module], delta=None, kind: str = "sd1") -> dict[str, torch.Tensor]:
+    """The kohya tensors of the 'default' adapter of each module ({"unet": ..., "text_encoder"(_2): ...}) of a
+    `kind` base (sd1 | sd2 | sdxl: key names differ, see trainer.kohya_names).
 
     Any variant: trainer.variants.lora_factors gives the exact plain-LoRA factors (VeRA, AdaLoRA, Delta-LoRA
     via `delta`), so A1111/ComfyUI load every trained adapter at its trained strength.
@@ -94,10 +77,11 @@ def kohya_state_dict(modules: dict[str, torch.nn.Module], delta=None) -> dict[st
     for part, module in modules.items():
         for name, layer in lora_layers(module).items():
             _check_layer(f"{part}.{name}", layer)
+    layout = unet_layout(modules["unet"].config) if kind == "sdxl" and "unet" in modules else None
     tensors: dict[str, torch.Tensor] = {}
     for full_name, f in lora_factors(modules, delta).items():
         part, name = full_name.split(".", 1)
-        key = _kohya_name(part, name.removeprefix("base_model.model."))
+        key = kohya_name(part, name.removeprefix("base_model.model."), kind, layout)
         down, up = f.down.float().cpu().contiguous(), f.up.float().cpu().contiguous()
         tensors[f"{key}.lora_down.weight"] = down
         tensors[f"{key}.lora_up.weight"] = up
@@ -113,22 +97,25 @@ def kohya_metadata(
     cover_png: bytes | None, rslora: bool = False,
 ) -> dict[str, str]:
     """kohya ss_* and SAI modelspec.* header entries on top of `base` (e.g. export.training_metadata). All strings."""
-    if base_kind != "sd1":
-        raise ValueError(f"kohya export supports SD1.x bases only, not {base_kind!r}")
+    if base_kind not in KOHYA_VERSION:
+        raise ValueError(f"unknown base kind {base_kind!r} (expected one of {', '.join(KOHYA_VERSION)})")
     meta = {k: str(v) for k, v in base.items()}
-    resolution = re.findall(r"\d+", meta.get("ss_resolution", "")) or ["512", "512"]
+    v_prediction = meta.get("ss_v_parameterization") == "True"
+    default = "1024" if base_kind == "sdxl" else "768" if base_kind == "sd2" and v_prediction else "512"
+    resolution = re.findall(r"\d+", meta.get("ss_resolution", "")) or [default, default]
     started = float(meta.get("ss_training_started_at", 0) or 0) or datetime.datetime.now().timestamp()
     meta.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         # ss_network_alpha uses kohya's alpha/r convention; rsLoRA's alpha/sqrt(r) is the same scale at alpha·sqrt(r).
         "ss_network_alpha": str(alpha * math.sqrt(rank) if rslora else alpha),
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
+        "ss_base_model_version": KOHYA_VERSION[base_kind],
+        "ss_v2": str(base_kind == "sd2"),
+        "ss_v_parameterization": str(v_prediction),
         "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
-        # modelspec values as kohya's library/sai_model_spec.py writes them for an SD1 LoRA.
+        # modelspec values as kohya's library/sai_model_spec.py writes them for a LoRA.
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.architecture": modelspec_architecture(base_kind, v_prediction),
         "modelspec.implementation": "diffusers",
         "modelspec.title": meta.get("modelspec.title") or meta.get("ss_output_name") or "LoRA",
         "modelspec.resolution": f"{resolution[0]}x{resolution[-1]}",
@@ -176,47 +163,10 @@ def _write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     return Path(path)
 
 
-def save_kohya_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str], delta=None) -> Path:
+def save_kohya_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str], delta=None,
+                    kind: str = "sd1") -> Path:
     """Write `path` atomically in the kohya layout, with sshs_model_hash / sshs_legacy_hash as kohya computes them."""
-    return _write_kohya(path, kohya_state_dict(modules, delta), dict(metadata))
-
-
-def _module_names(modules: dict[str, torch.nn.Module]) -> dict[str, tuple[str, str]]:
-    """{kohya name: (part, module path)} for every Linear/Conv2d (peft-wrapped or not) of the given models."""
-    from peft.tuners.lora import LoraLayer
-
-    table: dict[str, tuple[str, str]] = {}
-    for part, model in modules.items():
-        if part not in PREFIX or model is None:
-            continue
-        for name, module in model.named_modules():
-            parts = name.split(".")
-            if not name or "base_layer" in parts or any(p.startswith("lora_") for p in parts):
-                continue  # peft's own submodules
-            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, LoraLayer)):
-                continue
-            if part == "text_encoder":
-                name = name.removeprefix("text_model.")
-            key = _kohya_name(part, name)
-            if table.setdefault(key, (part, name)) != (part, name):
-                raise ValueError(f"{key}: ambiguous, names both {table[key][1]!r} and {name!r}")
-    return table
-
-
-@functools.cache
-def _sd15_names() -> dict[str, tuple[str, str]]:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))
-    return _module_names({"unet": unet, "text_encoder": text_encoder})
-
-
-def _peft_key(part: str, module: str) -> str:
-    # The canonical diffusers file spelling keeps CLIP's `text_model.` level (as trainer.export writes it).
-    return f"{part}.text_model.{module}" if part == "text_encoder" else f"{part}.{module}"
+    return _write_kohya(path, kohya_state_dict(modules, delta, kind), dict(metadata))
 
 
 def _lora_config(modules: dict[str, tuple[int, float, bool]]) -> dict:
@@ -254,20 +204,24 @@ def _group(state: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> dict[st
 
 
 def kohya_to_diffusers(
-    state: dict[str, torch.Tensor], model_modules: dict[str, torch.nn.Module] | None = None
+    state: dict[str, torch.Tensor], model_modules: dict[str, torch.nn.Module] | None = None, kind: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """kohya tensors -> (peft-layout tensors, diffusers `lora_adapter_metadata` with per-module rank/alpha).
 
-    kohya names are resolved against the modules of `model_modules` when given, else against SD1.5's module names:
-    `_` is both separator and part of names (to_q, transformer_blocks), so only real names disambiguate."""
-    table = _module_names(model_modules) if model_modules else _sd15_names()
+    kohya names are resolved against the modules of `model_modules` (a `kind` base) when given, else against the
+    real SD1.5/SD2 or SDXL module names (told from the keys): `_` is both separator and part of names (to_q,
+    transformer_blocks), so only real names disambiguate."""
+    file_kind = kohya_file_kind(state)
+    if kind is not None and (file_kind == "sdxl") != (kind == "sdxl"):
+        raise ValueError(f"a LoRA for {'SDXL' if file_kind == 'sdxl' else 'SD1.x/SD2.x'} cannot be used with this "
+                         f"{'SDXL' if kind == 'sdxl' else 'SD1.x/SD2.x'} base")
+    table = module_names(model_modules, kind or file_kind) if model_modules else reference_names(file_kind)
     tensors: dict[str, torch.Tensor] = {}
     per_part: dict[str, dict[str, tuple[int, float, bool]]] = {}
     unknown = []
     for name, group in sorted(_group(state, KOHYA_SUFFIXES).items()):
-        if name.startswith(("lora_te2_", "lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks")):
-            raise ValueError(f"{name}: SDXL/SGM-style key; only SD1.x kohya LoRAs with diffusers UNet names are supported")
-        lookup = "lora_te_" + name.removeprefix("lora_te1_") if name.startswith("lora_te1_") else name
+        # SD1/SD2 files sometimes spell the one text encoder lora_te1_
+        lookup = "lora_te_" + name.removeprefix("lora_te1_") if file_kind != "sdxl" and name.startswith("lora_te1_") else name
         if lookup not in table:
             unknown.append(name)
             continue
@@ -275,7 +229,7 @@ def kohya_to_diffusers(
         down, up = group["lora_down.weight"].float(), group["lora_up.weight"].float()
         rank = down.shape[0]
         alpha = float(group["alpha"]) if "alpha" in group else float(rank)  # no alpha means scale 1.0 in A1111/ComfyUI
-        key = _peft_key(part, module)
+        key = peft_key(part, module)
         tensors[f"{key}.lora_A.weight"] = down.contiguous()
         tensors[f"{key}.lora_B.weight"] = up.contiguous()
         if "dora_scale" in group:
@@ -284,7 +238,7 @@ def kohya_to_diffusers(
                 raise ValueError(f"{name}: dora_scale {tuple(scale.shape)} is decomposed on the input axis; peft's DoRA "
                                  "normalises output rows, so it cannot be converted exactly")
             # peft's magnitude is [out] for Linear and [1, out, 1, 1] for Conv2d; key spelled as peft saves it
-            suffix = "lora_magnitude_vector.weight" if part == "text_encoder" else "lora_magnitude_vector"
+            suffix = "lora_magnitude_vector.weight" if part.startswith("text_encoder") else "lora_magnitude_vector"
             tensors[f"{key}.{suffix}"] = scale.reshape(out) if up.dim() == 2 else scale.reshape(1, out, 1, 1)
         per_part.setdefault(part, {})[module] = (rank, alpha, "dora_scale" in group)
     if unknown:
@@ -300,7 +254,7 @@ def _peft_scaling(config: dict, part: str, module: str, rank: int) -> float:
     """The scaling peft gives `module` under `config` (a LoraConfig dict), as LoraLayer.update_layer computes it."""
     from peft.utils.other import get_pattern_key
 
-    names = [module, f"text_model.{module}"] if part == "text_encoder" else [module]
+    names = [module, f"text_model.{module}"] if part.startswith("text_encoder") else [module]
 
     def pick(pattern: dict | None, default):
         for name in names:
@@ -315,19 +269,21 @@ def _peft_scaling(config: dict, part: str, module: str, rank: int) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict) -> dict[str, torch.Tensor]:
-    """peft-layout tensors (`unet.<module>.lora_A.weight`, ...) + diffusers adapter metadata -> kohya tensors."""
+def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict, kind: str = "sd1") -> dict[str, torch.Tensor]:
+    """peft-layout tensors (`unet.<module>.lora_A.weight`, ...) + diffusers adapter metadata -> kohya tensors of a
+    `kind` base (SDXL UNet modules get SGM names for the real SDXL layout)."""
+    prefixes = PREFIXES[kind]
     configs = {
         part: {k.removeprefix(f"{part}."): v for k, v in (adapter_metadata or {}).items() if k.startswith(f"{part}.")}
-        for part in PREFIX
+        for part in prefixes
     }
     tensors: dict[str, torch.Tensor] = {}
     guessed = set()
     for name, group in sorted(_group(state, DIFFUSERS_SUFFIXES).items()):
         part, _, module = name.partition(".")
-        if part not in PREFIX:
-            raise ValueError(f"{name}: only 'unet' and 'text_encoder' LoRA keys can be written as kohya keys")
-        module = module.removeprefix("text_model.") if part == "text_encoder" else module
+        if part not in prefixes:
+            raise ValueError(f"{name}: a {kind} LoRA has kohya keys only for {', '.join(prefixes)}")
+        module = module.removeprefix("text_model.") if part.startswith("text_encoder") else module
         down, up = group["lora_A.weight"].float(), group["lora_B.weight"].float()
         rank = down.shape[0]
         if "r" in configs[part]:
@@ -335,7 +291,7 @@ def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict) -
         else:
             scaling = 1.0
             guessed.add(part)
-        key = _kohya_name(part, module)
+        key = kohya_name(part, module, kind)
         tensors[f"{key}.lora_down.weight"] = down.contiguous()
         tensors[f"{key}.lora_up.weight"] = up.contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(scaling * rank, dtype=torch.float32)
@@ -366,9 +322,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise ValueError(f"{path}: not a readable .safetensors file ({err})") from None
 
 
-def convert_file(src: Path, dst: Path, to: str) -> Path:
+def convert_file(src: Path, dst: Path, to: str, base: str | None = None) -> Path:
     """Convert a LoRA file between the kohya and diffusers/PEFT layouts (to = "kohya" | "diffusers"), keeping its
-    metadata and the exact strength of every module. Writes `dst` atomically."""
+    metadata and the exact strength of every module. Writes `dst` atomically. `base` (sd1 | sd2 | sdxl): the
+    family, when the file's metadata and keys do not tell."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
     src, dst = Path(src), Path(dst)
@@ -383,7 +340,9 @@ def convert_file(src: Path, dst: Path, to: str) -> Path:
     if to == "diffusers":
         if not is_kohya:
             raise ValueError(f"{src}: not a kohya LoRA (no lora_unet_/lora_te_ keys)")
-        tensors, adapter_metadata = kohya_to_diffusers(state)
+        if base and (base == "sdxl") != (kohya_file_kind(state) == "sdxl"):
+            raise ValueError(f"{src}: its keys are not those of a {base} LoRA")
+        tensors, adapter_metadata = kohya_to_diffusers(state, kind=base)
         header.update(format="pt")
         header[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata, indent=2, sort_keys=True, default=str)
         with atomic_path(dst) as tmp:
@@ -392,4 +351,5 @@ def convert_file(src: Path, dst: Path, to: str) -> Path:
     if is_kohya:
         raise ValueError(f"{src}: already a kohya LoRA")
     raw = header.pop(LORA_ADAPTER_METADATA_KEY, None)
-    return _write_kohya(dst, diffusers_to_kohya(state, json.loads(raw) if raw else {}), header)
+    kind = base or diffusers_file_kind(state, header)
+    return _write_kohya(dst, diffusers_to_kohya(state, json.loads(raw) if raw else {}, kind), header)

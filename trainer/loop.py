@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from trainer import data as ds
 from trainer.checkpoint import (check_disk_space, list_checkpoints, load_checkpoint, prune_checkpoints,
                                 save_checkpoint)
+from trainer.conditioning import encode_text, sdxl_time_ids, unet_kwargs
 from trainer.config import Config, save_config
 from trainer.events import STOP_FILE, EventLog
 from trainer.export import save_adapters, training_metadata
@@ -36,12 +37,6 @@ def resolve_precision(choice: str) -> str:
     if choice != "auto":
         return choice
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(device))[0]
 
 
 @torch.no_grad()
@@ -104,7 +99,8 @@ def _train_variant(cfg: Config, run_dir: Path) -> Path:
         atomic_write_text(selection, json.dumps({"importance": importance, "kept": kept}, indent=1))
     kept = json.loads(selection.read_text())["kept"]
     unet_kept = [k.removeprefix("unet.") for k in kept if k.startswith("unet.")]
-    te_kept = [k.removeprefix("text_encoder.") for k in kept if k.startswith("text_encoder.")]
+    # SDXL: one target list serves both text encoders, so it keeps what either of them needs
+    te_kept = sorted({k.split(".", 1)[1] for k in kept if k.startswith(("text_encoder.", "text_encoder_2."))})
     lora = cfg.lora.model_copy(update={"unet_targets": unet_kept, "text_encoder_targets": te_kept,
                                        "train_unet": bool(unet_kept), "train_text_encoder": bool(te_kept)})
     return _train(cfg, Path(run_dir), lora=lora)
@@ -151,18 +147,20 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     base = load_base(cfg.model, quantize_bits=lora.qlora_bits if lora.variant == "qlora" else None)
     set_seed(tc.seed)  # LoRA init draws from the global generators: same seed, same starting adapter
     tuners = attach_lora(base, lora, total_steps)
-    unet, text_encoder, vae = base.unet, base.text_encoder, base.vae
+    unet, vae, text_encoders = base.unet, base.vae, base.text_encoders()
     unet.to(device) if lora.variant == "qlora" else unet.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
+    for text_encoder in text_encoders.values():
+        text_encoder.to(device, dtype=weight_dtype)
     vae.to(device, dtype=torch.float32)  # fp32 VAE: SD's VAE overflows in fp16, and it runs once per image when cached
-    trained = {name: m for name, m in (("unet", unet), ("text_encoder", text_encoder)) if lora_parameters(m)}
+    trained = {name: m for name, m in (("unet", unet), *text_encoders.items()) if lora_parameters(m)}
+    trains_text = any(name.startswith("text_encoder") for name in trained)
     cast_training_params(list(trained.values()), dtype=torch.float32)
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if "text_encoder" in trained:
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for name in trained.keys() - {"unet"}:
+            trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    lrs = {"unet": tc.lr_unet, "text_encoder": tc.lr_text_encoder}
+    lrs = {"unet": tc.lr_unet, "text_encoder": tc.lr_text_encoder, "text_encoder_2": tc.lr_text_encoder}
     adamw = dict(betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay)
     optimizer = make_optimizer(lora, [(m, lrs[n]) for n, m in trained.items()], adamw, fused=device.type == "cuda")
     delta = DeltaLora(trained, lora.deltalora_lambda, lora.deltalora_start) if lora.variant == "deltalora" else None
@@ -173,7 +171,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     wrapped = dict(zip(trained, prepared[:-1]))
     optimizer = prepared[-1]
     unet_fwd = wrapped.get("unet", unet)
-    te_fwd = wrapped.get("text_encoder", text_encoder)
+    te_fwd = {name: wrapped.get(name, m) for name, m in text_encoders.items()}
 
     # --- resume
     start_step = 0
@@ -195,12 +193,13 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         for i, item in enumerate(tqdm(items, desc="caching latents", disable=not main)):
             for flip in ((False, True) if cfg.data.flip else (False,)):
                 latent_cache[i, flip] = encode_latent_dist(vae, ds.load_image(item.path, item.bucket, flip))
-    text_cache: dict[int, torch.Tensor] = {}
-    if tc.cache_text_embeddings and "text_encoder" not in trained and ds.caption_is_static(cfg.data):
+    text_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    if tc.cache_text_embeddings and not trains_text and ds.caption_is_static(cfg.data):
         with torch.no_grad():
             for i, item in enumerate(items):
                 caption = ds.build_caption(item.caption, cfg.data, random.Random(0))
-                text_cache[i] = encode_text(base.tokenizer, text_encoder, [caption], device)[0]
+                hidden, pooled = encode_text(base, text_encoders, [caption], device)
+                text_cache[i] = hidden[0], None if pooled is None else pooled[0]
 
     epoch_cache: dict[int, list[list[int]]] = {}
 
@@ -240,12 +239,16 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
         if text_cache:
-            hidden = torch.stack([text_cache[i] for i in indices])
+            hidden = torch.stack([text_cache[i][0] for i in indices])
+            pooled = None if base.kind != "sdxl" else torch.stack([text_cache[i][1] for i in indices])
         else:
             # grad only when training the TE, and never inside a no_grad caller (LoRA-drop's importance pass)
-            with torch.set_grad_enabled("text_encoder" in trained and torch.is_grad_enabled()):
-                hidden = encode_text(base.tokenizer, te_fwd, captions, device)
-        pred = unet_fwd(noisy, timesteps, hidden.to(weight_dtype)).sample.float()
+            with torch.set_grad_enabled(trains_text and torch.is_grad_enabled()):
+                hidden, pooled = encode_text(base, te_fwd, captions, device)
+        time_ids = None
+        if base.kind == "sdxl":
+            time_ids = torch.stack([sdxl_time_ids(items[i].size, items[i].bucket, f) for i, f in zip(indices, flips)])
+        pred = unet_fwd(noisy, timesteps, hidden.to(weight_dtype), **unet_kwargs(pooled, time_ids, weight_dtype)).sample.float()
         target = noise if base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
         if tc.min_snr_gamma:
@@ -260,7 +263,8 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     def save_adapter(step: int, final: bool) -> list[Path]:
         samples = sorted((run_dir / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)
         paths = save_adapters(run_dir, cfg, {n: accelerator.unwrap_model(m) for n, m in wrapped.items()},
-                              training_metadata(cfg, base.kind, step, len(items), started_at), base_kind=base.kind,
+                              training_metadata(cfg, base.kind, step, len(items), started_at, base.prediction_type),
+                              base_kind=base.kind,
                               tag_frequency=ds.tag_frequency(items), cover_png=samples[-1].read_bytes() if samples else None,
                               step=None if final else step, delta=delta, convert=needs_conversion(lora))
         events.emit("adapter", step=step, paths=[str(p) for p in paths], final=final)
@@ -268,7 +272,8 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
 
     def sample(step: int) -> None:
         if cfg.sample.prompts and main:
-            paths = render_samples(base, accelerator.unwrap_model(unet_fwd), accelerator.unwrap_model(te_fwd),
+            paths = render_samples(base, accelerator.unwrap_model(unet_fwd),
+                                   {n: accelerator.unwrap_model(m) for n, m in te_fwd.items()},
                                    cfg, step, run_dir / "samples", weight_dtype)
             events.emit("samples", step=step, paths=[str(p) for p in paths])
 
@@ -284,7 +289,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
 
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
     events.emit("start", total_steps=total_steps, start_step=start_step, images=len(items), trainable_params=trainable,
-                variant=lora.variant,
+                variant=lora.variant, base_kind=base.kind, prediction_type=base.prediction_type,
                 problems=len(problems), device=str(device), precision=accelerator.mixed_precision,
                 processes=accelerator.num_processes, run_dir=str(run_dir),
                 disk_needed_bytes=disk.get("needed_bytes"), disk_free_bytes=disk.get("free_bytes"),

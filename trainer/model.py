@@ -30,8 +30,25 @@ class Base:
     noise_scheduler: Any  # DDPMScheduler with the base's beta schedule, used for training
     sample_scheduler: Any  # the base's own inference scheduler, for sample images
     prediction_type: str
-    kind: str  # "sd1" for now; SDXL/SD2 detection lands with their issue
+    kind: str  # "sd1" | "sd2" | "sdxl", detected from the loaded model (trainer.arch)
     source: str
+    text_encoder_2: Any = None  # SDXL's second (OpenCLIP bigG, with projection) text encoder
+    tokenizer_2: Any = None
+
+    def text_encoders(self) -> dict[str, Any]:
+        """{"text_encoder": ..., "text_encoder_2": ...} as the pipeline and LoRA files name them."""
+        return {n: m for n, m in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2)) if m is not None}
+
+    def pipeline(self, unet=None, text_encoders: dict[str, Any] | None = None):
+        """A diffusers inference pipeline of this base's family over these parts (trained ones where given)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        tes = {**self.text_encoders(), **(text_encoders or {})}
+        parts = dict(vae=self.vae, unet=unet or self.unet, scheduler=self.sample_scheduler, tokenizer=self.tokenizer)
+        if self.kind == "sdxl":
+            return StableDiffusionXLPipeline(**parts, tokenizer_2=self.tokenizer_2, **tes)
+        return StableDiffusionPipeline(**parts, **tes, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
 
 
 def _load_quantized_unet(kind: str, where: str, cfg: ModelConfig, bits: int):
@@ -87,25 +104,51 @@ def check_qlora_available() -> None:
         raise ModelError("lora.variant = qlora needs the bitsandbytes package: pip install bitsandbytes") from None
 
 
+def _pipeline_class(kind: str, where: str, cfg: ModelConfig):
+    """StableDiffusionXLPipeline or StableDiffusionPipeline, from model_index.json (folder, hub) or the keys of a
+    single-file checkpoint (SDXL's has a second text encoder under conditioner.embedders.1)."""
+    import diffusers
+
+    if kind == "file":
+        from safetensors import safe_open
+
+        with safe_open(where, framework="pt") as f:
+            xl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+        return diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
+    name = diffusers.DiffusionPipeline.load_config(where, revision=cfg.revision).get("_class_name", "")
+    if name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise ValueError(f"{name or 'an unknown pipeline'} is not a Stable Diffusion 1.x/2.x/XL text-to-image base")
+    return getattr(diffusers, name)
+
+
 def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
     """Load the base pipeline in fp32 on CPU (the trainer moves and casts it); QLoRA: UNet quantized on CUDA."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
+
+    from trainer.arch import kind_from_configs
 
     kind, where = resolve_source(cfg.path)
-    common = dict(safety_checker=None, requires_safety_checker=False, dtype=torch.float32)
+    common = dict(dtype=torch.float32)
     if quantize_bits:
         common["unet"] = _load_quantized_unet(kind, where, cfg, quantize_bits)
     try:
+        pipeline_class = _pipeline_class(kind, where, cfg)
+        if pipeline_class.__name__ == "StableDiffusionPipeline":
+            common.update(safety_checker=None, requires_safety_checker=False)
         if kind == "file":
-            pipe = StableDiffusionPipeline.from_single_file(where, config=cfg.single_file_config, **common)
+            pipe = pipeline_class.from_single_file(where, config=cfg.single_file_config, **common)
         else:
             # use_safetensors: never fall back to unpickling *.bin weights of a folder or repo
-            pipe = StableDiffusionPipeline.from_pretrained(where, revision=cfg.revision, variant=cfg.variant,
-                                                           use_safetensors=True, **common)
+            pipe = pipeline_class.from_pretrained(where, revision=cfg.revision, variant=cfg.variant,
+                                                  use_safetensors=True, **common)
+        te2 = getattr(pipe, "text_encoder_2", None)
+        family = kind_from_configs(pipe.unet.config, pipe.text_encoder is not None, te2 is not None)
     except Exception as err:  # diffusers raises many types (OSError, ValueError, SingleFileComponentError...)
         text = str(err).strip()
         first_line = text.splitlines()[0] if text else type(err).__name__
-        offline = any(w in text for w in ("offline", "cached", "connect", "Hub"))
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+
+        offline = HF_HUB_OFFLINE or any(w in text for w in ("offline", "cached", "connect", "Hub"))
         hint = ""
         if offline and kind == "hub":
             hint = " (no hub access here? pass a local diffusers folder or .safetensors file)"
@@ -128,23 +171,26 @@ def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
         noise_scheduler=noise_scheduler,
         sample_scheduler=pipe.scheduler,
         prediction_type=prediction_type,
-        kind="sd1",
+        kind=family,
         source=cfg.path,
+        text_encoder_2=te2,
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
     )
 
 
 def attach_lora(base: Base, cfg: LoraConfig, total_steps: int = 1000) -> dict[str, object]:
     """Freeze the base and add the trainable adapter 'default' (of cfg.variant) to the UNet and/or text encoder.
 
-    Returns the peft tuners of variants that need per-step calls (AdaLoRA), keyed "unet"/"text_encoder".
+    Returns the peft tuners of variants that need per-step calls (AdaLoRA), keyed "unet"/"text_encoder"(_2).
     """
     from trainer.variants import add_adapter, peft_config
 
-    for module in (base.unet, base.vae, base.text_encoder):
+    for module in (base.unet, base.vae, *base.text_encoders().values()):
         module.requires_grad_(False)
     tuners = {}
     parts = [("unet", base.unet, cfg.train_unet, cfg.unet_targets)]
-    parts.append(("text_encoder", base.text_encoder, cfg.train_text_encoder, cfg.text_encoder_targets))
+    for name, text_encoder in base.text_encoders().items():  # SDXL: both encoders, same targets
+        parts.append((name, text_encoder, cfg.train_text_encoder, cfg.text_encoder_targets))
     for name, module, wanted, targets in parts:
         if not wanted:
             continue

@@ -18,15 +18,13 @@ in memory by trainer.kohya against the loaded base, so every module keeps its ex
 loader loses per-module alphas). Every key must name a Linear/Conv2d of the base with fitting shapes, else
 `AdapterError` names the file and the first bad key.
 
-`python -m trainer preview --base MODEL` runs `serve()`: a JSON-lines worker on stdin/stdout (app/preview.py talks
-to it), so the web server never imports torch and a crash or OOM ends only the worker.
+SD1.x, SD2.x and SDXL bases (trainer.arch detects which); SDXL adapters may carry parts for both text encoders.
+`python -m trainer preview --base MODEL` runs trainer.preview_worker.serve: a JSON-lines worker on stdin/stdout
+(app/preview.py talks to it), so the web server never imports torch and a crash or OOM ends only the worker.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -36,7 +34,8 @@ from typing import Any
 import torch
 
 from trainer.config import ModelConfig
-from trainer.adapter_files import AdapterError, _module_table, _scales, read_adapter
+from trainer.adapter_files import AdapterError, _module_table, _scales, pipe_kind, pipe_parts, read_adapter
+
 SLOT = "hotswap_slot"
 
 
@@ -66,8 +65,6 @@ class Previewer:
     def __init__(self, base: str, *, single_file_config: str | None = None, device: str | None = None,
                  dtype: str | None = None, max_adapters: int = 8, hotswap: bool = False, compile: bool = False,
                  max_rank: int = 64, pipeline=None):
-        from diffusers import StableDiffusionPipeline
-
         from trainer.model import load_base
 
         t0 = time.perf_counter()
@@ -82,13 +79,11 @@ class Previewer:
         self.compile = compile
         self.max_rank = max_rank
         self.max_adapters = max(1, max_adapters)
-        if pipeline is None:  # `pipeline`: an already built StableDiffusionPipeline (benchmarks)
-            b = load_base(ModelConfig(path=base, single_file_config=single_file_config))
-            pipeline = StableDiffusionPipeline(
-                vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
-                scheduler=b.sample_scheduler, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False)
+        if pipeline is None:  # `pipeline`: an already built SD/SDXL pipeline (benchmarks)
+            pipeline = load_base(ModelConfig(path=base, single_file_config=single_file_config)).pipeline()
         self.pipe = pipeline
+        self.kind = pipe_kind(pipeline)
+        self.text_parts = [p for p in pipe_parts(pipeline) if p != "unet"]
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(self.device, self.dtype)
         self.table = _module_table(self.pipe)
@@ -150,8 +145,8 @@ class Previewer:
             self.pipe.load_lora_into_unet(tensors, network_alphas=None, unet=self.pipe.unet, adapter_name=peft_name,
                                           metadata=metadata or None, _pipeline=self.pipe, hotswap=hotswap)
         else:
-            self.pipe.load_lora_into_text_encoder(tensors, network_alphas=None, text_encoder=self.pipe.text_encoder,
-                                                  prefix="text_encoder", adapter_name=peft_name,
+            self.pipe.load_lora_into_text_encoder(tensors, network_alphas=None, text_encoder=getattr(self.pipe, part),
+                                                  prefix=part, adapter_name=peft_name,
                                                   metadata=metadata or None, _pipeline=self.pipe)
 
     def _peft_names(self, part: str) -> set[str]:
@@ -163,8 +158,9 @@ class Previewer:
 
         if peft_name in self._peft_names("unet"):
             self.pipe.unet.delete_adapters(peft_name)
-        if peft_name in self._peft_names("text_encoder"):
-            delete_adapter_layers(self.pipe.text_encoder, peft_name)
+        for part in self.text_parts:
+            if peft_name in self._peft_names(part):
+                delete_adapter_layers(getattr(self.pipe, part), peft_name)
 
     def _drop(self, name: str) -> None:
         a = self.adapters.pop(name)
@@ -198,12 +194,13 @@ class Previewer:
         from diffusers.loaders.lora_base import (
             disable_lora_for_text_encoder, enable_lora_for_text_encoder, set_adapters_for_text_encoder)
 
-        te_names = [(self.adapters[n].peft_name, w) for n, w in adapters.items() if "text_encoder" in self.adapters[n].parts]
-        if te_names:
-            set_adapters_for_text_encoder([p for p, _ in te_names], self.pipe.text_encoder, [w for _, w in te_names])
-            enable_lora_for_text_encoder(self.pipe.text_encoder)
-        elif self._peft_names("text_encoder"):
-            disable_lora_for_text_encoder(self.pipe.text_encoder)
+        for part in self.text_parts:
+            te_names = [(self.adapters[n].peft_name, w) for n, w in adapters.items() if part in self.adapters[n].parts]
+            if te_names:
+                set_adapters_for_text_encoder([p for p, _ in te_names], getattr(self.pipe, part), [w for _, w in te_names])
+                enable_lora_for_text_encoder(getattr(self.pipe, part))
+            elif self._peft_names(part):
+                disable_lora_for_text_encoder(getattr(self.pipe, part))
         unet = [(n, w) for n, w in adapters.items() if "unet" in self.adapters[n].parts]
         if self.hotswap:
             self._fill_slot(unet)
@@ -338,85 +335,7 @@ class Previewer:
             self.released = False
 
     def state(self) -> dict[str, Any]:
-        return {"base": self.base_path, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+        return {"base": self.base_path, "kind": self.kind, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "hotswap": self.hotswap, "compiled": self._compiled, "released": self.released,
                 "adapters": list(self.adapters), "active": self.active, "max_adapters": self.max_adapters,
                 "base_load_ms": self.load_ms}
-
-
-# ----------------------------------------------------------------------------- worker process
-
-
-def _handle(pv: Previewer, req: dict) -> dict:
-    op = req.get("op")
-    common = {k: req[k] for k in ("prompt", "negative", "steps", "guidance", "seed", "width", "height") if k in req}
-    if op in ("generate", "compare", "grid"):
-        for name, path in (req.get("files") or {}).items():  # {name: path}: loaded (or found cached) first
-            pv.load_adapter(path, name)
-        adapters = {k: float(v) for k, v in (req.get("adapters") or {}).items()}
-        out = Path(req["out"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-    if op == "load":
-        return pv.load_adapter(req["path"], req.get("name"))
-    if op == "generate":
-        image, t = pv.generate(adapters=adapters, **common)
-        image.save(out)
-        return {"image": str(out), **t}
-    if op == "compare":
-        lora, base, t = pv.compare(adapters, **common)
-        base_out = out.with_name(out.stem + "-base.png")
-        lora.save(out)
-        base.save(base_out)
-        return {"image": str(out), "base_image": str(base_out), **t}
-    if op == "grid":
-        kw = {k: v for k, v in common.items() if k != "seed"}
-        sheet, t = pv.grid(adapters, tuple(req.get("strengths", (0.0, 0.5, 1.0))),
-                           tuple(req.get("seeds", (0, 1, 2))), **kw)
-        sheet.save(out)
-        return {"image": str(out), **t}
-    if op == "release":
-        return pv.release()
-    if op == "resume":
-        return pv.resume()
-    if op == "state":
-        return pv.state()
-    raise ValueError(f"unknown op {op!r}")
-
-
-def serve(base: str, **kwargs) -> int:
-    """JSON lines on stdin -> one JSON line per request on stdout: {"id", "ok": true, ...} or {"ok": false, "error"}.
-
-    Only protocol lines go to the real stdout; anything libraries print goes to stderr (the worker's log).
-    """
-    proto = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-
-    def reply(obj: dict) -> None:
-        proto.write(json.dumps(obj) + "\n")
-        proto.flush()
-
-    try:
-        pv = Previewer(base, **kwargs)
-    except Exception as err:
-        reply({"id": 0, "ok": False, "error": f"cannot load the base model: {err}", "fatal": True})
-        return 2
-    reply({"id": 0, "ok": True, "ready": True, **pv.state()})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            req = json.loads(line)
-        except json.JSONDecodeError as err:
-            reply({"id": None, "ok": False, "error": f"bad request: {err}"})
-            continue
-        if req.get("op") == "quit":
-            reply({"id": req.get("id"), "ok": True})
-            break
-        try:
-            reply({"id": req.get("id"), "ok": True, **_handle(pv, req)})
-        except (AdapterError, ValueError, KeyError, FileNotFoundError) as err:
-            reply({"id": req.get("id"), "ok": False, "error": str(err)})
-        except Exception as err:  # keep serving: one bad request must not end the worker
-            print(f"preview: {type(err).__name__}: {err}", file=sys.stderr)
-            reply({"id": req.get("id"), "ok": False, "error": f"{type(err).__name__}: {err}"})
-    return 0

@@ -14,19 +14,17 @@ def sample_prompts(cfg: Config) -> list[str]:
 
 
 @torch.no_grad()
-def render_samples(base, unet, text_encoder, cfg: Config, step: int, out_dir: Path, weight_dtype: torch.dtype) -> list[Path]:
-    """Render one image per sample prompt with the adapter as it is now; returns the written PNG paths."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet, scheduler=base.sample_scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+def render_samples(base, unet, text_encoders: dict, cfg: Config, step: int, out_dir: Path,
+                   weight_dtype: torch.dtype) -> list[Path]:
+    """Render one image per sample prompt with the adapter as it is now; returns the written PNG paths.
+    `text_encoders`: {"text_encoder"(, "text_encoder_2"): module} as trained (the base's own where omitted)."""
+    pipe = base.pipeline(unet, text_encoders)
     pipe.set_progress_bar_config(disable=True)
     device = next(unet.parameters()).device
-    was_training = unet.training, text_encoder.training
-    unet.eval()
-    text_encoder.eval()
+    models = [unet, *text_encoders.values()]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     try:
@@ -46,6 +44,6 @@ def render_samples(base, unet, text_encoder, cfg: Config, step: int, out_dir: Pa
                 image.save(path)
                 paths.append(path)
     finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
+        for m, mode in zip(models, was_training):
+            m.train(mode)
     return paths

@@ -1,0 +1,183 @@
+"""SDXL and SD2 (v-prediction) bases on tiny random pipelines built in-process: detection, training, both export
+layouts loaded back by diffusers' own loaders (the kohya SDXL file through diffusers' SGM-name mapping), conversion
+and preview."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.conftest import ROOT, TINY_STYLE
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from trainer.tiny_xl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("bases") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd2(tmp_path_factory) -> Path:
+    from trainer.tiny_xl import build_tiny_sd2
+
+    return build_tiny_sd2(tmp_path_factory.mktemp("bases") / "tiny-sd2")
+
+
+def config(base: Path, out: Path, *overrides: str):
+    from trainer.config import load_config
+
+    return load_config(ROOT / "presets" / "tiny-test.toml", [
+        f'model.path="{base}"', f'data.path="{TINY_STYLE}"', f'output.dir="{out}"', "train.steps=3",
+        "train.checkpoint_every=0", "train.save_every=0", "sample.every=0", "sample.prompts=[]",
+        "lora.dropout=0.0", "data.caption_dropout=0.0", "train.lr_unet=1e-2", "train.lr_text_encoder=1e-2", *overrides])
+
+
+def latents(pipe, prompt: str = "zkstyle, a red circle") -> torch.Tensor:
+    """The denoised latents of a fixed prompt and seed: compared before any VAE rounding."""
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(prompt, num_inference_steps=2, guidance_scale=3.0, height=64, width=64, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images.float()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def lora_modules(model, adapter: str) -> int:
+    return sum(1 for m in model.modules() if adapter in getattr(m, "lora_A", {}))
+
+
+def test_base_family_is_detected_from_the_model(tiny_sdxl, tiny_sd2, tiny_base):
+    from trainer.arch import describe_folder, kind_from_configs
+    from trainer.config import ModelConfig
+    from trainer.model import load_base
+
+    assert describe_folder(tiny_sdxl) == {"kind": "sdxl", "label": "SDXL", "prediction_type": "epsilon"}
+    assert describe_folder(tiny_sd2) == {"kind": "sd2", "label": "SD 2.x", "prediction_type": "v_prediction"}
+    assert describe_folder(tiny_base)["kind"] == "sd1"
+    assert "error" in describe_folder(tiny_base / "unet")
+    xl = load_base(ModelConfig(path=str(tiny_sdxl)))
+    assert (xl.kind, type(xl.pipeline()).__name__) == ("sdxl", "StableDiffusionXLPipeline")
+    assert set(xl.text_encoders()) == {"text_encoder", "text_encoder_2"}
+    sd2 = load_base(ModelConfig(path=str(tiny_sd2)))
+    assert (sd2.kind, sd2.prediction_type, sd2.text_encoder_2) == ("sd2", "v_prediction", None)
+    with pytest.raises(ValueError, match="refiner"):
+        kind_from_configs({"addition_embed_type": "text_time"}, has_text_encoder=False, has_text_encoder_2=True)
+
+
+def test_sdxl_time_ids_follow_the_crop():
+    from trainer.conditioning import sdxl_time_ids
+    from trainer.data import crop_box
+
+    # 300x200 (w x h) into a 128x64 bucket: resized to 128x85, cropped 10 px from the top (rounding: (85-64)//2).
+    assert crop_box((300, 200), (128, 64)) == (0, 10, 128, 85)
+    assert sdxl_time_ids((300, 200), (128, 64), flip=False).tolist() == [200, 300, 10, 0, 64, 128]
+    # 200x100 into 64x64: resized to 128x64, 32 px cut on the left; flipped, the crop is measured from the right.
+    assert sdxl_time_ids((200, 100), (64, 64), flip=False).tolist() == [100, 200, 0, 32, 64, 64]
+    assert sdxl_time_ids((201, 100), (64, 64), flip=True).tolist()[3] == 129 - 32 - 64
+
+
+def test_sdxl_trains_exports_and_loads_in_diffusers(tiny_sdxl, tmp_path, train_capturing):
+    from diffusers import StableDiffusionXLPipeline
+
+    from trainer.kohya import convert_file
+
+    run = tmp_path / "run"
+    cfg = config(tiny_sdxl, tmp_path, "output.name=\"xl\"", "lora.alpha=8.0", "lora.rank=4",
+                 "train.cache_text_embeddings=false")
+    live, final = train_capturing(cfg, run)
+    kohya_path = run / "xl.safetensors"
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events[0]["base_kind"] == "sdxl" and events[-1]["type"] == "done"
+
+    with safe_open(str(kohya_path), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    prefixes = {k.split("_text_model")[0] if k.startswith("lora_te") else "_".join(k.split("_")[:4]) for k in keys}
+    assert prefixes == {"lora_te1", "lora_te2", "lora_unet_input_blocks", "lora_unet_middle_block",
+                        "lora_unet_output_blocks"}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.lora_down.weight" in keys  # level 1, depth 2
+    with safe_open(str(final), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"unet", "text_encoder", "text_encoder_2"}
+
+    # The live trained model, the diffusers file and the kohya file (through diffusers' own SGM/kohya mapping)
+    # give the same latents; the base alone does not.
+    reference = latents(live.pipeline())
+    results = {}
+    for name, path in (("diffusers", final), ("kohya", kohya_path)):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+        pipe.load_lora_weights(str(path), adapter_name="style")
+        for part in ("unet", "text_encoder", "text_encoder_2"):  # every module of the file was loaded
+            loaded = lora_modules(getattr(pipe, part), "style")
+            assert loaded == lora_modules(getattr(live, "unet" if part == "unet" else part), "default"), (name, part)
+        results[name] = latents(pipe)
+    base = latents(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl))
+    assert rel(results["diffusers"], reference) < 1e-4
+    assert rel(results["kohya"], reference) < 1e-4
+    assert rel(base, reference) > 100 * max(rel(results["diffusers"], reference), 1e-6)
+
+    # Conversion both ways keeps every tensor (the SDXL family is read from the file's metadata).
+    back = convert_file(kohya_path, tmp_path / "k2d.safetensors", "diffusers")
+    again = convert_file(back, tmp_path / "d2k.safetensors", "kohya")
+    with safe_open(str(back), "pt") as a, safe_open(str(final), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+    with safe_open(str(again), "pt") as a, safe_open(str(kohya_path), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k))
+
+    # Preview: one SDXL base, both files switched in (multi-adapter and hot-swap slot), same image as diffusers.
+    from trainer.preview import Previewer
+
+    kw = dict(prompt="zkstyle, a red circle", steps=2, guidance=3.0, width=64, height=64, seed=0)
+    for hotswap in (False, True):
+        pv = Previewer(str(tiny_sdxl), device="cpu", hotswap=hotswap)
+        assert pv.state()["kind"] == "sdxl"
+        pv.load_adapter(kohya_path, "k")
+        pv.load_adapter(final, "d")
+        k_image, _ = pv.generate(adapters={"k": 1.0}, **kw)
+        d_image, _ = pv.generate(adapters={"d": 1.0}, **kw)
+        b_image, _ = pv.generate(adapters=None, **kw)
+        k, d, b = (torch.tensor(list(i.getdata()), dtype=torch.float32) for i in (k_image, d_image, b_image))
+        assert (k - d).abs().max() <= 1, hotswap  # 8-bit images: at most one level of rounding apart
+        assert (b - d).abs().max() > 8, hotswap
+
+
+def test_sdxl_refuses_an_sd15_lora_with_a_clear_message(tiny_sdxl, tiny_base, tmp_path):
+    from trainer.preview import AdapterError, Previewer
+    from tests.test_preview import make_adapter
+
+    kohya, diffusers = make_adapter(tiny_base, tmp_path, "sd15", seed=1)
+    pv = Previewer(str(tiny_sdxl), device="cpu")
+    with pytest.raises(AdapterError, match="sd15.safetensors.*SD1.x/SD2.x"):
+        pv.load_adapter(kohya)
+    with pytest.raises(AdapterError, match="sd15.diffusers.safetensors"):
+        pv.load_adapter(diffusers)
+
+
+def test_sd2_v_prediction_trains_and_exports(tiny_sd2, tmp_path, train_capturing):
+    from diffusers import StableDiffusionPipeline
+
+    run = tmp_path / "run"
+    live, final = train_capturing(config(tiny_sd2, tmp_path, "output.name=\"sd2\""), run)
+    assert live.prediction_type == "v_prediction"
+    start = json.loads((run / "events.jsonl").read_text().splitlines()[0])
+    assert (start["base_kind"], start["prediction_type"]) == ("sd2", "v_prediction")
+    with safe_open(str(run / "sd2.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["ss_v_parameterization"]) == ("sd_v2", "True", "True")
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert all(k.startswith(("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks", "lora_te_text_model"))
+               for k in keys)
+    reference = latents(live.pipeline())
+    for path in (final, run / "sd2.safetensors"):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd2, safety_checker=None, requires_safety_checker=False)
+        pipe.load_lora_weights(str(path))
+        assert rel(latents(pipe), reference) < 1e-4, path.name
