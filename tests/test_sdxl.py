@@ -181,3 +181,28 @@ def test_sd2_v_prediction_trains_and_exports(tiny_sd2, tmp_path, train_capturing
         pipe = StableDiffusionPipeline.from_pretrained(tiny_sd2, safety_checker=None, requires_safety_checker=False)
         pipe.load_lora_weights(str(path))
         assert rel(latents(pipe), reference) < 1e-4, path.name
+
+
+@pytest.mark.parametrize("preset", ["sdxl-style", "sd2-style"])
+def test_sdxl_and_sd2_presets_train_on_tiny_bases(preset, tiny_sdxl, tiny_sd2, tmp_path):
+    """The shipped presets as they are (gradient checkpointing, noise offset, min-SNR, latent cache; SDXL: UNet only
+    with the text embeddings + pooled embeddings cached), only pointed at a tiny base and shrunk to 2 steps."""
+    from trainer.config import load_config, load_preset
+    from trainer.loop import train
+
+    cfg = load_preset(preset)
+    assert cfg.data.resolution == (1024 if preset == "sdxl-style" else 768)
+    assert cfg.lora.train_text_encoder is (preset == "sd2-style")  # SDXL: UNet only by default
+    base = tiny_sdxl if preset == "sdxl-style" else tiny_sd2
+    cfg = load_config(ROOT / "presets" / f"{preset}.toml", [
+        f'model.path="{base}"', f'data.path="{TINY_STYLE}"', f'output.dir="{tmp_path}"', "train.steps=2",
+        "data.resolution=64", "data.bucket_step=16", "data.min_bucket=32", "data.max_bucket=128",
+        "data.min_image_size=16", "data.shuffle_captions=false", "data.caption_dropout=0.0",
+        "train.save_every=0", "train.checkpoint_every=0", "sample.every=0", "sample.steps=2"])
+    final = train(cfg, tmp_path / "run")
+    with safe_open(str(final), "pt") as f:
+        parts = {k.split(".")[0] for k in f.keys()}
+    assert parts == ({"unet"} if preset == "sdxl-style" else {"unet", "text_encoder"})
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert [e["type"] for e in events if e["type"] in ("samples", "done")] == ["samples", "done"]
+    assert all(e["loss"] == e["loss"] for e in events if e["type"] == "step")  # finite, not NaN
