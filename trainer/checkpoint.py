@@ -173,7 +173,8 @@ def estimate_lora_params(cfg) -> int | None:
     parts = []  # (shapes, targets)
     if kind == "folder":
         for sub, wanted, targets in (("unet", lc.train_unet, lc.unet_targets),
-                                     ("text_encoder", lc.train_text_encoder, lc.text_encoder_targets)):
+                                     ("text_encoder", lc.train_text_encoder, lc.text_encoder_targets),
+                                     ("text_encoder_2", lc.train_text_encoder, lc.text_encoder_targets)):  # SDXL
             if wanted:
                 shapes = {}
                 for f in sorted((Path(where) / sub).glob("*.safetensors")):
