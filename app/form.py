@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from trainer import arch
 from trainer.config import Config, ConfigError, apply_override, load_config, parse_override, PRESETS_DIR
 
 DEFAULT_PRESET = "tiny-test"
@@ -206,3 +207,44 @@ def values_to_config(preset: str | None, values: dict[str, Any], extra_lines: st
 
 def help_markdown(spec: FieldSpec) -> str:
     return f"{spec.help} (`{spec.path}`)"
+
+
+def _single_file_kind(path) -> str:
+    """The family of a single-file checkpoint from its tensor names (safetensors header only; no torch)."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        if size > 100_000_000:
+            raise ValueError("header too large")
+        keys = json.loads(f.read(size))
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP-H: SD2.x
+        return "sd2"
+    return "sd1"
+
+
+def describe_base(path: str | None) -> str:
+    """What the UI shows under the base picker: the detected family (SD 1.x / SD 2.x / SDXL) without loading it."""
+    from pathlib import Path
+
+    path = (path or "").strip()
+    if not path:
+        return "Base: none chosen."
+    if path.startswith("builtin:"):
+        return "Base: **SD 1.x** layout (built-in tiny model, offline)."
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = arch.describe_folder(p)
+        if "error" in found:
+            return f"Base: {found['error']}"
+        return f"Base: **{arch.describe(found['kind'], found['prediction_type'])}** (detected from the model's configs)."
+    if p.is_file() and p.suffix.lower() == ".safetensors":
+        try:
+            kind = _single_file_kind(p)
+        except (OSError, ValueError) as err:
+            return f"Base: {p.name}: not a readable .safetensors checkpoint ({err})."
+        return f"Base: **{arch.LABELS[kind]}** (from the checkpoint's tensor names; v-prediction is read when loading)."
+    return "Base: hub id or path not found here; its family (SD 1.x / 2.x / XL) is detected when the run loads it."

@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 
 from app import form, jobs, preview, uploads
+from trainer import arch
 from trainer.config import ConfigError
 
 THUMB_PX = 72
@@ -149,7 +150,8 @@ def panel_markdown(st: jobs.RunStatus, queue_pos: int | None = None) -> str:
     start = next((e for e in st.events if e.get("type") == "start"), None)
     if start:
         precision = {"no": "fp32"}.get(start.get("precision"), start.get("precision"))
-        lines.append(f"{start.get('images')} images on {start.get('device')} ({precision})")
+        base = arch.describe(start["base_kind"], start.get("prediction_type", "")) if start.get("base_kind") else "base"
+        lines.append(f"{start.get('images')} images on {start.get('device')} ({precision}); {base}")
     problems = [e for e in st.events if e.get("type") == "problem"]
     if problems:
         lines.append("Skipped or warned: " + "; ".join(f"`{Path(p['path']).name}`: {p['reason']}" for p in problems[:10]))
@@ -246,6 +248,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
                 with gr.Row():
                     for spec in form.BASIC_SPECS[:2]:
                         widgets[spec.path] = _widget(spec, defaults[spec.path])
+                base_md = gr.Markdown(form.describe_base(defaults["model.path"]), elem_id="base-kind")
                 with gr.Row():
                     for spec in form.BASIC_SPECS[2:]:
                         widgets[spec.path] = _widget(spec, defaults[spec.path])
@@ -276,6 +279,8 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
             preview_tab = preview.build_tab(outputs)  # app/preview.py: LoRA vs base, grids, mixing (own worker)
         timer = gr.Timer(TICK_S)
         shown = gr.State("")  # fingerprint of what the panel shows, to skip redundant refreshes
+
+        widgets["model.path"].change(form.describe_base, widgets["model.path"], base_md, api_name="describe_base")
 
         # -- dataset
         min_size = widgets["data.min_image_size"]

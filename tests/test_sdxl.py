@@ -206,3 +206,26 @@ def test_sdxl_and_sd2_presets_train_on_tiny_bases(preset, tiny_sdxl, tiny_sd2, t
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert [e["type"] for e in events if e["type"] in ("samples", "done")] == ["samples", "done"]
     assert all(e["loss"] == e["loss"] for e in events if e["type"] == "step")  # finite, not NaN
+
+
+def test_ui_shows_the_detected_base_without_loading_it(tiny_sdxl, tiny_sd2, tmp_path):
+    from safetensors.torch import save_file
+
+    from app import form, jobs
+    from app.ui import panel_markdown
+
+    assert "SDXL, epsilon-prediction" in form.describe_base(str(tiny_sdxl))
+    assert "SD 2.x, v-prediction" in form.describe_base(str(tiny_sd2))
+    assert "SD 1.x" in form.describe_base("builtin:tiny-sd15")
+    assert "detected when the run loads it" in form.describe_base("someone/some-model")
+    xl_file, sd2_file = tmp_path / "xl.safetensors", tmp_path / "sd2.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, xl_file)
+    save_file({"cond_stage_model.model.ln_final.weight": torch.zeros(1)}, sd2_file)
+    assert "SDXL" in form.describe_base(str(xl_file)) and "SD 2.x" in form.describe_base(str(sd2_file))
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 16)
+    assert "junk.safetensors: not a readable" in form.describe_base(str(tmp_path / "junk.safetensors"))
+
+    events = [{"type": "start", "images": 3, "device": "cpu", "precision": "no", "base_kind": "sd2",
+               "prediction_type": "v_prediction"}]
+    status = jobs.RunStatus(run_dir=tmp_path / "r", state="running", events=events)
+    assert "SD 2.x, v-prediction" in panel_markdown(status)
