@@ -1,6 +1,6 @@
 """The one typed config. Settings travel only through it: preset TOML -> UI edits -> CLI --set -> trainer -> file metadata.
 
-Each section is a TOML table ([model], [data], [lora], [train], [sample], [output]). Unknown keys are errors,
+Each section is a TOML table ([model], [data], [lora], [train], [sample], [report], [output]). Unknown keys are errors,
 so a typo in a preset fails loudly instead of silently training with a default. Field descriptions double as
 UI help text.
 """
@@ -144,6 +144,10 @@ class TrainConfig(Section):
         "auto", description="auto = bf16 on a CUDA GPU that supports it, else fp32. Base weights use this dtype; "
         "LoRA weights stay fp32."
     )
+    fast: Literal["auto", "on", "off"] = Field(
+        "auto", description="The fast path: torch.compile of the trained models with CUDA graphs, one static graph "
+        "per bucket shape (the first steps of each bucket compile). auto = on with a CUDA GPU; off = the plain eager "
+        "path (debugging); on also compiles on CPU (slow to start, for tests).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in UNet and text encoder.")
     cache_latents: bool = Field(True, description="Encode every image once with the VAE before training.")
     cache_text_embeddings: bool = Field(
@@ -169,6 +173,18 @@ class SampleConfig(Section):
     height: int | None = Field(None, description="Sample height (default: data.resolution).")
 
 
+class ReportConfig(Section):
+    enabled: bool = Field(True, description="After the run, measure whether the style was learned (report.json + "
+                          "report.png: base vs LoRA at 0.5 and 1.0 on held-out prompts; see docs/demo-base.md).")
+    prompts: list[str] = Field(default_factory=list, description="Held-out prompts for the report ({trigger} is "
+                               "replaced); empty = built-in prompts for the base (on the demo base: unseen contents).")
+    seeds: list[int] = Field([0, 1], min_length=1, description="Seeds: every prompt is rendered once per seed.")
+    steps: int | None = Field(None, ge=1, description="Denoising steps per report image (default: sample.steps).")
+    clip_model: str | None = Field(None, description="Local CLIP model folder (CLIPModel, safetensors): image "
+                                   "features for style/copying and text-image similarity for prompt fidelity. "
+                                   "Without it the report uses download-free colour and texture features.")
+
+
 class OutputConfig(Section):
     dir: str = Field("outputs", description="Folder that holds run folders.")
     name: str = Field("style-lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run and file name.")
@@ -180,6 +196,7 @@ class Config(Section):
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
+    report: ReportConfig = ReportConfig()
     output: OutputConfig = OutputConfig()
 
 
