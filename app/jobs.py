@@ -5,7 +5,7 @@ everything again by re-reading the folders:
   dataset/       uploaded images and captions (sanitized names)          -> "draft" until submitted
   job.json       queue record: queued_at, then pid/cmd/started_at once started, or cancelled
   config.toml    the resolved config the child trains from
-  events.jsonl   appended by the trainer (start, step, samples, adapter, done|stopped|failed)
+  events.jsonl   appended by the trainer (start, step, samples, adapter, done|stopped|failed, then report|report_failed)
   train.log      the child's stdout + stderr
 A run's state is derived, never stored alone: terminal event of the current attempt > live pid > dead pid
 (= failed, with the end of train.log). A failed or stopped run can be resumed (`resume`): a new attempt of the
@@ -47,7 +47,7 @@ _CHILDREN: dict[int, subprocess.Popen] = {}  # pid -> Popen for children of this
 @dataclass
 class RunStatus:
     run_dir: Path
-    state: str  # draft | queued | running | stopping | done | stopped | failed | cancelled
+    state: str  # draft | queued | running | stopping | reporting | done | stopped | failed | cancelled
     reason: str = ""  # for failed: exit code and the end of train.log
     step: int = 0
     total: int = 0
@@ -206,6 +206,10 @@ def status(run_dir: Path) -> RunStatus:
         st.state, st.reason = "failed", f"{end.get('reason', 'trainer failed')}{hint}\n{log_tail(run_dir)}"
     elif end:
         st.state = end["type"]
+        reported = any(e.get("type") in ("report", "report_failed") and e.get("time", 0) >= end.get("time", 0)
+                       for e in events)
+        if end["type"] == "done" and alive and not reported:
+            st.state = "reporting"  # adapters written; the trainer is measuring the style report (trainer/report.py)
     elif alive:
         st.state = "stopping" if (run_dir / STOP_FILE).exists() or job.get("cancel_requested") else "running"
     elif job.get("pid"):
@@ -316,7 +320,7 @@ def advance(outputs: Path) -> Path | None:
             if st.state == "failed" and "returncode" not in job and job.get("pid") in _CHILDREN:
                 job["returncode"] = _CHILDREN[job["pid"]].returncode
                 write_job(st.run_dir, job)
-        if any(st.state in ("running", "stopping") for st in runs):
+        if any(st.state in ("running", "stopping", "reporting") for st in runs):
             return None
         queued = [st.run_dir for st in runs if st.state == "queued" and not read_job(st.run_dir).get("pid")]
         if not queued:

@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import form, jobs, preview, uploads
+from app import form, jobs, preview, report_view, uploads
 from trainer import arch
 from trainer.config import ConfigError
 
@@ -167,7 +167,7 @@ def run_panel(outputs: Path, name: str, user: str | None = None) -> dict[str, An
     run_dir = _run_dir(outputs, name, user)
     if run_dir is None:
         return {"markdown": "Pick a run.", "loss": [], "samples": [], "files": [], "config": "", "log": "",
-                "state": ""}
+                "state": "", "report_image": None}
     st = jobs.status(run_dir)
     queued = sorted((s for s in jobs.list_runs(outputs) if s.state == "queued"),
                     key=lambda s: jobs.read_job(s.run_dir).get("queued_at", 0))
@@ -177,7 +177,9 @@ def run_panel(outputs: Path, name: str, user: str | None = None) -> dict[str, An
         files.append(str(jobs.run_zip(run_dir)))
     config = run_dir / "config.toml"
     return {
-        "markdown": panel_markdown(st, pos),
+        "markdown": "\n\n".join(filter(None, [panel_markdown(st, pos),
+                                                report_view.report_markdown(st.state, st.events)])),
+        "report_image": report_view.report_image(run_dir, st.events),
         "loss": [(e["step"], e["loss"]) for e in st.events if e.get("type") == "step" and e.get("loss") is not None],
         "samples": [(str(p), p.stem) for p in jobs.sample_images(run_dir)],
         "files": files,
@@ -243,7 +245,8 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
                 save_btn = gr.Button("Save captions")
             with gr.Tab("Train", id="train"):
                 preset = gr.Dropdown(choices=form.list_preset_names(), value=form.DEFAULT_PRESET, label="Preset",
-                                     info="tiny-test: seconds on a CPU with the demo base; sd15-style: real SD1.5 training")
+                                     info="demo-style: the demo style set on the demo base, about a minute on a CPU; "
+                                     "tiny-test: seconds, random base; sd15-style: real SD1.5 training")
                 widgets: dict[str, Any] = {}
                 with gr.Row():
                     for spec in form.BASIC_SPECS[:2]:
@@ -271,6 +274,8 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
                     loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", x_title="step", y_title="loss",
                                             y_lim=[0, None], height=260, scale=1)
                     samples = gr.Gallery(label="Samples", columns=4, height=260, scale=1)
+                report_img = gr.Image(label="Style report: rows base / LoRA 0.5 / LoRA 1.0, held-out prompts",
+                                      interactive=False, height=260, elem_id="style-report")
                 files = gr.File(label="Downloads: adapters and a zip of the run", file_count="multiple",
                                 interactive=False, elem_id="downloads")
                 with gr.Accordion("Config and log", open=False):
@@ -323,7 +328,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
                         outputs=[train_md, runs, tabs], api_name="train")
 
         # -- runs: live panel
-        panel_outputs = [panel_md, loss_plot, samples, files, config_code, log_box]
+        panel_outputs = [panel_md, loss_plot, samples, files, config_code, log_box, report_img]
 
         def panel(name: str, request: gr.Request):
             p = run_panel(outputs, name, _user(request))
@@ -331,7 +336,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
 
             # Typed columns even when empty: an untyped (object) frame makes the plot treat loss as categories.
             loss = pd.DataFrame(p["loss"], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
-            return p["markdown"], loss, p["samples"], p["files"] or None, p["config"], p["log"]
+            return p["markdown"], loss, p["samples"], p["files"] or None, p["config"], p["log"], p["report_image"]
 
         def tick(name: str, seen: str, request: gr.Request):
             jobs.advance(outputs)  # the queue thread does this too; cheap and keeps tests deterministic
@@ -376,7 +381,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
             user = _user(request)
             draft = _latest_draft(outputs, user)
             choices = _run_choices(outputs, user)
-            active = next((c[1] for c in choices if "(running)" in c[0] or "(stopping)" in c[0]), None)
+            active = next((c[1] for c in choices if c[0].endswith(("(running)", "(stopping)", "(reporting)"))), None)
             pick = active or (choices[0][1] if choices else None)
             adapters = preview.adapter_choices(outputs, user)
             return (draft, gr.Dropdown(choices=choices, value=pick), gr.Dropdown(choices=adapters),

@@ -128,14 +128,9 @@ def is_demo_base(folder: str | Path) -> bool:
 @torch.no_grad()
 def render(cfg: Config, adapter: Path, prompts: list[str], device: torch.device) -> dict[float, list[Image.Image]]:
     """{scale: images in (prompt, seed) order} for the base (0.0) and the LoRA at each other scale."""
-    from diffusers import StableDiffusionPipeline
-
     from trainer.model import load_base
 
-    base = load_base(cfg.model)
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=base.sample_scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = load_base(cfg.model).pipeline()  # SD1/SD2/SDXL pipeline of the base's family
     pipe.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(adapter), adapter_name="style")
