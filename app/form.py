@@ -14,10 +14,11 @@ from typing import Any
 from trainer import arch
 from trainer.config import Config, ConfigError, apply_override, load_config, parse_override, PRESETS_DIR
 
-DEFAULT_PRESET = "tiny-test"
-BUILTIN_BASE = "builtin:tiny-sd15"
+DEFAULT_PRESET = "demo-style"  # trains on BUILTIN_BASE: the whole flow works offline and shows a real result
+BUILTIN_BASE = "builtin:demo-sd"
 BASE_CHOICES = [  # (label, value); any other text is accepted too (hub id, diffusers folder, .safetensors)
-    ("builtin:tiny-sd15 (demo: random tiny model, proves the pipeline; samples are noise)", BUILTIN_BASE),
+    ("builtin:demo-sd (demo: tiny model trained on procedural shapes — not a real SD base)", BUILTIN_BASE),
+    ("builtin:tiny-sd15 (test: random tiny model, proves the pipeline; samples are noise)", "builtin:tiny-sd15"),
     ("stable-diffusion-v1-5/stable-diffusion-v1-5 (hub id, SD1.5)", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
 ]
 
@@ -233,6 +234,9 @@ def describe_base(path: str | None) -> str:
     path = (path or "").strip()
     if not path:
         return "Base: none chosen."
+    if path == BUILTIN_BASE:
+        return ("Base: **SD 1.x** layout — demo: a tiny model trained on procedural shapes (32 px), not a real SD base "
+                "(docs/demo-base.md).")
     if path.startswith("builtin:"):
         return "Base: **SD 1.x** layout (built-in tiny model, offline)."
     p = Path(path).expanduser()

@@ -18,6 +18,14 @@ def test_sd15_preset_has_style_defaults():
     assert cfg.data.resolution == 512 and cfg.train.mixed_precision == "auto"
 
 
+def test_demo_style_preset_trains_the_demo_set_on_the_demo_base():
+    cfg = load_preset("demo-style")
+    assert cfg.model.path == "builtin:demo-sd" and cfg.data.trigger == "zkstyle"
+    assert (PRESETS_DIR.parent / cfg.data.path).is_dir()
+    assert not cfg.data.flip and not cfg.data.shuffle_captions  # captions name left/right and end with the position
+    assert cfg.report.enabled and cfg.report.clip_model is None
+
+
 def test_unknown_key_is_rejected_with_its_name(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[train]\nstepz = 10\n")
