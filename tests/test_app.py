@@ -280,8 +280,10 @@ def test_ui_end_to_end(server, tiny_base, tmp_path):
                   180, 0.5, "run done")
     assert st["state"] == "done", st
     assert st["step"] == 3 and st["samples"], st
-    md, loss, samples, files, config, log = client.predict(run, api_name="/panel")
+    md, loss, samples, files, config, log, report_png = client.predict(run, api_name="/panel")
     assert "done" in md and "3/3" in md
+    assert "Style report" in md and "style lift" in md  # the trainer's report event, shown on the panel
+    assert report_png and Path(report_png).stat().st_size > 0
     assert len(loss["data"]) == 3
     assert samples
     adapters = [f for f in files if f.endswith(".safetensors")]
