@@ -31,7 +31,8 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert "steps = 3" in (run_dir / "config.toml").read_text()
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-000003-00.png"]
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert events[-1]["type"] == "done"
+    assert [e["type"] for e in events][-3:] == ["done", "report_started", "report"]  # the style report comes last
+    assert (run_dir / "report.json").is_file()
 
     from diffusers import StableDiffusionPipeline  # the adapter loads in diffusers on the same builtin base
 
