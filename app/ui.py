@@ -245,7 +245,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
                 save_btn = gr.Button("Save captions")
             with gr.Tab("Train", id="train"):
                 preset = gr.Dropdown(choices=form.list_preset_names(), value=form.DEFAULT_PRESET, label="Preset",
-                                     info="demo-style: the demo style set on the demo base, about a minute on a CPU; "
+                                     info="demo-style: the demo style set on the demo base, ~2 min on a CPU; "
                                      "tiny-test: seconds, random base; sd15-style: real SD1.5 training")
                 widgets: dict[str, Any] = {}
                 with gr.Row():
