@@ -59,15 +59,16 @@ def oom_hint(cfg: Config) -> str:
     return "Hint: " + "; ".join(t for t in tips if t) + "."
 
 
-def train(cfg: Config, run_dir: Path) -> Path:
+def train(cfg: Config, run_dir: Path, base=None) -> Path:
     """Train the LoRA described by `cfg` into `run_dir`; returns the final adapter path. Any failure is also
-    recorded as a `failed` event (message + hint), so the UI shows why without parsing the log."""
+    recorded as a `failed` event (message + hint), so the UI shows why without parsing the log.
+    `base`: an already loaded trainer.model.Base to train on instead of loading cfg.model (benchmarks)."""
     def failed(**fields) -> None:  # only into an existing run folder (e.g. QLoRA refused on CPU has no run yet)
         if os.environ.get("RANK", "0") == "0" and Path(run_dir).is_dir():
             EventLog(Path(run_dir) / "events.jsonl").emit("failed", **fields)
 
     try:
-        return _train_variant(cfg, Path(run_dir))
+        return _train_variant(cfg, Path(run_dir), base)
     except torch.OutOfMemoryError as err:
         first = (str(err).strip().splitlines() or ["out of memory"])[0]
         message = f"out of memory: {first}"
@@ -79,11 +80,13 @@ def train(cfg: Config, run_dir: Path) -> Path:
         raise
 
 
-def _train_variant(cfg: Config, run_dir: Path) -> Path:
+def _train_variant(cfg: Config, run_dir: Path, base=None) -> Path:
     if cfg.lora.variant == "qlora":
         check_qlora_available()  # refuse up front, before minutes of loading
     if cfg.lora.variant != "loradrop":
-        return _train(cfg, Path(run_dir))
+        return _train(cfg, Path(run_dir), base=base)
+    if base is not None:
+        raise ValueError("loradrop trains twice (probe + run) and needs model.path, not a preloaded base")
     # LoRA-drop: a short probe run scores every layer by its adapter output ||s·BAx||², then the real run trains
     # LoRA only on the layers that carry `loradrop_threshold` of the total importance.
     selection = Path(run_dir) / "loradrop.json"
@@ -106,7 +109,12 @@ def _train_variant(cfg: Config, run_dir: Path) -> Path:
     return _train(cfg, Path(run_dir), lora=lora)
 
 
-def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = False):
+def use_fast_path(cfg: Config, measure_importance: bool = False) -> bool:
+    # LoRA-drop's probe adds forward hooks after the models are prepared: a compiled graph would not run them.
+    return not measure_importance and (cfg.train.fast == "on" or (cfg.train.fast == "auto" and torch.cuda.is_available()))
+
+
+def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = False, base=None):
     """The loop. `lora` overrides cfg.lora for the model (LoRA-drop's selection) while cfg is what gets saved."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -115,6 +123,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
+    fast = use_fast_path(cfg, measure_importance)
     # cpu=True without CUDA lets accelerate run data-parallel over gloo when launched with several processes.
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.mixed_precision),
                               gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available())
@@ -144,7 +153,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
 
     # --- model: frozen base in weight_dtype, LoRA params in fp32
     lora = lora or cfg.lora
-    base = load_base(cfg.model, quantize_bits=lora.qlora_bits if lora.variant == "qlora" else None)
+    base = base or load_base(cfg.model, quantize_bits=lora.qlora_bits if lora.variant == "qlora" else None)
     set_seed(tc.seed)  # LoRA init draws from the global generators: same seed, same starting adapter
     tuners = attach_lora(base, lora, total_steps)
     unet, vae, text_encoders = base.unet, base.vae, base.text_encoders()
@@ -170,8 +179,9 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     prepared = accelerator.prepare(*trained.values(), optimizer)
     wrapped = dict(zip(trained, prepared[:-1]))
     optimizer = prepared[-1]
-    unet_fwd = wrapped.get("unet", unet)
-    te_fwd = {name: wrapped.get(name, m) for name, m in text_encoders.items()}
+    # What the loss calls: the prepared models (eager path), swapped for compiled ones on the fast path below.
+    eager_fwd = {"unet": wrapped.get("unet", unet), **{n: wrapped.get(n, m) for n, m in text_encoders.items()}}
+    fwd = dict(eager_fwd)
 
     # --- resume
     start_step = 0
@@ -217,7 +227,8 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         if k == test_oom_at:
             raise torch.OutOfMemoryError("CUDA out of memory. (simulated by STYLE_LORA_TEST_OOM_AT_STEP)")
         rng = random.Random(f"{tc.seed}-{k}")
-        gen = torch.Generator("cpu").manual_seed(tc.seed * 1_000_003 + k)
+        # noise and timesteps: drawn on the GPU when there is one (no host RNG + copy per step), else on the CPU
+        gen = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(tc.seed * 1_000_003 + k)
         torch.manual_seed(tc.seed + k)  # LoRA dropout draws from the global generator
         indices = batch_at(k)
         flips = [cfg.data.flip and rng.random() < 0.5 for _ in indices]
@@ -231,12 +242,14 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             means.append(mean)
             stds.append(std)
         mean, std = torch.stack(means), torch.stack(stds)
-        latents = (mean + std * torch.randn(mean.shape, generator=gen).to(device)) * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen)
+        def randn(shape) -> torch.Tensor:
+            return torch.randn(shape, generator=gen, device=gen.device).to(device)
+
+        latents = (mean.to(device) + std.to(device) * randn(mean.shape)) * vae.config.scaling_factor
+        noise = randn(latents.shape)
         if tc.noise_offset:
-            noise += tc.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
-        noise = noise.to(device)
-        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen).to(device)
+            noise += tc.noise_offset * randn((latents.shape[0], latents.shape[1], 1, 1))
+        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen, device=gen.device).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
         if text_cache:
             hidden = torch.stack([text_cache[i][0] for i in indices])
@@ -244,11 +257,11 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         else:
             # grad only when training the TE, and never inside a no_grad caller (LoRA-drop's importance pass)
             with torch.set_grad_enabled(trains_text and torch.is_grad_enabled()):
-                hidden, pooled = encode_text(base, te_fwd, captions, device)
+                hidden, pooled = encode_text(base, {n: fwd[n] for n in text_encoders}, captions, device)
         time_ids = None
         if base.kind == "sdxl":
             time_ids = torch.stack([sdxl_time_ids(items[i].size, items[i].bucket, f) for i, f in zip(indices, flips)])
-        pred = unet_fwd(noisy, timesteps, hidden.to(weight_dtype), **unet_kwargs(pooled, time_ids, weight_dtype)).sample.float()
+        pred = fwd["unet"](noisy, timesteps, hidden.to(weight_dtype), **unet_kwargs(pooled, time_ids, weight_dtype)).sample.float()
         target = noise if base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
         if tc.min_snr_gamma:
@@ -262,7 +275,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
 
     def save_adapter(step: int, final: bool) -> list[Path]:
         samples = sorted((run_dir / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)
-        paths = save_adapters(run_dir, cfg, {n: accelerator.unwrap_model(m) for n, m in wrapped.items()},
+        paths = save_adapters(run_dir, cfg, trained,
                               training_metadata(cfg, base.kind, step, len(items), started_at, base.prediction_type),
                               base_kind=base.kind,
                               tag_frequency=ds.tag_frequency(items), cover_png=samples[-1].read_bytes() if samples else None,
@@ -272,33 +285,52 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
 
     def sample(step: int) -> None:
         if cfg.sample.prompts and main:
-            paths = render_samples(base, accelerator.unwrap_model(unet_fwd),
-                                   {n: accelerator.unwrap_model(m) for n, m in te_fwd.items()},
-                                   cfg, step, run_dir / "samples", weight_dtype)
+            # the original modules: a compiled graph would recompile for the sampler's shapes
+            paths = render_samples(base, unet, text_encoders, cfg, step, run_dir / "samples", weight_dtype)
             events.emit("samples", step=step, paths=[str(p) for p in paths])
 
     def checkpoint(step: int) -> None:
         if main:
             folder = save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", step,
-                                     {n: accelerator.unwrap_model(m) for n, m in wrapped.items()}, optimizer,
+                                     trained, optimizer,
                                      lr_scheduler, extra={**(delta.state() if delta else {}),
                                                           **adalora_state(tuners)})
             prune_checkpoints(run_dir, tc.keep_checkpoints)
             events.emit("checkpoint", step=step, path=str(folder))
         accelerator.wait_for_everyone()
 
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
     events.emit("start", total_steps=total_steps, start_step=start_step, images=len(items), trainable_params=trainable,
-                variant=lora.variant, base_kind=base.kind, prediction_type=base.prediction_type,
+                variant=lora.variant, fast_path=fast, base_kind=base.kind, prediction_type=base.prediction_type,
                 problems=len(problems), device=str(device), precision=accelerator.mixed_precision,
                 processes=accelerator.num_processes, run_dir=str(run_dir),
                 disk_needed_bytes=disk.get("needed_bytes"), disk_free_bytes=disk.get("free_bytes"),
                 lora_params_estimate=disk.get("lora_params"))
     for m in wrapped.values():
         m.train()
+    if fast:  # compile, then check one micro-batch against the eager path before trusting it (trainer/fast_path.py)
+        from trainer import fast_path
+
+        first_k = start_step * micro_per_step + accelerator.process_index
+        compiled = fast_path.compile_models(eager_fwd, set(trained), device)
+
+        def backward_with(models: dict) -> None:
+            fwd.update(models)
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            accelerator.backward(micro_batch_loss(first_k))
+
+        error, seconds = fast_path.gradient_error(params, lambda: backward_with(eager_fwd),
+                                                  lambda: backward_with(compiled))
+        error = accelerator.reduce(torch.tensor(error, device=device), reduction="mean").item()
+        fast = error <= fast_path.MAX_GRAD_ERROR
+        fwd.update(compiled if fast else eager_fwd)
+        events.emit("fast_path", enabled=fast, grad_error=round(error, 6), compile_s=round(seconds, 1),
+                    backend=fast_path.backend(), reason=None if fast else
+                    f"compiled gradients differ from the eager path by {error:.1%}: training on the eager path")
     bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=not main, dynamic_ncols=True)
     step, stopped, tick = start_step, False, time.time()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     while step < total_steps:
         loss_sum = 0.0
         if delta:
@@ -306,6 +338,8 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         for a in range(tc.grad_accum):
             k = (step * tc.grad_accum + a) * accelerator.num_processes + accelerator.process_index
             with accelerator.accumulate(*wrapped.values()):
+                if fast and device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
                 loss = micro_batch_loss(k)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm:

@@ -1,0 +1,180 @@
+"""Training speed of the real trainer (trainer.loop.train: data, text encoders, LoRA on UNet+TE, optimizer) on
+random-weight SD1.5 / SDXL architectures built on the fly (no downloads): steps/s, images/s, peak memory and
+achieved TFLOP/s, for each batch size, eager path vs fast path (train.fast).
+
+  python bench/train_speed.py --arch sd15 sdxl --batch 1 4 16            # GPU, full size (512 / 1024 px)
+  python bench/train_speed.py --tiny --arch sd15 sdxl --batch 1 --paths eager --warmup 1 --steps 2   # CPU smoke
+
+Each configuration runs in its own process (clean compile caches and peak-memory counters) and prints one JSON
+line; the driver prints a Markdown table and appends the rows to --out. Timing: the wall time between the step
+events of step `warmup` and the last step, so model loading, latent caching and compilation are excluded.
+FLOPs per image: torch's FlopCounterMode over one eager forward+backward of the LoRA'd UNet and text encoder(s)
+at batch 1 (what a training step computes; the optimizer and VAE are not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESOLUTION = {"sd15": 512, "sdxl": 1024}
+
+
+def random_base(arch: str, tiny: bool, folder: Path):
+    """A trainer.model.Base with random weights: the tiny test pipelines (loaded like a user's folder), or the
+    full-size SD1.5 / SDXL architectures built in memory (initialised on the GPU when there is one)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from trainer.config import ModelConfig
+    from trainer.kohya_names import CLIP_L, OPENCLIP_BIGG, SD15_UNET, SDXL_UNET
+    from trainer.model import Base, load_base
+    from trainer.tiny import build_tiny_sd15, write_tiny_tokenizer
+    from trainer.tiny_xl import build_tiny_sdxl
+
+    if tiny:
+        build = build_tiny_sdxl if arch == "sdxl" else build_tiny_sd15
+        return load_base(ModelConfig(path=str(build(folder / arch))))
+    write_tiny_tokenizer(folder / "tokenizer")  # a small vocabulary: same compute per token as the real one
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    special = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            scaling_factor=0.13025 if arch == "sdxl" else 0.18215)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, **special))
+        if arch == "sdxl":
+            unet = UNet2DConditionModel(**SDXL_UNET)
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG, **special, hidden_act="gelu"))
+        else:
+            unet, text_encoder_2 = UNet2DConditionModel(**SD15_UNET), None
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    sampler = EulerDiscreteScheduler(**betas, steps_offset=1)
+    return Base(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                noise_scheduler=DDPMScheduler(**betas), sample_scheduler=sampler, prediction_type="epsilon",
+                kind="sdxl" if arch == "sdxl" else "sd1", source=f"random {arch}", text_encoder_2=text_encoder_2,
+                tokenizer_2=tokenizer if arch == "sdxl" else None)
+
+
+def write_dataset(folder: Path, resolution: int, count: int = 32) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (resolution // 8, resolution // 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((resolution, resolution)).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"a red circle on a blue background, image {i}")
+    return folder
+
+
+def flops_per_image(base, resolution: int) -> float:
+    """FLOPs of one forward+backward of the LoRA'd UNet and text encoder(s) for one image."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.conditioning import encode_text, sdxl_time_ids, unet_kwargs
+
+    device = next(base.unet.parameters()).device
+    dtype = next(base.unet.parameters()).dtype
+    latent = torch.randn(1, 4, resolution // 8, resolution // 8, device=device, dtype=dtype)
+    with FlopCounterMode(display=False) as counter:
+        hidden, pooled = encode_text(base, base.text_encoders(), ["a red circle on a blue background"], device)
+        time_ids = sdxl_time_ids((resolution, resolution), (resolution, resolution), False)[None] if pooled is not None else None
+        out = base.unet(latent, torch.tensor([500], device=device), hidden.to(dtype),
+                        **unet_kwargs(pooled, time_ids, dtype)).sample
+        out.float().square().mean().backward()
+    return float(counter.get_total_flops())
+
+
+def run_one(arch: str, batch: int, path: str, tiny: bool, warmup: int, steps: int) -> dict:
+    import torch
+
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    resolution = 64 if tiny else RESOLUTION[arch]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = random_base(arch, tiny, tmp)
+        data = write_dataset(tmp / "data", resolution, count=max(32, batch * 2))
+        cfg = load_config(ROOT / "presets" / "sd15-style.toml", [
+            f'data.path="{data}"', f"data.resolution={resolution}", "data.bucket=false", "data.flip=false",
+            "data.shuffle_captions=false", "data.caption_dropout=0.0", f"data.min_image_size={min(resolution, 64)}",
+            "lora.rank=16", "lora.alpha=16.0", "lora.train_unet=true", "lora.train_text_encoder=true",
+            f"train.batch_size={batch}", f"train.steps={warmup + steps}", "train.warmup_steps=0",
+            f'train.fast="{"on" if path == "fast" else "off"}"', "train.save_every=0", "train.checkpoint_every=0",
+            "sample.every=0", "sample.prompts=[]", "report.enabled=false", f'output.dir="{tmp / "out"}"'])
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        train(cfg, tmp / "out" / "run", base=base)
+        events = [json.loads(line) for line in (tmp / "out" / "run" / "events.jsonl").read_text().splitlines()]
+        base.unet.train(False)
+        flops = flops_per_image(base, resolution)
+    step_time = {e["step"]: e["time"] for e in events if e["type"] == "step"}
+    seconds = step_time[warmup + steps] - step_time[warmup]
+    steps_s = steps / seconds
+    return {
+        "arch": arch, "size": "tiny" if tiny else "full", "resolution": resolution, "batch": batch, "path": path,
+        "steps_s": round(steps_s, 3), "images_s": round(steps_s * batch, 2),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "tflop_per_image": float(f"{flops / 1e12:.4g}"), "tflop_s": float(f"{flops * steps_s * batch / 1e12:.4g}"),
+        "precision": next(e for e in events if e["type"] == "start")["precision"],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", default=["sd15"], choices=["sd15", "sdxl"])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--paths", nargs="+", default=["eager", "fast"], choices=["eager", "fast"])
+    parser.add_argument("--tiny", action="store_true", help="tiny random models at 64 px (CPU smoke test)")
+    parser.add_argument("--warmup", type=int, default=10, help="steps before timing (compilation happens here)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--out", type=Path, default=None, help="append the JSON rows to this file")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one config, in this process
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.arch[0], args.batch[0], args.paths[0], args.tiny, args.warmup,
+                                             args.steps)), flush=True)
+        return 0
+    rows = []
+    print("| arch | px | batch | path | steps/s | images/s | peak GiB | TFLOP/img | TFLOP/s | device |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for arch in args.arch:
+        for batch in args.batch:
+            for path in args.paths:
+                cmd = [sys.executable, __file__, "--one", "--arch", arch, "--batch", str(batch), "--paths", path,
+                       "--warmup", str(args.warmup), "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                    print(f"| {arch} | | {batch} | {path} | failed: {' / '.join(tail)[:300]} |")
+                    continue
+                r = json.loads(line.removeprefix("RESULT "))
+                rows.append(r)
+                print(f"| {arch} | {r['resolution']} | {batch} | {path} | {r['steps_s']} | {r['images_s']} | "
+                      f"{r['peak_mem_gib'] if r['peak_mem_gib'] is not None else '-'} | {r['tflop_per_image']} | "
+                      f"{r['tflop_s']} | {r['device']} |", flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return 0 if rows and len(rows) == len(args.arch) * len(args.batch) * len(args.paths) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
