@@ -20,9 +20,9 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m app
 
-# Headless: a full offline training run on the built-in tiny model and the shipped example images.
+# Headless: the README's first example, offline: the demo style set on the demo base, with its style report.
 demo: install
-	$(PY) -m trainer train presets/tiny-test.toml
+	$(PY) -m trainer train presets/demo-style.toml
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

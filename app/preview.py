@@ -38,7 +38,7 @@ WORKER_CMD = [sys.executable, "-m", "trainer", "preview"]
 START_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 900
 KEEP_IMAGES = 200
-DEFAULT_BASE = "builtin:tiny-sd15"
+DEFAULT_BASE = "builtin:demo-sd"  # the offline demo base (assets/demo-sd); runs use their own base
 
 
 class PreviewError(RuntimeError):
