@@ -33,6 +33,8 @@ def backend() -> str:
 def compile_models(models: dict[str, torch.nn.Module], trained: set[str], device: torch.device) -> dict:
     """{name: compiled module} for the trained ones, the others as they are."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # one graph per bucket
+    # A graph that fails to compile (e.g. a later bucket's shape) runs eagerly instead of ending the run.
+    torch._dynamo.config.suppress_errors = True
     mode = "reduce-overhead" if device.type == "cuda" and backend() == "inductor" else None
     return {n: torch.compile(m, backend=backend(), mode=mode, dynamic=False) if n in trained else m
             for n, m in models.items()}

@@ -321,14 +321,19 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
                 torch.compiler.cudagraph_mark_step_begin()
             accelerator.backward(micro_batch_loss(first_k))
 
-        error, seconds = fast_path.gradient_error(params, lambda: backward_with(eager_fwd),
-                                                  lambda: backward_with(compiled))
+        try:
+            error, seconds = fast_path.gradient_error(params, lambda: backward_with(eager_fwd),
+                                                      lambda: backward_with(compiled))
+            reason = f"compiled gradients differ from the eager path by {error:.1%}"
+        except Exception as err:  # a compiler failure must not end the run: it trains on the eager path
+            error, seconds, reason = float("inf"), 0.0, f"compiling failed: {type(err).__name__}: {str(err)[:300]}"
+            optimizer.zero_grad(set_to_none=True)
         error = accelerator.reduce(torch.tensor(error, device=device), reduction="mean").item()
         fast = error <= fast_path.MAX_GRAD_ERROR
         fwd.update(compiled if fast else eager_fwd)
-        events.emit("fast_path", enabled=fast, grad_error=round(error, 6), compile_s=round(seconds, 1),
-                    backend=fast_path.backend(), reason=None if fast else
-                    f"compiled gradients differ from the eager path by {error:.1%}: training on the eager path")
+        events.emit("fast_path", enabled=fast, grad_error=round(error, 6) if math.isfinite(error) else None,
+                    compile_s=round(seconds, 1), backend=fast_path.backend(),
+                    reason=None if fast else f"{reason}: training on the eager path")
     bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=not main, dynamic_ncols=True)
     step, stopped, tick = start_step, False, time.time()
     while step < total_steps:
