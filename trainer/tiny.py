@@ -114,7 +114,12 @@ def build_tiny_sd15(folder: str | Path, seed: int = 0) -> Path:
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    # Build beside the target and rename, so concurrent builders never see a half-written folder.
+    return save_pipeline(pipe, folder)
+
+
+def save_pipeline(pipe, folder: str | Path) -> Path:
+    """save_pretrained beside `folder`, then rename: concurrent builders never see a half-written folder."""
+    folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

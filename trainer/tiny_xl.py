@@ -9,12 +9,12 @@ are noise. A few hundred kB each.
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from trainer.tiny import save_pipeline, write_tiny_tokenizer
 
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                  max_position_embeddings=77)
@@ -22,8 +22,6 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, nu
 
 def _tokenizer():
     from transformers import CLIPTokenizer
-
-    from trainer.tiny import write_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_tokenizer(Path(tmp))
@@ -44,23 +42,6 @@ def _vae(scaling_factor: float):
     return AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                          norm_num_groups=16, sample_size=64, scaling_factor=scaling_factor)
-
-
-def save_pipeline(pipe, folder: str | Path) -> Path:
-    """save_pretrained beside `folder`, then rename: concurrent builders never see a half-written folder."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        pipe.save_pretrained(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
