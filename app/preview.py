@@ -39,6 +39,20 @@ START_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 900
 KEEP_IMAGES = 200
 DEFAULT_BASE = "builtin:demo-sd"  # the offline demo base (assets/demo-sd); runs use their own base
+DEMO_FOLDER = Path(__file__).resolve().parent.parent / "assets" / "demo-sd"
+
+
+def base_size(base: str) -> int | None:
+    """The base's native image side, to preset the width/height sliders (None: unknown, e.g. a hub id)."""
+    from trainer.arch import native_size
+
+    base = (base or "").strip()
+    if base == "builtin:demo-sd":
+        return native_size(DEMO_FOLDER)
+    if base.startswith("builtin:"):
+        return 64
+    return native_size(base) if Path(base).expanduser().is_dir() else None
+
 
 
 class PreviewError(RuntimeError):
@@ -361,14 +375,15 @@ def build_tab(outputs: Path):
                                   type="filepath", scale=3)
             base = gr.Textbox(label="Base model", value=DEFAULT_BASE, scale=2,
                               info="Filled from the chosen run; uploaded adapters are checked against it.")
-        prompt = gr.Textbox(label="Prompt", value="zkstyle, a lighthouse", lines=2)
+        prompt = gr.Textbox(label="Prompt", value="zkstyle, a red circle on a blue background", lines=2)
         negative = gr.Textbox(label="Negative prompt", value="")
         with gr.Row():
             steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
             guidance = gr.Slider(0.0, 20.0, value=7.0, step=0.5, label="Guidance")
             seed = gr.Number(value=0, precision=0, label="Seed")
-            width = gr.Slider(64, 1024, value=512, step=8, label="Width")
-            height = gr.Slider(64, 1024, value=512, step=8, label="Height")
+            size = base_size(DEFAULT_BASE) or 512
+            width = gr.Slider(16, 2048, value=size, step=8, label="Width")
+            height = gr.Slider(16, 2048, value=size, step=8, label="Height")
         with gr.Row():
             compare_btn = gr.Button("Generate (LoRA vs base)", variant="primary", elem_id="preview-generate")
             grid_btn = gr.Button("Strength × seed grid", elem_id="preview-grid")
@@ -379,6 +394,12 @@ def build_tab(outputs: Path):
         grid_img = gr.Image(label="Strengths 0, 0.5, 1 (columns) × 3 seeds (rows)", type="filepath", interactive=False)
 
     inputs = [adapter, strength, adapter2, weight2, base, prompt, negative, steps, guidance, seed, width, height]
+
+    def on_base(b: str):
+        size = base_size(b)  # the base's own resolution: a 1024 px SDXL or the 32 px demo base at its best
+        return (gr.update(), gr.update()) if size is None else (size, size)
+
+    base.change(on_base, base, [width, height], api_name="preview_base_size")
 
     def _settings(p, n, st, g, sd, w, h):
         return dict(prompt=p or "", negative=n or "", steps=int(st), guidance=float(g), seed=int(sd or 0),

@@ -225,6 +225,10 @@ def test_ui_shows_the_detected_base_without_loading_it(tiny_sdxl, tiny_sd2, tmp_
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 16)
     assert "junk.safetensors: not a readable" in form.describe_base(str(tmp_path / "junk.safetensors"))
 
+    from app.preview import base_size  # the preview's width/height follow the base's own resolution
+
+    assert (base_size(str(tiny_sdxl)), base_size("builtin:demo-sd"), base_size("someone/some-model")) == (64, 32, None)
+
     events = [{"type": "start", "images": 3, "device": "cpu", "precision": "no", "base_kind": "sd2",
                "prediction_type": "v_prediction"}]
     status = jobs.RunStatus(run_dir=tmp_path / "r", state="running", events=events)

@@ -65,3 +65,15 @@ def describe_folder(path: str | Path) -> dict:
 def describe(kind: str, prediction_type: str) -> str:
     """One line for the UI and logs, e.g. 'SD 2.x, v-prediction'."""
     return f"{LABELS.get(kind, kind)}, {'v-prediction' if prediction_type == 'v_prediction' else 'epsilon-prediction'}"
+
+
+def native_size(folder: str | Path) -> int | None:
+    """The image side a diffusers folder's UNet was built for (sample_size x the VAE's downsampling), e.g. 512 for
+    SD1.5, 1024 for SDXL, 32 for the demo base; None when the configs cannot be read."""
+    folder = Path(folder).expanduser()
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
