@@ -30,6 +30,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def _train_tiny(run, tiny_base, steps: int, *overrides: str) -> subprocess.CompletedProcess:
+    """The tiny-test preset on the session's tiny base, through the CLI, without intermediate saves or samples."""
+    sets = [f"train.steps={steps}", f'model.path="{tiny_base}"', "train.checkpoint_every=0", "train.save_every=0",
+            "sample.every=0", *overrides]
+    return _cli("train", "presets/tiny-test.toml", "--run-dir", str(run), *[a for o in sets for a in ("--set", o)])
+
+
 # ----------------------------------------------------------------------------- features (no model)
 
 
@@ -97,10 +104,7 @@ def test_report_written_embedded_and_loadable(tmp_path, tiny_base):
     from safetensors import safe_open
 
     run = tmp_path / "run"
-    proc = _cli("train", "presets/tiny-test.toml", "--run-dir", str(run), "--set", "train.steps=4",
-                "--set", f'model.path="{tiny_base}"',
-                "--set", "train.checkpoint_every=0", "--set", "train.save_every=0", "--set", "sample.every=0",
-                "--set", f'output.dir="{tmp_path}"')
+    proc = _train_tiny(run, tiny_base, 4, f'output.dir="{tmp_path}"')
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((run / "report.json").read_text())
     assert set(report["style_lift"]) == {"0.5", "1.0"} and set(report["fidelity"]) == {"0.0", "0.5", "1.0"}
@@ -124,10 +128,7 @@ def test_report_written_embedded_and_loadable(tmp_path, tiny_base):
 
 def test_failed_report_keeps_the_run(tmp_path, tiny_base):
     run = tmp_path / "run"
-    proc = _cli("train", "presets/tiny-test.toml", "--run-dir", str(run), "--set", "train.steps=2",
-                "--set", f'model.path="{tiny_base}"',
-                "--set", "train.checkpoint_every=0", "--set", "train.save_every=0", "--set", "sample.every=0",
-                "--set", f'report.clip_model="{tmp_path / "no-clip-here"}"')
+    proc = _train_tiny(run, tiny_base, 2, f'report.clip_model="{tmp_path / "no-clip-here"}"')
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (run / "tiny-test.safetensors").is_file() and (run / "tiny-test.diffusers.safetensors").is_file()
     events = _report_events(run)

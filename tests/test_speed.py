@@ -125,3 +125,15 @@ def test_speed_benchmark_runs_on_cpu_at_tiny_size(tmp_path):
         assert r["steps_s"] > 0 and r["images_s"] == pytest.approx(r["steps_s"] * r["batch"], rel=0.01)
         assert r["tflop_per_image"] > 0 and r["device"] == "cpu"
     assert "| sdxl | 64 | 2 | eager |" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_fast_path_on_cuda_passes_its_check_and_matches_eager(make_cfg, tmp_path):
+    """On a GPU: inductor + CUDA graphs are used (the check passes) and the bf16 loss curve follows the eager one."""
+    from trainer.loop import train
+
+    train(make_cfg(*FAST_COMMON, "train.steps=6", 'train.fast="off"'), tmp_path / "eager")
+    train(make_cfg(*FAST_COMMON, "train.steps=6", 'train.fast="auto"'), tmp_path / "fast")
+    check = next(e for e in events(tmp_path / "fast") if e["type"] == "fast_path")
+    assert check["enabled"] is True and check["backend"] == "inductor", check
+    assert losses(tmp_path / "fast") == pytest.approx(losses(tmp_path / "eager"), rel=0.05)
