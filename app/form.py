@@ -216,15 +216,13 @@ def _single_file_kind(path) -> str:
     import struct
 
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("file too short")
+        (size,) = struct.unpack("<Q", head)
         if size > 100_000_000:
             raise ValueError("header too large")
-        keys = json.loads(f.read(size))
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP-H: SD2.x
-        return "sd2"
-    return "sd1"
+        return arch.kind_from_checkpoint_keys(json.loads(f.read(size)))
 
 
 def describe_base(path: str | None) -> str:

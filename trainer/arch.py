@@ -35,6 +35,16 @@ def kind_from_configs(unet_config: dict, has_text_encoder: bool = True, has_text
     return "sd1"
 
 
+def kind_from_checkpoint_keys(keys) -> str:
+    """The family of a single-file (original LDM/SGM layout) checkpoint from its tensor names."""
+    keys = list(keys)
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):  # SDXL's second text encoder
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP-H: SD2.x
+        return "sd2"
+    return "sd1"
+
+
 def modelspec_architecture(kind: str, v_prediction: bool) -> str:
     """SAI ModelSpec architecture of a LoRA for this base (kohya library/sai_model_spec.py)."""
     if kind == "sdxl":

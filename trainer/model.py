@@ -112,8 +112,10 @@ def _pipeline_class(kind: str, where: str, cfg: ModelConfig):
     if kind == "file":
         from safetensors import safe_open
 
+        from trainer.arch import kind_from_checkpoint_keys
+
         with safe_open(where, framework="pt") as f:
-            xl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+            xl = kind_from_checkpoint_keys(f.keys()) == "sdxl"
         return diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
     name = diffusers.DiffusionPipeline.load_config(where, revision=cfg.revision).get("_class_name", "")
     if name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
