@@ -224,6 +224,8 @@ def test_ui_shows_the_detected_base_without_loading_it(tiny_sdxl, tiny_sd2, tmp_
     assert "SDXL" in form.describe_base(str(xl_file)) and "SD 2.x" in form.describe_base(str(sd2_file))
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 16)
     assert "junk.safetensors: not a readable" in form.describe_base(str(tmp_path / "junk.safetensors"))
+    (tmp_path / "short.safetensors").write_bytes(b"ab")
+    assert "short.safetensors: not a readable" in form.describe_base(str(tmp_path / "short.safetensors"))
 
     from app.preview import base_size  # the preview's width/height follow the base's own resolution
 
