@@ -27,27 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def sd15_pipeline(tokenizer_dir: Path):
-    """A full-size SD1.5 pipeline (UNet 860M, CLIP-L, SD VAE) with random weights, built in memory."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def sd15_pipeline(folder: Path):
+    """A full-size SD1.5 pipeline (UNet 860M, CLIP-L, SD VAE) with random weights, built in memory on the CPU."""
+    from bench.train_speed import random_base
 
-    from trainer.kohya_names import CLIP_L, SD15_UNET
-    from trainer.tiny import write_tiny_tokenizer
-
-    write_tiny_tokenizer(tokenizer_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    unet = UNet2DConditionModel(**SD15_UNET)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, vocab_size=len(tokenizer),
-                                                max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return random_base("sd15", tiny=False, folder=folder, device="cpu").pipeline()
 
 
 def random_adapter(unet, path: Path, rank: int, seed: int) -> Path:

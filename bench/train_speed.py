@@ -27,11 +27,12 @@ sys.path.insert(0, str(ROOT))
 RESOLUTION = {"sd15": 512, "sdxl": 1024}
 
 
-def random_base(arch: str, tiny: bool, folder: Path):
+def random_base(arch: str, tiny: bool, folder: Path, device: str | None = None):
     """A trainer.model.Base with random weights: the tiny test pipelines (loaded like a user's folder), or the
-    full-size SD1.5 / SDXL architectures built in memory (initialised on the GPU when there is one)."""
+    full-size SD1.5 / SDXL architectures built in memory on `device` (default: the GPU when there is one).
+    bench/preview_swap.py builds its pipeline here too (`.pipeline()`)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from trainer.config import ModelConfig
@@ -47,7 +48,7 @@ def random_base(arch: str, tiny: bool, folder: Path):
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     special = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    with torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")):
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             scaling_factor=0.13025 if arch == "sdxl" else 0.18215)
@@ -58,7 +59,9 @@ def random_base(arch: str, tiny: bool, folder: Path):
         else:
             unet, text_encoder_2 = UNet2DConditionModel(**SD15_UNET), None
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    sampler = EulerDiscreteScheduler(**betas, steps_offset=1)
+    # the schedulers the real bases ship: Euler for SDXL, DDIM for SD1.5
+    sampler = (EulerDiscreteScheduler(**betas, steps_offset=1) if arch == "sdxl"
+               else DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False))
     return Base(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 noise_scheduler=DDPMScheduler(**betas), sample_scheduler=sampler, prediction_type="epsilon",
                 kind="sdxl" if arch == "sdxl" else "sd1", source=f"random {arch}", text_encoder_2=text_encoder_2,
