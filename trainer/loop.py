@@ -300,7 +300,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         accelerator.wait_for_everyone()
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
     events.emit("start", total_steps=total_steps, start_step=start_step, images=len(items), trainable_params=trainable,
                 variant=lora.variant, fast_path=fast, base_kind=base.kind, prediction_type=base.prediction_type,
                 problems=len(problems), device=str(device), precision=accelerator.mixed_precision,
