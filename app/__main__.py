@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="require this login (repeat for more users)")
     parser.add_argument("--auth-file", metavar="FILE", help="file of user:password lines")
     args = parser.parse_args(argv)
+    from trainer.versions import incompatible_versions
+
+    if problem := incompatible_versions():  # the runs this UI starts would fail on it: say so before serving
+        sys.exit(f"error: {problem}")
     try:
         auth = parse_auth(args.auth, args.auth_file)
     except (OSError, ValueError) as err:

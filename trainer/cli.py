@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     p_prev.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; implies --hotswap)")
     p_prev.add_argument("--max-rank", type=int, default=64, help="hot-swap slot rank (largest adapter or mix rank)")
     args = parser.parse_args(argv)
+    from trainer.versions import incompatible_versions
+
+    if problem := incompatible_versions():  # before any model code: a known-bad install fails here, in one line
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     from trainer.data import DatasetError
     from trainer.model import ModelError

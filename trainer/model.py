@@ -198,11 +198,23 @@ def attach_lora(base: Base, cfg: LoraConfig, total_steps: int = 1000) -> dict[st
             continue
         try:
             tuner = add_adapter(module, peft_config(cfg, targets, total_steps))
-        except ValueError as err:  # peft: "Target modules {...} not found in the base model"
-            raise ModelError(f"lora: the {name.replace('_', ' ')} has no module matching {targets}: {err}") from None
+        except ValueError as err:
+            raise ModelError(attach_error(name, targets, err)) from None
         if tuner is not None:
             tuners[name] = tuner
     return tuners
+
+
+def attach_error(part: str, targets: list[str], err: Exception) -> str:
+    """What to tell the user when peft (or transformers under it) refuses to attach LoRA to `part`."""
+    part = part.replace("_", " ")
+    if "not found in the base model" in str(err) or "did not match" in str(err):  # peft: a real target mismatch
+        return f"lora: the {part} has no module matching {targets}: {err}"
+    from trainer.versions import incompatible_versions
+
+    # anything else is the library's own reason (e.g. a peft too old for this transformers): pass it on as it is
+    return f"lora: peft could not attach LoRA to the {part}: {err}" + (f" ({incompatible_versions()})"
+                                                                       if incompatible_versions() else "")
 
 
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -1,0 +1,252 @@
+"""The training form: an explicit list of config fields and their widgets, and conversions both ways.
+
+Labels are short; help text is the pydantic Field description, so the UI and the config cannot drift. No gradio
+here: ui.py turns each FieldSpec into a component.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from trainer import arch
+from trainer.config import Config, ConfigError, apply_override, load_config, parse_override, PRESETS_DIR
+
+DEFAULT_PRESET = "demo-style"  # trains on BUILTIN_BASE: the whole flow works offline and shows a real result
+BUILTIN_BASE = "builtin:demo-sd"
+BASE_CHOICES = [  # (label, value); any other text is accepted too (hub id, diffusers folder, .safetensors)
+    ("builtin:demo-sd (demo: tiny model trained on procedural shapes — not a real SD base)", BUILTIN_BASE),
+    ("builtin:tiny-sd15 (test: random tiny model, proves the pipeline; samples are noise)", "builtin:tiny-sd15"),
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5 (hub id, SD1.5)", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+]
+
+# (config field path, widget kind, label). Kinds: text, lines (list[str], one per line), int, float, bool,
+# choice (Literal), optional (str | None; empty = None), base (the base-model picker).
+BASIC: list[tuple[str, str, str]] = [
+    ("data.trigger", "text", "Trigger word"),
+    ("model.path", "base", "Base model"),
+    ("train.steps", "int", "Steps"),
+    ("train.epochs", "int", "Epochs (0 = use steps)"),
+    ("lora.rank", "int", "Rank"),
+    ("lora.alpha", "float", "Alpha"),
+    ("train.lr_unet", "float", "Learning rate (UNet)"),
+    ("data.resolution", "int", "Resolution"),
+    ("lora.train_text_encoder", "bool", "Train the text encoder"),
+]
+ADVANCED: list[tuple[str, str, str]] = [
+    ("train.lr_text_encoder", "float", "Learning rate (text encoder)"),
+    ("train.batch_size", "int", "Batch size"),
+    ("train.grad_accum", "int", "Gradient accumulation"),
+    ("train.lr_scheduler", "choice", "LR schedule"),
+    ("train.warmup_steps", "int", "Warmup steps"),
+    ("train.mixed_precision", "choice", "Mixed precision"),
+    ("train.gradient_checkpointing", "bool", "Gradient checkpointing"),
+    ("train.min_snr_gamma", "float", "Min-SNR gamma"),
+    ("train.noise_offset", "float", "Noise offset"),
+    ("train.seed", "int", "Seed"),
+    ("train.save_every", "int", "Save adapter every N steps"),
+    ("train.checkpoint_every", "int", "Checkpoint every N steps"),
+    ("data.repeats", "int", "Repeats"),
+    ("data.flip", "bool", "Horizontal flip"),
+    ("data.shuffle_captions", "bool", "Shuffle caption tags"),
+    ("data.keep_tokens", "int", "Keep first N tags"),
+    ("data.caption_dropout", "float", "Caption dropout"),
+    ("data.default_caption", "text", "Default caption"),
+    ("data.bucket", "bool", "Aspect-ratio buckets"),
+    ("data.bucket_step", "int", "Bucket step"),
+    ("data.min_bucket", "int", "Min bucket side"),
+    ("data.max_bucket", "int", "Max bucket side"),
+    ("data.upscale", "bool", "Upscale small images"),
+    ("data.min_image_size", "int", "Min image size"),
+    ("lora.variant", "choice", "LoRA variant"),
+    ("lora.loraplus_ratio", "float", "LoRA+: B/A learning-rate ratio"),
+    ("lora.vera_rank", "int", "VeRA: shared projection rank"),
+    ("lora.adalora_init_rank", "int", "AdaLoRA: initial rank"),
+    ("lora.loradrop_threshold", "float", "LoRA-drop: importance kept"),
+    ("lora.deltalora_lambda", "float", "Delta-LoRA: λ"),
+    ("lora.deltalora_start", "int", "Delta-LoRA: start step"),
+    ("lora.dropout", "float", "LoRA dropout"),
+    ("lora.rslora", "bool", "rsLoRA"),
+    ("lora.train_unet", "bool", "Train the UNet"),
+    ("sample.every", "int", "Samples every N steps"),
+    ("sample.prompts", "lines", "Sample prompts (one per line)"),
+    ("sample.negative_prompt", "text", "Sample negative prompt"),
+    ("sample.steps", "int", "Sample steps"),
+    ("sample.guidance", "float", "Sample guidance"),
+    ("sample.seed", "int", "Sample seed"),
+    ("model.prediction_type", "choice", "Prediction type"),
+    ("model.revision", "optional", "Hub revision"),
+    ("model.variant", "optional", "Weight variant"),
+    ("model.single_file_config", "optional", "Single-file config"),
+]
+EXTRA_LABEL = "Extra settings"
+EXTRA_HELP = "One section.key=value per line, applied last (e.g. train.warmup_steps=10). Any config field."
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    path: str  # "train.steps"
+    kind: str
+    label: str
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:  # a python identifier: the gradio_client parameter name hint
+        return self.path.replace(".", "_")
+
+
+def _field(path: str):
+    section, name = path.split(".")
+    return Config.model_fields[section].annotation.model_fields[name]
+
+
+def _spec(path: str, kind: str, label: str) -> FieldSpec:
+    info = _field(path)
+    choices: tuple[str, ...] = ()
+    if kind == "choice":
+        choices = tuple(typing.get_args(info.annotation))
+    elif kind == "base":
+        choices = tuple(v for _, v in BASE_CHOICES)
+    return FieldSpec(path, kind, label, info.description or "", choices)
+
+
+BASIC_SPECS = [_spec(*row) for row in BASIC]
+ADVANCED_SPECS = [_spec(*row) for row in ADVANCED]
+ALL_SPECS = BASIC_SPECS + ADVANCED_SPECS
+
+
+def _check_kinds() -> None:
+    """Fail at import if a spec's kind does not fit its field's type (catches config changes early)."""
+    expected = {bool: "bool", int: "int", float: "float", str: "text"}
+    for spec in ALL_SPECS:
+        ann = _field(spec.path).annotation
+        if spec.kind in ("base", "text"):
+            ok = ann is str
+        elif spec.kind == "optional":
+            ok = isinstance(ann, types.UnionType) and set(typing.get_args(ann)) == {str, type(None)}
+        elif spec.kind == "choice":
+            ok = typing.get_origin(ann) is typing.Literal
+        elif spec.kind == "lines":
+            ok = ann == list[str]
+        else:
+            ok = expected.get(ann) == spec.kind
+        if not ok:
+            raise TypeError(f"form field {spec.path}: kind {spec.kind!r} does not fit type {ann}")
+
+
+_check_kinds()
+
+
+def config_to_values(cfg: Config) -> dict[str, Any]:
+    """{field path: widget value} for every form field."""
+    dumped = cfg.model_dump(mode="json")
+    values: dict[str, Any] = {}
+    for spec in ALL_SPECS:
+        section, name = spec.path.split(".")
+        value = dumped[section][name]
+        if spec.kind == "lines":
+            value = "\n".join(value)
+        elif spec.kind == "optional":
+            value = value or ""
+        values[spec.path] = value
+    return values
+
+
+def preset_values(preset: str) -> dict[str, Any]:
+    return config_to_values(load_preset_config(preset))
+
+
+def load_preset_config(preset: str | None) -> Config:
+    if preset and preset not in list_preset_names():
+        raise ConfigError(f"unknown preset {preset!r}")
+    return load_config(PRESETS_DIR / f"{preset}.toml" if preset else None)
+
+
+def list_preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def _coerce(spec: FieldSpec, value: Any) -> Any:
+    if spec.kind == "lines":
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if spec.kind == "optional":
+        return str(value).strip() or None if value is not None else None
+    if spec.kind == "int":
+        if value is None or value == "":
+            raise ConfigError(f"{spec.label} ({spec.path}): a whole number is required")
+        if float(value) != int(float(value)):
+            raise ConfigError(f"{spec.label} ({spec.path}): {value} is not a whole number")
+        return int(float(value))
+    if spec.kind == "float":
+        if value is None or value == "":
+            raise ConfigError(f"{spec.label} ({spec.path}): a number is required")
+        return float(value)
+    if spec.kind == "bool":
+        return bool(value)
+    return "" if value is None else str(value).strip()
+
+
+def values_to_config(preset: str | None, values: dict[str, Any], extra_lines: str = "") -> Config:
+    """defaults <- preset <- form values <- extra 'section.key=value' lines. Raises ConfigError with field names."""
+    ui: dict[str, Any] = {}
+    by_path = {s.path: s for s in ALL_SPECS}
+    for path, value in values.items():
+        if path not in by_path:
+            raise ConfigError(f"unknown form field {path!r}")
+        apply_override(ui, path.split("."), _coerce(by_path[path], value))
+    overrides = [line.strip() for line in (extra_lines or "").splitlines() if line.strip() and not line.startswith("#")]
+    for line in overrides:
+        parse_override(line)  # raises a clear ConfigError for a malformed line
+    path = PRESETS_DIR / f"{preset}.toml" if preset else None
+    if preset and preset not in list_preset_names():
+        raise ConfigError(f"unknown preset {preset!r}")
+    return load_config(path, overrides, extra=ui)
+
+
+def help_markdown(spec: FieldSpec) -> str:
+    return f"{spec.help} (`{spec.path}`)"
+
+
+def _single_file_kind(path) -> str:
+    """The family of a single-file checkpoint from its tensor names (safetensors header only; no torch)."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("file too short")
+        (size,) = struct.unpack("<Q", head)
+        if size > 100_000_000:
+            raise ValueError("header too large")
+        return arch.kind_from_checkpoint_keys(json.loads(f.read(size)))
+
+
+def describe_base(path: str | None) -> str:
+    """What the UI shows under the base picker: the detected family (SD 1.x / SD 2.x / SDXL) without loading it."""
+    from pathlib import Path
+
+    path = (path or "").strip()
+    if not path:
+        return "Base: none chosen."
+    if path == BUILTIN_BASE:
+        return ("Base: **SD 1.x** layout — demo: a tiny model trained on procedural shapes (32 px), not a real SD base "
+                "(docs/demo-base.md).")
+    if path.startswith("builtin:"):
+        return "Base: **SD 1.x** layout (built-in tiny model, offline)."
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = arch.describe_folder(p)
+        if "error" in found:
+            return f"Base: {found['error']}"
+        return f"Base: **{arch.describe(found['kind'], found['prediction_type'])}** (detected from the model's configs)."
+    if p.is_file() and p.suffix.lower() == ".safetensors":
+        try:
+            kind = _single_file_kind(p)
+        except (OSError, ValueError) as err:
+            return f"Base: {p.name}: not a readable .safetensors checkpoint ({err})."
+        return f"Base: **{arch.LABELS[kind]}** (from the checkpoint's tensor names; v-prediction is read when loading)."
+    return "Base: hub id or path not found here; its family (SD 1.x / 2.x / XL) is detected when the run loads it."

@@ -1,0 +1,132 @@
+"""Command line: everything the UI does, headless.
+
+  python -m trainer train CONFIG.toml [--set section.key=value ...] [--run-dir DIR]
+  python -m trainer resume RUN_DIR [--set ...]
+  python -m trainer convert IN.safetensors OUT.safetensors --to kohya|diffusers [--base sd1|sd2|sdxl]
+  python -m trainer build-tiny DIR [--kind sd1|sd2|sdxl]
+  python -m trainer preview --base MODEL [--hotswap] [--compile]   (JSON-lines preview worker on stdin/stdout)
+  accelerate launch --num_processes N -m trainer train CONFIG.toml     (data-parallel on N devices)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from trainer.config import Config, ConfigError, load_config
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """outputs/<name>, or outputs/<name>-2, -3 ... so an earlier run is never overwritten."""
+    root = Path(cfg.output.dir)
+    candidate, n = root / cfg.output.name, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = root / f"{cfg.output.name}-{n}"
+    return candidate
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _agree_on_run_dir(cfg: Config) -> Path:
+    # Under `accelerate launch` every process parses the CLI; they must pick the same new folder, so rank 0
+    # picks and the others read its choice from the environment variable accelerate passes to all.
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # must match the Accelerator the loop creates
+    chosen = [str(new_run_dir(cfg))] if state.is_main_process else [None]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(chosen, from_process=0)
+    return Path(chosen[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Style-LoRA trainer for Stable Diffusion")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train a LoRA from a config or preset TOML")
+    p_train.add_argument("config", help="TOML file: a preset from presets/ or a run's config.toml")
+    p_train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a setting, e.g. --set train.steps=500 --set data.path=/my/images")
+    p_train.add_argument("--run-dir", help="run folder (default: output.dir/output.name, made unique)")
+    p_resume = sub.add_parser("resume", help="continue a run from its latest checkpoint")
+    p_resume.add_argument("run_dir")
+    p_resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p_conv = sub.add_parser("convert", help="convert a LoRA .safetensors between the kohya/A1111 and diffusers layouts")
+    p_conv.add_argument("src")
+    p_conv.add_argument("dst")
+    p_conv.add_argument("--to", required=True, choices=["kohya", "diffusers"])
+    p_conv.add_argument("--base", choices=["sd1", "sd2", "sdxl"],
+                        help="base family, only needed when the file's metadata and keys do not tell")
+    p_tiny = sub.add_parser("build-tiny", help="write a tiny random test model (SD1.5, SD2 v-pred or SDXL layout)")
+    p_tiny.add_argument("folder")
+    p_tiny.add_argument("--kind", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    p_prev = sub.add_parser("preview", help="preview worker: one base in memory, adapters switched by JSON-lines "
+                            "requests on stdin (see trainer/preview.py)")
+    p_prev.add_argument("--base", required=True, help="base model: diffusers folder, hub id, .safetensors, builtin:...")
+    p_prev.add_argument("--single-file-config", help="for a single-file base: a diffusers folder of its architecture")
+    p_prev.add_argument("--device", help="default: cuda if available, else cpu")
+    p_prev.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p_prev.add_argument("--max-adapters", type=int, default=8, help="adapters kept loaded (LRU)")
+    p_prev.add_argument("--hotswap", action="store_true", help="one UNet slot, adapters hot-swapped in place")
+    p_prev.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; implies --hotswap)")
+    p_prev.add_argument("--max-rank", type=int, default=64, help="hot-swap slot rank (largest adapter or mix rank)")
+    args = parser.parse_args(argv)
+    from trainer.versions import incompatible_versions
+
+    if problem := incompatible_versions():  # before any model code: a known-bad install fails here, in one line
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+
+    from trainer.data import DatasetError
+    from trainer.model import ModelError
+
+    try:
+        if args.command == "build-tiny":
+            from trainer.tiny import build_tiny_sd15
+            from trainer.tiny_xl import build_tiny_sd2, build_tiny_sdxl
+
+            build = {"sd1": build_tiny_sd15, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl}[args.kind]
+            print(build(args.folder))
+            return 0
+        if args.command == "preview":
+            from trainer.preview_worker import serve
+
+            return serve(args.base, single_file_config=args.single_file_config, device=args.device, dtype=args.dtype,
+                         max_adapters=args.max_adapters, hotswap=args.hotswap, compile=args.compile,
+                         max_rank=args.max_rank)
+        if args.command == "convert":
+            from trainer.kohya import convert_file
+
+            print(convert_file(Path(args.src), Path(args.dst), args.to, base=args.base))
+            return 0
+        if args.command == "resume":
+            run_dir = Path(args.run_dir)
+            cfg = load_config(run_dir / "config.toml", [*args.overrides, 'train.resume="latest"'])
+        else:
+            cfg = load_config(args.config, args.overrides)
+            run_dir = Path(args.run_dir) if args.run_dir else _agree_on_run_dir(cfg)
+        from trainer.loop import train
+
+        if _is_main_process():
+            print(f"run folder: {run_dir}")
+        final = train(cfg, run_dir)
+        if _is_main_process():
+            print(f"adapter: {final.with_name(final.name.replace('.diffusers', ''))}  (A1111/Forge/ComfyUI)")
+            print(f"adapter: {final}  (diffusers)")
+            from trainer.report import run_report
+
+            run_report(cfg, run_dir)  # never raises: a failed report is a report_failed event, the run stands
+        return 0
+    except (ConfigError, DatasetError, ModelError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,278 @@
+"""The one typed config. Settings travel only through it: preset TOML -> UI edits -> CLI --set -> trainer -> file metadata.
+
+Each section is a TOML table ([model], [data], [lora], [train], [sample], [report], [output]). Unknown keys are errors,
+so a typo in a preset fails loudly instead of silently training with a default. Field descriptions double as
+UI help text.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "builtin:tiny-sd15",
+        description="Base model: a diffusers folder, a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), "
+        "a single-file .safetensors checkpoint, or builtin:tiny-sd15 (random tiny model for smoke tests).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when path is a hub id.")
+    variant: str | None = Field(None, description="Weight variant to load, e.g. fp16, when the repo has one.")
+    single_file_config: str | None = Field(
+        None,
+        description="For a single-file checkpoint: a diffusers folder or hub id whose configs describe it "
+        "(needed offline; online diffusers finds it from the weights).",
+    )
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="What the UNet predicts; auto reads it from the base model's scheduler."
+    )
+
+
+class DataConfig(Section):
+    path: str = Field("", description="Folder of images with optional same-name .txt captions (subfolders too).")
+    trigger: str = Field("", description="Trigger word prepended to every caption, e.g. 'zkstyle'.")
+    caption_extension: str = Field(".txt", description="Extension of caption files next to each image.")
+    default_caption: str = Field("", description="Caption used for images without a caption file.")
+    repeats: int = Field(1, ge=1, description="Times each image is seen per epoch ('N_name' subfolders override).")
+    resolution: int = Field(512, ge=32, description="Training resolution: buckets hold about resolution² pixels.")
+    bucket: bool = Field(True, description="Aspect-ratio bucketing; off = center-crop everything to a square.")
+    bucket_step: int = Field(64, ge=8, description="Bucket sides are multiples of this many pixels.")
+    min_bucket: int = Field(256, ge=8, description="Smallest bucket side in pixels.")
+    max_bucket: int = Field(1024, ge=8, description="Largest bucket side in pixels.")
+    upscale: bool = Field(False, description="Allow upscaling small images to the full resolution (off: smaller bucket).")
+    min_image_size: int = Field(64, ge=1, description="Images with a side below this are skipped with a message.")
+    flip: bool = Field(False, description="Random horizontal flip (avoid for styles with text or asymmetry).")
+    shuffle_captions: bool = Field(False, description="Shuffle comma-separated caption tags each step.")
+    keep_tokens: int = Field(1, ge=0, description="With shuffle: keep the first N tags (after the trigger) in place.")
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of training on an empty caption.")
+
+    @model_validator(mode="after")
+    def _check_buckets(self) -> "DataConfig":
+        if self.min_bucket > self.max_bucket:
+            raise ValueError(f"min_bucket ({self.min_bucket}) is larger than max_bucket ({self.max_bucket})")
+        if self.resolution % self.bucket_step:
+            raise ValueError(f"resolution ({self.resolution}) must be a multiple of bucket_step ({self.bucket_step})")
+        return self
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank (dim): capacity of the adapter.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/sqrt(rank) instead of alpha/rank.")
+    train_unet: bool = Field(True, description="Train LoRA on the UNet.")
+    train_text_encoder: bool = Field(True, description="Train LoRA on the text encoder.")
+    unet_targets: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"], description="UNet module names that get LoRA (attention by default)."
+    )
+    text_encoder_targets: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "out_proj"], description="Text-encoder module names that get LoRA."
+    )
+    variant: Literal["lora", "dora", "loraplus", "lorafa", "vera", "adalora", "loradrop", "deltalora", "qlora"] = Field(
+        "lora",
+        description="LoRA family member. lora: low-rank update B·A. dora: LoRA plus a learned per-column magnitude. "
+        "loraplus: B learns loraplus_ratio× faster than A. lorafa: A frozen after init, only B trains (less memory). "
+        "vera: one frozen random A/B shared by all layers, only two scaling vectors per layer train (tiny files). "
+        "adalora: SVD-form LoRA whose rank budget moves to the layers that need it. loradrop: a short probe run "
+        "scores each layer, then only the important layers train. deltalora: the frozen weight also follows the "
+        "change of B·A (scaled by deltalora_lambda). qlora: base UNet quantized to 4/8 bit (CUDA only).",
+    )
+    loraplus_ratio: float = Field(16.0, gt=0, description="LoRA+: learning-rate ratio of B to A (paper: 2^4).")
+    vera_rank: int = Field(256, ge=1, description="VeRA: rank of the shared frozen random projections.")
+    vera_d_initial: float = Field(0.1, gt=0, description="VeRA: initial value of the d scaling vector.")
+    adalora_init_rank: int = Field(12, ge=1, description="AdaLoRA: starting rank per layer (budget shrinks to lora.rank).")
+    adalora_tinit: float = Field(0.1, ge=0, lt=1, description="AdaLoRA: fraction of steps before rank pruning starts.")
+    adalora_tfinal: float = Field(0.2, ge=0, lt=1, description="AdaLoRA: fraction of final steps with the budget fixed.")
+    adalora_delta_t: int = Field(10, ge=1, description="AdaLoRA: steps between budget re-allocations.")
+    adalora_orth_reg: float = Field(0.5, ge=0, description="AdaLoRA: weight of the orthogonality regulariser on P and Q.")
+    loradrop_probe_steps: float = Field(
+        0.1, gt=0, description="LoRA-drop: length of the probe run, as a fraction of train steps (or steps if >= 1)."
+    )
+    loradrop_threshold: float = Field(
+        0.9, gt=0, le=1, description="LoRA-drop: keep the most important layers until their share of importance reaches this."
+    )
+    deltalora_lambda: float = Field(0.5, ge=0, description="Delta-LoRA: update ratio λ of the frozen weight (paper: 0.5).")
+    deltalora_start: int = Field(500, ge=0, description="Delta-LoRA: step K after which the frozen weight follows B·A (paper: 500).")
+    qlora_bits: Literal[4, 8] = Field(4, description="QLoRA: quantize the base UNet to 4-bit NF4 or 8-bit.")
+
+    @model_validator(mode="after")
+    def _check_something_trains(self) -> "LoraConfig":
+        if not (self.train_unet or self.train_text_encoder):
+            raise ValueError("nothing to train: set train_unet or train_text_encoder to true")
+        if self.variant == "deltalora" and self.dropout:
+            raise ValueError("deltalora needs dropout = 0 (the frozen-weight update assumes the LoRA path has no dropout)")
+        if self.variant == "adalora" and self.adalora_init_rank < self.rank:
+            raise ValueError(f"adalora_init_rank ({self.adalora_init_rank}) must be >= rank ({self.rank}), the final budget")
+        if self.variant == "adalora" and self.adalora_tinit + self.adalora_tfinal >= 1:
+            raise ValueError("adalora_tinit + adalora_tfinal must leave some steps for re-allocation (sum < 1)")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, ge=1, description="Total optimizer steps (ignored when epochs > 0).")
+    epochs: int = Field(0, ge=0, description="Train this many epochs instead of a fixed step count (0 = use steps).")
+    batch_size: int = Field(1, ge=1, description="Images per step per GPU.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation: batches per optimizer step.")
+    lr_unet: float = Field(1e-4, ge=0, description="Learning rate of the UNet LoRA.")
+    lr_text_encoder: float = Field(5e-5, ge=0, description="Learning rate of the text-encoder LoRA.")
+    optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (fused on CUDA).")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto = bf16 on a CUDA GPU that supports it, else fp32. Base weights use this dtype; "
+        "LoRA weights stay fp32."
+    )
+    fast: Literal["auto", "on", "off"] = Field(
+        "auto", description="The fast path: torch.compile of the trained models with CUDA graphs, one static graph "
+        "per bucket shape (the first steps of each bucket compile). auto = on with a CUDA GPU; off = the plain eager "
+        "path (debugging); on also compiles on CPU (slow to start, for tests).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in UNet and text encoder.")
+    cache_latents: bool = Field(True, description="Encode every image once with the VAE before training.")
+    cache_text_embeddings: bool = Field(
+        True, description="Encode captions once when the text encoder is frozen and captions do not change per step."
+    )
+    min_snr_gamma: float = Field(5.0, ge=0, description="Min-SNR-γ loss weighting (0 = off).")
+    noise_offset: float = Field(0.0, ge=0, description="Noise offset (helps very dark/bright images; 0.05 typical).")
+    seed: int = Field(42, description="Seed for data order, augmentation, noise and timesteps.")
+    save_every: int = Field(0, ge=0, description="Write an adapter file every N steps (0 = only at the end).")
+    checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0 = off).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many resumable checkpoints to keep.")
+    resume: str | None = Field(None, description="Checkpoint folder to resume from, or 'latest' in the run folder.")
+
+
+class SampleConfig(Section):
+    every: int = Field(0, ge=0, description="Render sample images every N steps (0 = off; always at the end if prompts).")
+    prompts: list[str] = Field(default_factory=list, description="Prompts for samples; {trigger} is replaced.")
+    negative_prompt: str = Field("", description="Negative prompt for samples.")
+    seed: int = Field(1234, description="Fixed seed so samples are comparable across steps.")
+    steps: int = Field(20, ge=1, description="Denoising steps per sample.")
+    guidance: float = Field(7.0, ge=0, description="Classifier-free guidance scale.")
+    width: int | None = Field(None, description="Sample width (default: data.resolution).")
+    height: int | None = Field(None, description="Sample height (default: data.resolution).")
+
+
+class ReportConfig(Section):
+    enabled: bool = Field(True, description="After the run, measure whether the style was learned (report.json + "
+                          "report.png: base vs LoRA at 0.5 and 1.0 on held-out prompts; see docs/demo-base.md).")
+    prompts: list[str] = Field(default_factory=list, description="Held-out prompts for the report ({trigger} is "
+                               "replaced); empty = built-in prompts for the base (on the demo base: unseen contents).")
+    seeds: list[int] = Field([0, 1], min_length=1, description="Seeds: every prompt is rendered once per seed.")
+    steps: int | None = Field(None, ge=1, description="Denoising steps per report image (default: sample.steps).")
+    clip_model: str | None = Field(None, description="Local CLIP model folder (CLIPModel, safetensors): image "
+                                   "features for style/copying and text-image similarity for prompt fidelity. "
+                                   "Without it the report uses download-free colour and texture features.")
+
+
+class OutputConfig(Section):
+    dir: str = Field("outputs", description="Folder that holds run folders.")
+    name: str = Field("style-lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run and file name.")
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    report: ReportConfig = ReportConfig()
+    output: OutputConfig = OutputConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.steps=200' -> (['train', 'steps'], 200). The value is read as TOML, falling back to a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict, dotted: list[str], value: Any) -> None:
+    node = data
+    for part in dotted[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(dotted)}: {part} is not a section")
+    node[dotted[-1]] = value
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
+def validate(data: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        lines = [f"{source}: invalid settings"]
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {where}: {e['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), extra: dict | None = None) -> Config:
+    """defaults <- TOML file (a sparse preset or a saved run config) <- extra (UI edits) <- CLI overrides."""
+    data = read_toml(path) if path else {}
+    if extra:
+        data = deep_merge(data, extra)
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    return validate(data, str(path) if path else "config")
+
+
+def load_preset(name: str) -> Config:
+    return load_config(PRESETS_DIR / f"{name}.toml")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def to_toml(cfg: Config) -> str:
+    # TOML has no null: fields left at None are omitted and come back as None on load.
+    return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from trainer.io import atomic_write_text
+
+    atomic_write_text(Path(path), to_toml(cfg))

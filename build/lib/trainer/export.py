@@ -1,0 +1,142 @@
+"""Adapter files. This module writes the diffusers/PEFT layout that diffusers' load_lora_weights reads.
+
+Keys are `unet.<module>.lora_A.weight` / `text_encoder.<module>.lora_B.weight`; the peft LoraConfig of each
+part (rank, alpha, rsLoRA, targets) goes into the `lora_adapter_metadata` header entry the way diffusers'
+own save_lora_weights writes it, so diffusers restores the exact alpha instead of assuming alpha = rank.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from trainer.io import atomic_path
+
+
+def _adapter_config(module: torch.nn.Module) -> dict:
+    config = module.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def peft_layout(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, torch.Tensor], dict]:
+    """State dict with diffusers prefixes and the packed adapter metadata, for every module that has LoRA."""
+    from peft.utils import get_peft_model_state_dict
+
+    tensors: dict[str, torch.Tensor] = {}
+    adapter_metadata: dict = {}
+    for prefix, module in modules.items():
+        if not getattr(module, "peft_config", None):
+            continue
+        for key, value in get_peft_model_state_dict(module).items():
+            if prefix.startswith("text_encoder") and key.endswith("lora_magnitude_vector"):
+                key += ".weight"  # transformers 5's adapter loader only maps DoRA magnitudes spelled this way
+            tensors[_file_key(prefix, key)] = value.detach().float().cpu().contiguous()
+        for key, value in _adapter_config(module).items():
+            adapter_metadata[f"{prefix}.{key}"] = value
+    return tensors, adapter_metadata
+
+
+def _file_key(prefix: str, module: str) -> str:
+    # transformers 5 dropped CLIPTextModel's `text_model.` level; files keep the canonical name that every
+    # diffusers/transformers version (and every LoRA on the hub) uses.
+    if prefix.startswith("text_encoder") and not module.startswith("text_model."):
+        module = f"text_model.{module}"
+    return f"{prefix}.{module}"
+
+
+def factors_layout(factors: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A plain-LoRA diffusers layout from per-module factors (any variant, see trainer.variants.lora_factors).
+
+    Ranks and alphas may differ per module (AdaLoRA, Delta-LoRA's rank 2r): they go to peft's rank_pattern and
+    alpha_pattern with alpha = scale·rank, so diffusers applies exactly scale·up·down.
+    """
+    tensors, adapter_metadata, parts = {}, {}, {}
+    for full_name, f in factors.items():
+        prefix, module = full_name.split(".", 1)
+        parts.setdefault(prefix, {})[module] = f
+        key = _file_key(prefix, module)
+        tensors[f"{key}.lora_A.weight"] = f.down.float().contiguous()
+        tensors[f"{key}.lora_B.weight"] = f.up.float().contiguous()
+        if f.magnitude is not None:
+            suffix = ".weight" if prefix.startswith("text_encoder") else ""  # see peft_layout
+            tensors[f"{key}.lora_magnitude_vector{suffix}"] = f.magnitude.float().contiguous()
+    for prefix, modules in parts.items():
+        ranks = {m: int(f.down.shape[0]) for m, f in modules.items()}
+        config = {
+            "r": max(ranks.values()), "lora_alpha": 1.0, "lora_dropout": 0.0, "use_rslora": False,
+            "use_dora": any(f.magnitude is not None for f in modules.values()), "bias": "none",
+            "init_lora_weights": True, "target_modules": sorted(modules),
+            "rank_pattern": ranks, "alpha_pattern": {m: modules[m].scale * r for m, r in ranks.items()},
+        }
+        adapter_metadata.update({f"{prefix}.{k}": v for k, v in config.items()})
+    return tensors, adapter_metadata
+
+
+def save_diffusers_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str] | None = None,
+                        delta=None, convert: bool = False) -> Path:
+    """Write `path` atomically in the diffusers/PEFT layout. `metadata` values must be strings.
+
+    convert: write the exact plain-LoRA equivalent (VeRA, AdaLoRA, Delta-LoRA), which diffusers can load.
+    """
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    if convert:
+        from trainer.variants import lora_factors
+
+        tensors, adapter_metadata = factors_layout(lora_factors(modules, delta))
+    else:
+        tensors, adapter_metadata = peft_layout(modules)
+    if not tensors:
+        raise ValueError("no LoRA weights to save: neither the UNet nor the text encoder has an adapter")
+    header = {"format": "pt", **(metadata or {})}
+    header[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata, indent=2, sort_keys=True, default=str)
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, tmp, metadata=header)
+    return Path(path)
+
+
+def training_metadata(cfg, base_kind: str, step: int, num_images: int, started_at: float,
+                      prediction_type: str = "epsilon") -> dict[str, str]:
+    """The training facts every adapter file carries (kohya-style ss_* names; all values strings)."""
+    import time
+
+    from trainer.arch import KOHYA_VERSION
+    from trainer.config import to_toml
+
+    return {
+        "ss_output_name": cfg.output.name,
+        "ss_base_model_version": KOHYA_VERSION[base_kind],
+        "ss_v2": str(base_kind == "sd2"),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_network_dim": str(cfg.lora.rank),
+        "ss_network_alpha": str(cfg.lora.alpha),
+        "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
+        "ss_num_train_images": str(num_images),
+        "ss_steps": str(step),
+        "ss_training_started_at": str(started_at),
+        "ss_training_finished_at": str(time.time()),
+        "ss_sd_model_name": cfg.model.path,
+        "modelspec.title": cfg.output.name,
+        "modelspec.trigger_phrase": cfg.data.trigger,
+        "style_lora_config": to_toml(cfg),
+    }
+
+
+def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta: dict[str, str], *, base_kind: str,
+                  tag_frequency: dict, cover_png: bytes | None, step: int | None = None, delta=None,
+                  convert: bool = False) -> tuple[Path, Path]:
+    """Both files of a run: `<name>.safetensors` (kohya/A1111 layout, what A1111/Forge/ComfyUI users drop in) and
+    `<name>.diffusers.safetensors` (diffusers/PEFT layout). `step` names an intermediate save."""
+    from trainer.kohya import kohya_metadata, save_kohya_lora
+
+    stem = cfg.output.name + ("" if step is None else f"-step{step:06d}")
+    kohya_meta = kohya_metadata(meta, rank=cfg.lora.rank, alpha=cfg.lora.alpha, trigger=cfg.data.trigger,
+                                tag_frequency=tag_frequency, base_kind=base_kind, cover_png=cover_png,
+                                rslora=cfg.lora.rslora)
+    kohya = save_kohya_lora(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, delta=delta, kind=base_kind)
+    diffusers = save_diffusers_lora(Path(run_dir) / f"{stem}.diffusers.safetensors", modules, meta, delta=delta,
+                                    convert=convert)
+    return kohya, diffusers

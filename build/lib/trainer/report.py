@@ -1,0 +1,296 @@
+"""Style report: did the run learn the style, keep the prompt's content, and not copy its training images?
+
+After a run, for fixed held-out prompts and seeds, the base renders images without the LoRA, at strength 0.5 and
+at 1.0 (diffusers: load_lora_weights + set_adapters, the way users load the file). Three numbers per strength:
+  style lift  = mean similarity of its images to the training images - the same for the base's images
+  fidelity    = does the prompt's content survive (demo base: the colours/shape/position read back from the
+                pixels; with a CLIP model: text-image cosine; else: layout similarity to the base image)
+  copying     = the highest similarity of any of its images to its nearest training image (pixel layout, or CLIP)
+Features (docs/demo-base.md): with `report.clip_model` CLIP image embeddings; without, download-free colour and
+texture statistics: a 4x4x4 RGB histogram plus Gram matrices of fixed derivative filters on each colour channel
+at four scales.
+Writes RUN/report.json, RUN/report.png (rows: base, 0.5, 1.0) and a `style_report` entry in both adapter files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from trainer import demo_data
+from trainer.config import Config
+from trainer.io import atomic_path, atomic_write_text
+
+SCALES = (0.0, 0.5, 1.0)  # 0.0 = the base alone (LoRA disabled)
+GENERIC_PROMPTS = ["{trigger}, a lighthouse on a cliff", "{trigger}, portrait of an old fisherman",
+                   "{trigger}, a bowl of fruit on a table"]
+FEATURE_PX = 64
+METADATA_KEY = "style_report"  # not ss_*: kohya's hashes cover the ss_* header entries, which stay untouched
+
+
+class ReportError(RuntimeError):
+    """The report cannot be made; the message says why (the run's adapters are fine)."""
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _filters() -> torch.Tensor:
+    """Fixed 3x3 filters: horizontal, vertical and both diagonal derivatives, and a Laplacian. Their Gram matrix
+    describes texture (stripes, edges, flat areas) independently of where things are in the image."""
+    f = [[[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], [[-1, -2, -1], [0, 0, 0], [1, 2, 1]],
+         [[-2, -1, 0], [-1, 0, 1], [0, 1, 2]], [[0, -1, -2], [1, 0, -1], [2, 1, 0]],
+         [[0, 1, 0], [1, -4, 1], [0, 1, 0]]]
+    return torch.tensor(f, dtype=torch.float32)[:, None] / 4
+
+
+def _pixels(images: list[Image.Image], size: int = FEATURE_PX) -> torch.Tensor:
+    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
+                    for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+
+def texture_features(images: list[Image.Image]) -> torch.Tensor:
+    """Download-free style features: [sqrt RGB histogram | Gram matrices of the fixed filters applied to each colour
+    channel, at 64, 32, 16 and 8 px], each block L2-normalised. The Gram matrix across filters *and* channels is
+    Gatys et al.'s style statistic, here over hand-designed filters instead of VGG features: it sees texture and
+    how colours vary together, not where things are. (On the demo style, per-channel Grams over four scales
+    separated a striped LoRA from its base ~8x more than a grey-only Gram at two scales.)"""
+    x = _pixels(images)
+    bins = (x * 3.999).long()
+    index = bins[:, 0] * 16 + bins[:, 1] * 4 + bins[:, 2]
+    hist = torch.stack([torch.bincount(i.flatten(), minlength=64).float() for i in index])
+    blocks = [torch.nn.functional.normalize(hist.sqrt(), dim=1)]
+    for pool in (1, 2, 4, 8):
+        scaled = torch.nn.functional.avg_pool2d(x, pool) if pool > 1 else x
+        r = torch.nn.functional.conv2d(scaled.flatten(0, 1)[:, None], _filters(), padding=1)  # [n*3, 5, h, w]
+        r = r.reshape(len(images), 15, -1)
+        gram = r @ r.transpose(1, 2) / r.shape[-1]
+        iu = torch.triu_indices(15, 15)
+        g = gram[:, iu[0], iu[1]]
+        blocks.append(torch.nn.functional.normalize(g.sign() * g.abs().sqrt(), dim=1))
+    return torch.cat(blocks, 1) / len(blocks) ** 0.5
+
+
+def layout_features(images: list[Image.Image]) -> torch.Tensor:
+    """Where which colour is: a 16x16 RGB thumbnail minus its mean, L2-normalised (an exact copy scores 1.0)."""
+    x = _pixels(images, 16).flatten(1)
+    return torch.nn.functional.normalize(x - x.mean(1, keepdim=True), dim=1)
+
+
+class ClipFeatures:
+    """CLIP image and text embeddings from a local folder (CLIPModel + tokenizer + image processor)."""
+
+    def __init__(self, folder: str, device: torch.device):
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        if not Path(folder, "config.json").is_file():
+            raise ReportError(f"report.clip_model {folder!r}: not a local CLIP model folder (no config.json)")
+        try:
+            self.model = CLIPModel.from_pretrained(folder, use_safetensors=True).to(device).eval()
+            self.tokenizer = CLIPTokenizer.from_pretrained(folder)
+            self.processor = CLIPImageProcessor.from_pretrained(folder)
+        except Exception as err:  # transformers raises OSError/ValueError/KeyError for wrong or partial folders
+            raise ReportError(f"report.clip_model {folder!r}: cannot load a CLIPModel with tokenizer and image "
+                              f"processor: {str(err).strip().splitlines()[0] if str(err).strip() else err}") from None
+        self.device = device
+
+    @torch.no_grad()
+    def images(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(self.device)
+        return torch.nn.functional.normalize(self._vec(self.model.get_image_features(pixel_values=pixels)), dim=1).cpu()
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        return torch.nn.functional.normalize(self._vec(self.model.get_text_features(**ids)), dim=1).cpu()
+
+    @staticmethod
+    def _vec(out) -> torch.Tensor:  # transformers 5 may return an output object instead of a tensor
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def report_prompts(cfg: Config, demo: bool) -> list[str]:
+    prompts = cfg.report.prompts or (demo_data.REPORT_PROMPTS if demo else GENERIC_PROMPTS)
+    return [p.replace("{trigger}", cfg.data.trigger).strip(" ,") for p in prompts]
+
+
+def is_demo_base(folder: str | Path) -> bool:
+    """The demo base carries demo.json (its recipe); its vocabulary makes the pixel content check possible."""
+    return Path(folder, "demo.json").is_file()
+
+
+@torch.no_grad()
+def render(cfg: Config, adapter: Path, prompts: list[str], device: torch.device) -> dict[float, list[Image.Image]]:
+    """{scale: images in (prompt, seed) order} for the base (0.0) and the LoRA at each other scale."""
+    from trainer.model import load_base
+
+    pipe = load_base(cfg.model).pipeline()  # SD1/SD2/SDXL pipeline of the base's family
+    pipe.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(adapter), adapter_name="style")
+    out: dict[float, list[Image.Image]] = {}
+    for scale in SCALES:
+        if scale == 0.0:
+            pipe.disable_lora()
+        else:
+            pipe.enable_lora()
+            pipe.set_adapters(["style"], adapter_weights=[scale])
+        out[scale] = [
+            pipe(prompt, negative_prompt=cfg.sample.negative_prompt or None,
+                 num_inference_steps=cfg.report.steps or cfg.sample.steps, guidance_scale=cfg.sample.guidance,
+                 width=cfg.sample.width or cfg.data.resolution, height=cfg.sample.height or cfg.data.resolution,
+                 generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+            for prompt in prompts for seed in cfg.report.seeds]
+    return out
+
+
+def grid_png(images: dict[float, list[Image.Image]], path: Path, cell: int = 96) -> None:
+    """Rows: base, LoRA 0.5, LoRA 1.0 (labelled); columns: prompt x seed, as in report.json."""
+    label_w = 70
+    cols = len(images[SCALES[0]])
+    grid = Image.new("RGB", (label_w + cols * cell, len(SCALES) * cell), "white")
+    pen = ImageDraw.Draw(grid)
+    for r, scale in enumerate(SCALES):
+        pen.text((6, r * cell + cell // 2 - 6), "base" if scale == 0 else f"LoRA {scale}", fill="black")
+        for c, im in enumerate(images[scale]):
+            small = im.width < cell
+            grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST if small else Image.LANCZOS),
+                       (label_w + c * cell, r * cell))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def measure(images: dict[float, list[Image.Image]], train_images: list[Image.Image], prompts: list[str],
+            seeds: list[int], demo: bool, clip: ClipFeatures | None) -> dict:
+    """Style similarity and lift, fidelity and copying per scale (keys "0.0", "0.5", "1.0")."""
+    style = clip.images if clip else texture_features
+    copy = clip.images if clip else layout_features
+    train_style, train_copy = style(train_images), copy(train_images)
+    per_image_prompts = [p for p in prompts for _ in seeds]
+    base_layout = layout_features(images[0.0])
+    result: dict[str, dict[str, float]] = {"style_similarity": {}, "style_lift": {}, "fidelity": {}, "copying": {}}
+    for scale, ims in images.items():
+        key = str(scale)
+        sim = (style(ims) @ train_style.T).mean().item()
+        result["style_similarity"][key] = round(sim, 4)
+        result["copying"][key] = round((copy(ims) @ train_copy.T).max().item(), 4)
+        if clip:
+            fid = (clip.images(ims) * clip.texts(per_image_prompts)).sum(1).mean().item()
+        elif demo:
+            checks = [demo_data.content_check(im, *demo_data.parse_caption(p)) for im, p in zip(ims, per_image_prompts)]
+            fid = float(np.mean([np.mean(list(c.values())) for c in checks]))
+        else:
+            fid = (layout_features(ims) * base_layout).sum(1).mean().item()
+        result["fidelity"][key] = round(fid, 4)
+    base_sim = result["style_similarity"]["0.0"]
+    result["style_lift"] = {k: round(v - base_sim, 4) for k, v in result["style_similarity"].items() if k != "0.0"}
+    return result
+
+
+def fidelity_measure(demo: bool, clip: bool) -> str:
+    if clip:
+        return "CLIP text-image cosine of each image and its prompt"
+    if demo:
+        return "demo content check: fraction of colour/background/position/shape read back from the pixels as prompted"
+    return "layout similarity (16x16 thumbnails, cosine) of each image to the base image of the same prompt and seed"
+
+
+# ----------------------------------------------------------------------------- the whole report
+
+
+def embed_summary(adapter: Path, summary: dict) -> None:
+    """Add the summary to an adapter file's header, keeping every tensor and every other header entry."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(adapter), "pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    metadata[METADATA_KEY] = json.dumps(summary, sort_keys=True)
+    with atomic_path(adapter) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def write_report(cfg: Config, run_dir: Path) -> dict:
+    """Render, measure, and write RUN/report.json, RUN/report.png and the summary in both adapter files."""
+    from trainer import data as ds
+    from trainer.model import resolve_source
+
+    started = time.time()
+    run_dir = Path(run_dir)
+    adapters = [run_dir / f"{cfg.output.name}.diffusers.safetensors", run_dir / f"{cfg.output.name}.safetensors"]
+    missing = [p.name for p in adapters if not p.is_file()]
+    if missing:
+        raise ReportError(f"no adapter to report on: {', '.join(missing)} missing in {run_dir}")
+    kind, where = resolve_source(cfg.model.path)
+    demo = kind == "folder" and is_demo_base(where)
+    prompts = report_prompts(cfg, demo)
+    if demo and not all(demo_data.parse_caption(p) for p in prompts):
+        demo = False  # prompts outside the demo vocabulary: no pixel content check
+    items, _ = ds.scan_dataset(cfg.data)
+    if not items:
+        raise ReportError(f"no training images found in {cfg.data.path}")
+    plain = cfg.data.model_copy(update={"caption_dropout": 0.0, "shuffle_captions": False})
+    captions = {ds.build_caption(i.caption, plain, random.Random(0)) for i in items}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clip = ClipFeatures(cfg.report.clip_model, device) if cfg.report.clip_model else None
+    images = render(cfg, adapters[0], prompts, device)
+    train_images = [Image.open(i.path).convert("RGB") for i in items]
+    metrics = measure(images, train_images, prompts, cfg.report.seeds, demo, clip)
+    grid_png(images, run_dir / "report.png")
+    report = {
+        "prompts": prompts, "seeds": cfg.report.seeds, "scales": list(SCALES),
+        "held_out": not any(p in captions for p in prompts),
+        "features": "CLIP image embeddings (" + cfg.report.clip_model + ")" if clip else
+                    "download-free: sqrt RGB histogram 4x4x4 + Gram of 5 fixed derivative filters x RGB at 4 scales",
+        "copying_features": "CLIP image embeddings" if clip else "16x16 RGB layout, mean removed (1.0 = exact copy)",
+        "fidelity_measure": fidelity_measure(demo, clip is not None),
+        **metrics,
+        "train_images": len(train_images), "image": "report.png", "seconds": round(time.time() - started, 1),
+    }
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1) + "\n")
+    summary = {k: report[k] for k in ("style_lift", "fidelity", "copying", "held_out")}
+    summary["features"] = "clip" if clip else "download-free"
+    for adapter in adapters:
+        embed_summary(adapter, summary)
+    return report
+
+
+def run_report(cfg: Config, run_dir: Path) -> dict | None:
+    """The report step after a finished run: `report` event on success; on any failure a `report_failed` event
+    with the reason (the adapters stay as they are). Skipped when disabled or when the run was stopped early."""
+    from trainer.events import EventLog, read_events
+
+    run_dir = Path(run_dir)
+    events = EventLog(run_dir / "events.jsonl")
+    ends = [e for e in read_events(run_dir / "events.jsonl")[0] if e.get("type") in ("done", "stopped", "failed")]
+    if not cfg.report.enabled or not ends or ends[-1]["type"] != "done":
+        return None
+    events.emit("report_started")
+    try:
+        report = write_report(cfg, run_dir)
+    except Exception as err:  # a report must never cost the run: say why and keep the adapters
+        reason = str(err) if isinstance(err, (ReportError, ValueError, FileNotFoundError)) else \
+            f"{type(err).__name__}: {err}"
+        events.emit("report_failed", reason=reason)
+        print(f"style report failed (the adapters are fine): {reason}")
+        return None
+    keys = ("style_lift", "fidelity", "copying", "held_out", "features", "seconds")
+    events.emit("report", path=str(run_dir / "report.json"), image=str(run_dir / "report.png"),
+                **{k: report[k] for k in keys})
+    print(f"style report: lift {report['style_lift']}, fidelity {report['fidelity']}, copying {report['copying']} "
+          f"({report['seconds']} s) -> {run_dir / 'report.json'}")
+    return report
