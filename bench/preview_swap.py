@@ -93,6 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--modes", default=None, help="comma list of multi,hotswap,compile (compile needs CUDA)")
+    parser.add_argument("--out", type=Path, default=None, help="append the JSON rows to this file")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     modes = (args.modes or ("multi,hotswap,compile" if cuda else "multi,hotswap")).split(",")
@@ -120,7 +121,12 @@ def main(argv=None) -> int:
         rows = []
         for mode in modes:
             row = measure(mode, make_pipe, files, kw, args.repeats)
+            row.update(size=size, steps=steps, rank=args.rank, arch="tiny" if args.tiny else "sd15",
+                       device_name=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__)
             print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             rows.append(row)
     arch = "tiny SD1.5-layout" if args.tiny else "SD1.5 (random weights)"
     print(f"\n{arch}, rank {args.rank}, {size}px, {steps} steps, "

@@ -100,42 +100,90 @@ def flops_per_image(base, resolution: int) -> float:
     return float(counter.get_total_flops())
 
 
-def run_one(arch: str, batch: int, path: str, tiny: bool, warmup: int, steps: int) -> dict:
-    import torch
+def quantized_unet(unet, folder: Path, bits: int):
+    """The random UNet saved and loaded back through the trainer's QLoRA loader (bitsandbytes nf4/int8), as a
+    user's base would be."""
+    from trainer.config import ModelConfig
+    from trainer.model import _load_quantized_unet
 
+    unet.to(dtype=__import__("torch").bfloat16).save_pretrained(folder / "unet")
+    return _load_quantized_unet("folder", str(folder), ModelConfig(path=str(folder)), bits)
+
+
+def train_config(arch: str, batch: int, path: str, tiny: bool, warmup: int, steps: int, text_encoder: bool,
+                 variant: str, folder: Path):
     from trainer.config import load_config
-    from trainer.loop import train
 
     resolution = 64 if tiny else RESOLUTION[arch]
+    data = write_dataset(folder / "data", resolution, count=max(32, batch * 2))
+    return load_config(ROOT / "presets" / "sd15-style.toml", [
+        f'data.path="{data}"', f"data.resolution={resolution}", "data.bucket=false", "data.flip=false",
+        "data.shuffle_captions=false", "data.caption_dropout=0.0", f"data.min_image_size={min(resolution, 64)}",
+        "lora.rank=16", "lora.alpha=16.0", "lora.train_unet=true", f"lora.train_text_encoder={str(text_encoder).lower()}",
+        f'lora.variant="{variant}"', f"train.batch_size={batch}", f"train.steps={warmup + steps}", "train.warmup_steps=0",
+        f'train.fast="{"on" if path == "fast" else "off"}"', "train.save_every=0", "train.checkpoint_every=0",
+        "sample.every=0", "sample.prompts=[]", f'output.dir="{folder / "out"}"'])
+
+
+def run_one(arch: str, batch: int, path: str, tiny: bool, warmup: int, steps: int, text_encoder: bool = True,
+            variant: str = "lora") -> dict:
+    import gc
+
+    import torch
+
+    from trainer.loop import train
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        cfg = train_config(arch, batch, path, tiny, warmup, steps, text_encoder, variant, tmp)
         base = random_base(arch, tiny, tmp)
-        data = write_dataset(tmp / "data", resolution, count=max(32, batch * 2))
-        cfg = load_config(ROOT / "presets" / "sd15-style.toml", [
-            f'data.path="{data}"', f"data.resolution={resolution}", "data.bucket=false", "data.flip=false",
-            "data.shuffle_captions=false", "data.caption_dropout=0.0", f"data.min_image_size={min(resolution, 64)}",
-            "lora.rank=16", "lora.alpha=16.0", "lora.train_unet=true", "lora.train_text_encoder=true",
-            f"train.batch_size={batch}", f"train.steps={warmup + steps}", "train.warmup_steps=0",
-            f'train.fast="{"on" if path == "fast" else "off"}"', "train.save_every=0", "train.checkpoint_every=0",
-            "sample.every=0", "sample.prompts=[]", "report.enabled=false", f'output.dir="{tmp / "out"}"'])
+        if variant == "qlora":
+            base.unet = quantized_unet(base.unet, tmp / "quantized", cfg.lora.qlora_bits)
         if torch.cuda.is_available():
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         train(cfg, tmp / "out" / "run", base=base)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         events = [json.loads(line) for line in (tmp / "out" / "run" / "events.jsonl").read_text().splitlines()]
-        base.unet.train(False)
-        flops = flops_per_image(base, resolution)
-    step_time = {e["step"]: e["time"] for e in events if e["type"] == "step"}
-    seconds = step_time[warmup + steps] - step_time[warmup]
+        flops = None
+        if variant != "qlora":  # FlopCounterMode does not know the 4-bit kernels: the bf16 row has the count
+            base.unet.train(False)
+            flops = flops_per_image(base, cfg.data.resolution)
+        del base
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    step_events = {e["step"]: e for e in events if e["type"] == "step"}
+    seconds = step_events[warmup + steps]["time"] - step_events[warmup]["time"]
     steps_s = steps / seconds
+    fast_check = next((e for e in events if e["type"] == "fast_path"), {})
     return {
-        "arch": arch, "size": "tiny" if tiny else "full", "resolution": resolution, "batch": batch, "path": path,
+        "arch": arch, "size": "tiny" if tiny else "full", "resolution": cfg.data.resolution, "batch": batch,
+        "path": path, "variant": variant, "text_encoder": text_encoder,
         "steps_s": round(steps_s, 3), "images_s": round(steps_s * batch, 2),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-        "tflop_per_image": float(f"{flops / 1e12:.4g}"), "tflop_s": float(f"{flops * steps_s * batch / 1e12:.4g}"),
+        "peak_mem_gib": round(peak, 2) if peak is not None else None,
+        "train_peak_gib": step_events[warmup + steps].get("gpu_mem_gib") and round(step_events[warmup + steps]["gpu_mem_gib"], 2),
+        "fast_path": fast_check.get("enabled"), "grad_error": fast_check.get("grad_error"),
+        "compile_s": fast_check.get("compile_s"), "fast_path_reason": fast_check.get("reason"),
+        "tflop_per_image": float(f"{flops / 1e12:.4g}") if flops else None,
+        "tflop_s": float(f"{flops * steps_s * batch / 1e12:.4g}") if flops else None,
         "precision": next(e for e in events if e["type"] == "start")["precision"],
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
     }
+
+
+def table_row(r: dict) -> str:
+    def show(value):
+        return "-" if value is None else value
+
+    return (f"| {r['arch']} | {r['resolution']} | {r['batch']} | {r['path']} | {r['variant']} | {r['steps_s']} | "
+            f"{r['images_s']} | {show(r['peak_mem_gib'])} | {show(r['train_peak_gib'])} | {show(r['tflop_s'])} | "
+            f"{show(r['fast_path'])} | {r['device']} |")
+
+
+TABLE_HEAD = ("| arch | px | batch | path | variant | steps/s | images/s | peak GiB | train peak GiB | TFLOP/s | "
+              "compiled | device |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def main() -> int:
@@ -143,40 +191,59 @@ def main() -> int:
     parser.add_argument("--arch", nargs="+", default=["sd15"], choices=["sd15", "sdxl"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--paths", nargs="+", default=["eager", "fast"], choices=["eager", "fast"])
+    parser.add_argument("--variant", default="lora", choices=["lora", "qlora"])
+    parser.add_argument("--text-encoder", default="auto", choices=["auto", "on", "off"],
+                        help="train LoRA on the text encoder too (auto: SD1.5 yes, SDXL no, as the targets say)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models at 64 px (CPU smoke test)")
     parser.add_argument("--warmup", type=int, default=10, help="steps before timing (compilation happens here)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds one configuration may take")
+    parser.add_argument("--code", type=Path, default=None,
+                        help="train with the trainer package of another checkout (e.g. the code before a change)")
     parser.add_argument("--out", type=Path, default=None, help="append the JSON rows to this file")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one config, in this process
     args = parser.parse_args()
+    if args.code:
+        sys.path.insert(0, str(args.code.resolve()))
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.arch[0], args.batch[0], args.paths[0], args.tiny, args.warmup,
-                                             args.steps)), flush=True)
+        arch = args.arch[0]
+        text_encoder = args.text_encoder == "on" or (args.text_encoder == "auto" and arch == "sd15")
+        row = run_one(arch, args.batch[0], args.paths[0], args.tiny, args.warmup, args.steps, text_encoder, args.variant)
+        row["code"] = str(args.code) if args.code else "this checkout"
+        print("RESULT " + json.dumps(row), flush=True)
         return 0
-    rows = []
-    print("| arch | px | batch | path | steps/s | images/s | peak GiB | TFLOP/img | TFLOP/s | device |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows, failures = [], 0
+    print(TABLE_HEAD)
     for arch in args.arch:
         for batch in args.batch:
             for path in args.paths:
                 cmd = [sys.executable, __file__, "--one", "--arch", arch, "--batch", str(batch), "--paths", path,
-                       "--warmup", str(args.warmup), "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if proc.returncode or line is None:
-                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                    print(f"| {arch} | | {batch} | {path} | failed: {' / '.join(tail)[:300]} |")
+                       "--warmup", str(args.warmup), "--steps", str(args.steps), "--variant", args.variant,
+                       "--text-encoder", args.text_encoder] + (["--tiny"] if args.tiny else [])
+                cmd += ["--code", str(args.code)] if args.code else []
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                    output, code = proc.stdout, proc.returncode
+                except subprocess.TimeoutExpired as err:
+                    output, code = f"timed out after {args.timeout} s\n{err.stdout or ''}", 124
+                line = next((l for l in output.splitlines() if l.startswith("RESULT ")), None)
+                if code or line is None:
+                    failures += 1
+                    tail = ((proc.stderr if code != 124 else "") or output).strip().splitlines()[-3:]
+                    print(f"| {arch} | | {batch} | {path} | {args.variant} | failed: {' / '.join(tail)[:400]} |",
+                          flush=True)
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(json.dumps({"arch": arch, "batch": batch, "path": path, "variant": args.variant,
+                                                "failed": " / ".join(tail)[:2000]}) + "\n")
                     continue
                 r = json.loads(line.removeprefix("RESULT "))
                 rows.append(r)
-                print(f"| {arch} | {r['resolution']} | {batch} | {path} | {r['steps_s']} | {r['images_s']} | "
-                      f"{r['peak_mem_gib'] if r['peak_mem_gib'] is not None else '-'} | {r['tflop_per_image']} | "
-                      f"{r['tflop_s']} | {r['device']} |", flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    return 0 if rows and len(rows) == len(args.arch) * len(args.batch) * len(args.paths) else 1
+                print(table_row(r), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(r) + "\n")
+    return 1 if failures or not rows else 0
 
 
 if __name__ == "__main__":

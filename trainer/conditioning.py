@@ -17,8 +17,8 @@ def encode_text(base, text_encoders: dict[str, torch.nn.Module], captions: list[
     """(hidden states [B, 77, D], pooled [B, P] for SDXL else None) of `captions`. `text_encoders` maps
     "text_encoder"/"text_encoder_2" to the modules to run (trained, wrapped or frozen)."""
     def ids(tokenizer) -> torch.Tensor:
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(device)
+        return to_device(tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                   truncation=True, return_tensors="pt").input_ids, device)
 
     if base.kind != "sdxl":
         return text_encoders["text_encoder"](ids(base.tokenizer))[0], None
@@ -28,6 +28,14 @@ def encode_text(base, text_encoders: dict[str, torch.nn.Module], captions: list[
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # the second encoder (with projection) returns text_embeds first
     return torch.cat(hidden, dim=-1), pooled
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """Copy a small CPU tensor made this step to `device`. On CUDA through pinned memory and non_blocking: a plain
+    copy from pageable memory waits for the GPU to finish all queued work (a host sync every step)."""
+    if torch.device(device).type != "cuda" or tensor.device.type == "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def sdxl_time_ids(size: tuple[int, int], bucket: tuple[int, int], flip: bool) -> torch.Tensor:
@@ -46,4 +54,4 @@ def unet_kwargs(pooled: torch.Tensor | None, time_ids: torch.Tensor | None, dtyp
     """Extra UNet forward arguments: SDXL's added conditions, nothing for SD1/SD2."""
     if pooled is None:
         return {}
-    return {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(pooled.device, dtype)}}
+    return {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": to_device(time_ids, pooled.device).to(dtype)}}

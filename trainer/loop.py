@@ -59,6 +59,18 @@ def oom_hint(cfg: Config) -> str:
     return "Hint: " + "; ".join(t for t in tips if t) + "."
 
 
+def report_step(events: EventLog, bar, step: int, total_steps: int, loss: torch.Tensor, lr: float,
+                rate: float) -> None:
+    """The `step` event and progress bar of a finished step. Raises if its loss is not finite."""
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss became {loss_value} at step {step}; lower the learning rate")
+    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    events.emit("step", buffered=True, step=step, total=total_steps, loss=loss_value, lr=lr, it_s=round(rate, 3),
+                eta_s=round((total_steps - step) / max(rate, 1e-9), 1), gpu_mem_gib=mem)
+
+
 def train(cfg: Config, run_dir: Path, base=None) -> Path:
     """Train the LoRA described by `cfg` into `run_dir`; returns the final adapter path. Any failure is also
     recorded as a `failed` event (message + hint), so the UI shows why without parsing the log.
@@ -335,7 +347,9 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
                     compile_s=round(seconds, 1), backend=fast_path.backend(),
                     reason=None if fast else f"{reason}: training on the eager path")
     bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=not main, dynamic_ncols=True)
-    step, stopped, tick = start_step, False, time.time()
+    step, stopped, tick, unread = start_step, False, time.time(), None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # step events report the training peak, not the VAE caching before it
     while step < total_steps:
         loss_sum = 0.0
         if delta:
@@ -357,18 +371,20 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             loss_sum += loss.detach().float()
         lr_scheduler.step()
         step += 1
-        loss_value = accelerator.reduce(loss_sum / tc.grad_accum, reduction="mean").item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower the learning rate")
         now = time.time()
-        rate = 1.0 / max(now - tick, 1e-9)
-        tick = now
+        rate, tick = 1.0 / max(now - tick, 1e-9), now
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        events.emit("step", step=step, total=total_steps, loss=loss_value, lr=lr_scheduler.get_last_lr()[0],
-                    it_s=round(rate, 3), eta_s=round((total_steps - step) / max(rate, 1e-9), 1), gpu_mem_gib=mem)
+        # The loss is read one step late: reading this step's (.item()) would make the CPU wait until the GPU
+        # finished it, so the GPU would idle while the next step is prepared.
+        if unread:
+            report_step(events, bar, *unread)
+        unread = (step, total_steps, accelerator.reduce(loss_sum / tc.grad_accum, reduction="mean"),
+                  lr_scheduler.get_last_lr()[0], rate)
         stopped = (run_dir / STOP_FILE).exists()
+        if step == total_steps or stopped or any(every and step % every == 0 for every in
+                                                 (tc.checkpoint_every, tc.save_every, cfg.sample.every)):
+            report_step(events, bar, *unread)  # before the files and events of this step
+            unread = None
         if step == total_steps or stopped:
             break
         if tc.checkpoint_every and step % tc.checkpoint_every == 0:
