@@ -49,7 +49,9 @@ def _check_layer(where: str, layer) -> None:
 
     if not isinstance(layer, LoraLayer) or type(layer).__module__.startswith(("peft.tuners.adalora", "peft.tuners.vera")):
         return
-    if not isinstance(layer, (Linear, Conv2d)):
+    # peft's bitsandbytes layers (QLoRA) are LoraLayers beside Linear, over a base that is an nn.Linear subclass
+    # (Linear4bit, Linear8bitLt): their ΔW = B·A·scale is a plain linear LoRA's.
+    if not isinstance(layer, (Linear, Conv2d)) and not isinstance(layer.get_base_layer(), torch.nn.Linear):
         raise ValueError(f"{where}: LoRA on {type(layer).__name__} cannot be written as a kohya LoRA (Linear and Conv2d only)")
     variant = layer.lora_variant.get(ADAPTER)
     if variant is not None and not isinstance(variant, (DoraLinearVariant, DoraConv2dVariant)):
