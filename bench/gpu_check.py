@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,7 @@ def run_part(name: str, commands: list[list[str]], timeout: float, log: Path, en
         out = tempfile.TemporaryFile("w+")
         procs.append((cmd, out, subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
                                                  env={**os.environ, **(env or {})}, start_new_session=True)))
+        RUNNING.append(procs[-1][2])
         if len(commands) == 1 or name != "pytest":  # a sequence: each command after the one before
             procs[-1] = (*procs[-1][:2], _wait(procs[-1][2], t0 + timeout))
     results = []
@@ -68,15 +70,32 @@ def run_part(name: str, commands: list[list[str]], timeout: float, log: Path, en
     return {"rc": rc, "seconds": seconds, "tail": tail, "output": output}
 
 
-def _wait(proc: subprocess.Popen, deadline: float) -> int:
-    import signal
+RUNNING: list[subprocess.Popen] = []  # every process group started, so that none outlives this script
 
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # with its children (train_speed runs one process per configuration)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _wait(proc: subprocess.Popen, deadline: float) -> int:
     try:
         return proc.wait(timeout=max(1.0, deadline - time.time()))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # with its children (train_speed runs one process per configuration)
-        proc.wait()
+        _kill(proc)
         return 124
+
+
+def _stop_all(signum, frame) -> None:
+    """Stopped from outside (e.g. `timeout`): the parts run in their own sessions, so they must be ended here or
+    they would go on measuring beside whatever runs next on the GPU."""
+    for proc in RUNNING:
+        if proc.poll() is None:
+            _kill(proc)
+    sys.exit(128 + signum)
 
 
 def env_info(smoke: bool) -> dict:
@@ -212,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the timed parts asked for); e.g. sd15,sdxl to fill the cache for a later call")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu_check-")))
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_all)
+    signal.signal(signal.SIGINT, _stop_all)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:

@@ -60,3 +60,21 @@ def test_compiled_preview_hot_swaps_without_recompiling(tiny_base, tmp_path):
         images[json.dumps(mix)] = arr(got)
     assert counters["stats"]["unique_graphs"] == graphs, "a swap recompiled the UNet"
     assert np.abs(images['{"B": 1.0}'] - images['{"A": 1.0}']).mean() > 1  # the swap really changed the adapter
+
+
+def test_cached_frozen_parts_leave_the_gpu_and_return_for_samples(make_cfg, tmp_path, train_capturing, monkeypatch):
+    """With latents and text embeddings cached (frozen TE, static captions), the VAE and text encoder wait on the CPU
+    during the steps, come back for the samples, and are on the GPU again when train() returns."""
+    import trainer.loop as loop
+
+    moved = []
+    real = loop.offload
+    monkeypatch.setattr(loop, "offload", lambda modules, device: (moved.append(list(modules)), real(modules, device)))
+    cfg = make_cfg("lora.train_text_encoder=false", "data.shuffle_captions=false", "data.caption_dropout=0.0",
+                   "train.steps=4", "sample.every=2", 'sample.prompts=["zkstyle, a red circle"]', "sample.steps=2",
+                   "sample.width=64", "sample.height=64")
+    base, _ = train_capturing(cfg, tmp_path / "run")
+    assert moved and any(base.text_encoder in m and base.vae in m for m in moved)
+    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) >= 2
+    assert next(base.text_encoder.parameters()).device.type == "cuda"
+    assert next(base.vae.parameters()).device.type == "cuda"

@@ -113,18 +113,57 @@ def test_inductor_on_cpu_is_checked_before_use(make_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_speed_benchmark_runs_on_cpu_at_tiny_size(tmp_path):
-    out = tmp_path / "rows.jsonl"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_speed.py"), "--tiny", "--arch", "sd15", "sdxl",
-                           "--batch", "1", "2", "--paths", "eager", "--warmup", "1", "--steps", "2", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["arch"], r["batch"]) for r in rows] == [("sd15", 1), ("sd15", 2), ("sdxl", 1), ("sdxl", 2)]
-    for r in rows:
+def test_gpu_check_cpu_smoke_runs_every_part_and_writes_its_table(tmp_path):
+    """bench/gpu_check.sh --cpu-smoke: the GPU check's parts (pytest -m gpu, training speed eager and compiled via
+    bench/train_speed.py, preview swap) on tiny models, so the script a GPU session runs never rots."""
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(result["parts"]) >= {"pytest", "sd15", "sdxl", "swap"}
+    assert all(p["rc"] == 0 for p in result["parts"].values())
+    rows = {(r["arch"], r["path"]): r for r in result["train"]}
+    assert set(rows) >= {("sd15", "eager"), ("sd15", "fast"), ("sdxl", "eager")}
+    for r in rows.values():
         assert r["steps_s"] > 0 and r["images_s"] == pytest.approx(r["steps_s"] * r["batch"], rel=0.01)
-        assert r["tflop_per_image"] > 0 and r["device"] == "cpu"
-    assert "| sdxl | 64 | 2 | eager |" in proc.stdout
+        assert r["device"] == "cpu" and r["resolution"] == 64
+    assert rows["sd15", "fast"]["fast_path"] is True  # compiled (aot_eager) and its gradient check passed
+    assert {r["mode"] for r in result["swap"]} == {"multi", "hotswap"}
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| sd15 | 64 | 1 | fast | lora |" in table and "| hotswap | cpu |" in table
+
+
+def test_gpu_check_stopped_from_outside_leaves_no_process_behind(tmp_path):
+    """Its parts run in their own process sessions; a SIGTERM (e.g. from `timeout`) must end them too, or they go on
+    using the GPU beside the next command."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-smoke", "--parts", "sd15",
+                             "--out", str(tmp_path)], cwd=ROOT, env={**os.environ, "PYTHON": sys.executable},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if "train_speed.py" in cmdline and str(tmp_path) in cmdline:
+                found.append(int(pid))
+        return found
+
+    deadline = time.time() + 60
+    while not children() and time.time() < deadline:
+        time.sleep(0.2)
+    assert children(), "the sd15 part never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    time.sleep(0.5)
+    assert children() == []
 
 
 @pytest.mark.gpu
