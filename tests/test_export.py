@@ -93,10 +93,12 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def comfyui_weight(weight, group):
-    """ComfyUI's LoRA patch (comfy/weight_adapter/lora.py + base.py weight_decompose, strength 1, fp32), written
-    from its source and not from trainer code: ΔW = up·down·alpha/r; with an output-axis dora_scale [out, 1(, 1, 1)]
-    W' = (W + ΔW)·dora_scale/(‖W‖_row + eps), the row norm of the ORIGINAL weight."""
+def comfyui_weight(weight, group, eps=None):
+    """ComfyUI's LoRA patch (comfy/weight_adapter/lora.py + base.py weight_decompose, strength 1), written from its
+    source and not from trainer code: ΔW = up·down·alpha/r; with an output-axis dora_scale [out, 1(, 1, 1)]
+    W' = (W + ΔW)·dora_scale/(‖W‖_row + eps), the row norm of the ORIGINAL weight, eps = finfo(patch dtype).eps
+    (pass fp32's to evaluate the fp32 patch in float64)."""
+    eps = torch.finfo(weight.dtype).eps if eps is None else eps
     up, down = group["lora_up.weight"], group["lora_down.weight"]
     alpha = group["alpha"].item() / down.shape[0] if "alpha" in group else 1.0
     diff = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * alpha
@@ -105,7 +107,7 @@ def comfyui_weight(weight, group):
     scale = group["dora_scale"]
     assert scale.shape[0] == weight.shape[0], "output-axis dora_scale"
     norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
-    return (weight + diff) * (scale / (norm + torch.finfo(weight.dtype).eps))
+    return (weight + diff) * (scale / (norm + eps))
 
 
 def assert_matches_peft(modules, state):

@@ -32,16 +32,18 @@ def row_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 def comfy_dora_scale(magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """The [out, 1(, 1, 1)] dora_scale for which ComfyUI's (W + ΔW)·s/(‖W‖ + eps) equals peft's (W + ΔW)·m/‖W + ΔW‖."""
-    weight = weight.float()
-    m = magnitude.float().reshape(row_norm(weight).shape)
-    return (m * (row_norm(weight) + EPS) / row_norm(weight + delta)).contiguous()
+    """The [out, 1(, 1, 1)] dora_scale for which ComfyUI's (W + ΔW)·s/(‖W‖ + eps) equals peft's (W + ΔW)·m/‖W + ΔW‖.
+    Computed in float64 and rounded once: W' ≈ W·s/‖W‖, so every ulp of s costs eps·‖W‖ of ΔW."""
+    weight = weight.double()
+    m = magnitude.double().reshape(row_norm(weight).shape)
+    return (m * (row_norm(weight) + EPS) / row_norm(weight + delta.double())).float().contiguous()
 
 
 def magnitude_from_comfy_scale(scale: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """peft's magnitude m [out] back from a dora_scale written by comfy_dora_scale (same W and ΔW)."""
-    weight = weight.float()
-    return (scale.float().reshape(row_norm(weight).shape) * row_norm(weight + delta) / (row_norm(weight) + EPS)).flatten()
+    weight = weight.double()
+    norm = row_norm(weight + delta.double()) / (row_norm(weight) + EPS)
+    return (scale.double().reshape(norm.shape) * norm).flatten().float()
 
 
 def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
