@@ -396,3 +396,44 @@ def test_unexpressible_adapters_are_refused(tiny_base):
         kohya_state_dict({"text_encoder": text_encoder})
     with pytest.raises(ValueError, match="no LoRA weights"):
         save_kohya_lora(tiny_base.parent / "never.safetensors", {"unet": torch.nn.Linear(2, 2)}, {})
+
+
+@pytest.mark.slow
+def test_per_module_ranks_and_alphas_load_exactly_through_diffusers_at_full_sd15_size():
+    """diffusers' kohya loader turns per-module alphas into an alpha_pattern whose keys (`…attn1.processor.to_k_lora.
+    down.weight`) miss the attention modules of the real SD1.5 UNet; the tiny base hides this. On the full-size
+    architecture (random weights, as bench/train_speed.random_base builds it) the old per-module-alpha file loads
+    at the wrong strength, ours (one rank, alpha = rank, scale folded into lora_up) at the trained one."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+
+    from trainer.kohya_names import SD15_UNET
+    from trainer.variants import lora_factors
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET)
+    targets = [f"down_blocks.{b}.attentions.{a}.{m}" for b in (0, 1) for a in (0, 1)
+               for m in ("proj_in", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_k",
+                         "transformer_blocks.0.attn2.to_v", "transformer_blocks.0.attn2.to_out.0")]
+    # AdaLoRA-like: every module its own rank and alpha
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4.0, target_modules=targets,
+                                rank_pattern={t: 1 + i % 4 for i, t in enumerate(targets)},
+                                alpha_pattern={t: 0.5 + 0.75 * i for i, t in enumerate(targets)}))
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape) * 0.1
+    want = {t: unet.get_submodule(t).get_delta_weight("default") for t in targets}
+
+    ours = kohya_state_dict({"unet": unet})
+    old = {}  # the previous export: each module at its own rank with alpha = scale·rank
+    for name, f in lora_factors({"unet": unet}).items():
+        key = "lora_unet_" + name.removeprefix("unet.").replace(".", "_")
+        old |= {f"{key}.lora_down.weight": f.down, f"{key}.lora_up.weight": f.up,
+                f"{key}.alpha": torch.tensor(f.scale * f.down.shape[0])}
+    errors = {}
+    for label, state in (("ours", ours), ("old", old)):
+        tensors, alphas = StableDiffusionPipeline.lora_state_dict(dict(state))
+        StableDiffusionPipeline.load_lora_into_unet(tensors, alphas, unet, adapter_name=label)
+        errors[label] = max(rel_err(unet.get_submodule(t).get_delta_weight(label), want[t]) for t in targets)
+    assert errors["ours"] < 1e-4, errors
+    assert errors["old"] > 0.1, errors  # the failure this guards against is real at this size
