@@ -232,7 +232,7 @@ def main() -> None:
         tmp = Path(tmp)
         bases = {"sd1": build_tiny_sd15(tmp / "tiny-sd15"), "sdxl": build_tiny_sdxl(tmp / "tiny-sdxl")}
         for label, (kind, variant, extra) in RUNS.items():
-            if wanted and label.split()[0] not in wanted:
+            if wanted and label.split()[0].rstrip(",") not in wanted:
                 continue
             rows += run_row(label, kind, variant, extra, args.steps, tmp, bases)
             print(json.dumps(rows[-1]), flush=True)
@@ -278,12 +278,15 @@ NOTES = """## Reading the table
   `dora_scale` as ComfyUI does: for those, use `<name>.plain.safetensors`, the DoRA's whole weight change as a plain
   LoRA truncated by SVD at `output.plain_lora_rank` (default 2 × `lora.rank`); its error is the truncation's, the
   same in every tool, and is written in its metadata and shown on the Runs panel. The `.diffusers.safetensors` file
-  is exact in diffusers. If ComfyUI changes its output-axis formula to the norm of W + ΔW (a proposed fix), the
-  kohya DoRA file would be off there by about as much as the magnitude moved; the plain file would not.
+  is exact in diffusers. The table is at strength 1: at strength t ComfyUI blends W + t·(W' − W), while peft/diffusers
+  scale only the low-rank part inside the normalisation, so DoRA at t ≠ 1 differs between them by design. The
+  `dora_scale` is stored in fp32, so ComfyUI's W' is exact up to fp32 rounding of W (about 1e-6 of ΔW here). If
+  ComfyUI changes its output-axis formula to the norm of W + ΔW (a proposed fix), the kohya DoRA file would be off
+  there by about as much as the magnitude moved; the plain file would not.
 - **SDXL**: the second text encoder's projection is `lora_te2_text_projection`, the key ComfyUI's key map gives
   `clip_g.transformer.text_projection`; diffusers loads it too. kohya's `sdxl_merge_lora.py` only patches modules
-  inside its target classes (not the projection); A1111's SDXL model holds OpenCLIP's projection as a parameter, not
-  a layer, so this table's A1111 cell for that row assumes the key would resolve, which was not checked.
+  inside its target classes (not the projection). The A1111 cell of that row assumes A1111 resolves the key to the
+  projection, which was not checked in A1111's code; the projection is not a default target.
 - Conversions (`python -m trainer convert`) write the same layout; DoRA files need `--model BASE`, because the kohya
   `dora_scale` is relative to the base weights.
 """

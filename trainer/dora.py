@@ -47,9 +47,9 @@ def magnitude_from_comfy_scale(scale: torch.Tensor, weight: torch.Tensor, delta:
 
 
 def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """peft's merged DoRA weight (W + ΔW)·m/‖W + ΔW‖."""
-    combined = weight.float() + delta
-    return combined * magnitude.float().reshape(row_norm(combined).shape) / row_norm(combined)
+    """peft's merged DoRA weight (W + ΔW)·m/‖W + ΔW‖, in the dtype of W + ΔW."""
+    combined = weight + delta
+    return combined * magnitude.to(combined.dtype).reshape(row_norm(combined).shape) / row_norm(combined)
 
 
 def truncated_lora(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -71,15 +71,10 @@ def effective_delta(f) -> torch.Tensor:
     from trainer.variants import delta_weight
 
     if f.magnitude is None:
-        return delta_weight(f, _shape(f)).float().cpu()
-    weight = f.weight.float().cpu()
-    delta = delta_weight(f, weight.shape).float().cpu()
-    return dora_weight(weight, delta, f.magnitude.cpu()) - weight
-
-
-def _shape(f) -> tuple[int, ...]:
-    out, inner = f.up.shape[0], f.down.shape[1:]
-    return (out, *inner)
+        return delta_weight(f, (f.up.shape[0], *f.down.shape[1:])).float().cpu()
+    weight = f.weight.double().cpu()  # float64: W' − W cancels most of W
+    delta = delta_weight(f, weight.shape).double().cpu()
+    return (dora_weight(weight, delta, f.magnitude.double().cpu()) - weight).float()
 
 
 def plain_lora_tensors(factors: dict, rank: int, kind: str, layout=None) -> tuple[dict[str, torch.Tensor], dict]:

@@ -136,9 +136,8 @@ def save_plain_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: d
     modules = {p: m for p, m in modules.items() if m is not None and getattr(m, "peft_config", None)}
     layout = unet_layout(modules["unet"].config) if kind == "sdxl" and "unet" in modules else None
     tensors, report = plain_lora_tensors(lora_factors(modules, delta), rank, kind, layout)
-    header = {**metadata, "ss_network_module": "networks.lora", "ss_network_dim": str(report["rank"]),
-              "ss_network_alpha": str(report["rank"]), PLAIN_KEY: json.dumps(report)}
-    return write_kohya(Path(path), tensors, header), report
+    # ss_network_dim / ss_network_alpha keep describing the training; this file's own rank is in PLAIN_KEY
+    return write_kohya(Path(path), tensors, {**metadata, PLAIN_KEY: json.dumps(report)}), report
 
 
 def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta: dict[str, str], *, base_kind: str,

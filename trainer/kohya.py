@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from trainer.dora import DORA_SCALE_KEY, DORA_SCALE_NOTE, comfy_dora_scale, magnitude_from_comfy_scale
 from trainer.io import atomic_path
-from trainer.kohya_meta import _addnet_hashes, kohya_metadata  # noqa: F401 (kohya_metadata: part of this API)
+from trainer.kohya_meta import addnet_hashes, kohya_metadata  # noqa: F401 (kohya_metadata: part of this API)
 from trainer.kohya_names import (PREFIXES, diffusers_file_kind, kohya_file_kind, kohya_name, module_names, peft_key,
                                  reference_names, unet_layout)
 
@@ -137,7 +137,7 @@ def write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     not_str = sorted(k for k, v in metadata.items() if not isinstance(v, str))
     if not_str:
         raise ValueError(f"metadata values must be strings: {not_str}")
-    model_hash, legacy_hash = _addnet_hashes(tensors, metadata)
+    model_hash, legacy_hash = addnet_hashes(tensors, metadata)
     metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
     metadata["modelspec.hash_sha256"] = f"0x{model_hash}"  # ModelSpec: sha256 of all tensor content
     with atomic_path(Path(path)) as tmp:

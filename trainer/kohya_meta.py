@@ -57,7 +57,7 @@ def kohya_metadata(
     return meta
 
 
-def _addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
     """kohya train_util.precalculate_safetensors_hashes: sha256 of the tensor payload (bytes after the header) and
     the legacy hash (first 8 hex of sha256 of 64 KiB at 1 MiB), over a serialisation with only ss_* metadata."""
     from safetensors.torch import save
