@@ -67,6 +67,7 @@ ADVANCED: list[tuple[str, str, str]] = [
     ("lora.loradrop_threshold", "float", "LoRA-drop: importance kept"),
     ("lora.deltalora_lambda", "float", "Delta-LoRA: λ"),
     ("lora.deltalora_start", "int", "Delta-LoRA: start step"),
+    ("output.plain_lora_rank", "int", "DoRA: rank of the plain-LoRA file (0 = 2 × rank)"),
     ("lora.dropout", "float", "LoRA dropout"),
     ("lora.rslora", "bool", "rsLoRA"),
     ("lora.train_unet", "bool", "Train the UNet"),

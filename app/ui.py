@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import form, jobs, preview, report_view, uploads
+from app import downloads_view, form, jobs, preview, report_view, uploads
 from trainer import arch
 from trainer.config import ConfigError
 
@@ -178,7 +178,8 @@ def run_panel(outputs: Path, name: str, user: str | None = None) -> dict[str, An
     config = run_dir / "config.toml"
     return {
         "markdown": "\n\n".join(filter(None, [panel_markdown(st, pos),
-                                                report_view.report_markdown(st.state, st.events)])),
+                                                report_view.report_markdown(st.state, st.events),
+                                                downloads_view.downloads_markdown(jobs.adapter_files(run_dir))])),
         "report_image": report_view.report_image(run_dir, st.events),
         "loss": [(e["step"], e["loss"]) for e in st.events if e.get("type") == "step" and e.get("loss") is not None],
         "samples": [(str(p), p.stem) for p in jobs.sample_images(run_dir)],
@@ -276,8 +277,8 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
                     samples = gr.Gallery(label="Samples", columns=4, height=260, scale=1)
                 report_img = gr.Image(label="Style report: rows base / LoRA 0.5 / LoRA 1.0, held-out prompts",
                                       interactive=False, height=260, elem_id="style-report")
-                files = gr.File(label="Downloads: adapters and a zip of the run", file_count="multiple",
-                                interactive=False, elem_id="downloads")
+                files = gr.File(label="Downloads: adapters and a zip of the run (which file for which tool: see above)",
+                                file_count="multiple", interactive=False, elem_id="downloads")
                 with gr.Accordion("Config and log", open=False):
                     config_code = gr.Code(label="config.toml", language=None, interactive=False)
                     log_box = gr.Textbox(label="train.log (end)", lines=12, max_lines=12, interactive=False)

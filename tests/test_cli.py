@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +112,10 @@ def test_convert_command_round_trips_a_trained_adapter(tiny_base, tmp_path):
     assert again.keys() == kohya.keys()
     for key, value in kohya.items():
         assert torch.allclose(again[key], value, rtol=1e-6, atol=0), key
-    assert kohya[next(k for k in kohya if k.endswith(".alpha"))].item() == 2.0  # real alpha, not rank (4)
+    # alpha = rank (4) in every module, the trained scale 2/4 folded into lora_up; the trained alpha in the metadata
+    assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {4.0}
+    with safe_open(str(tmp_path / "run" / "tiny-test.safetensors"), "pt") as f:
+        assert (f.metadata()["ss_network_dim"], f.metadata()["ss_network_alpha"]) == ("4", "2.0")
 
     pickle = tmp_path / "evil.ckpt"
     pickle.write_bytes(b"\x80\x04K\x01.")

@@ -93,29 +93,44 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def comfyui_weight(weight, group, eps=None):
+    """ComfyUI's LoRA patch (comfy/weight_adapter/lora.py + base.py weight_decompose, strength 1), written from its
+    source and not from trainer code: ΔW = up·down·alpha/r; with an output-axis dora_scale [out, 1(, 1, 1)]
+    W' = (W + ΔW)·dora_scale/(‖W‖_row + eps), the row norm of the ORIGINAL weight, eps = finfo(patch dtype).eps
+    (pass fp32's to evaluate the fp32 patch in float64)."""
+    eps = torch.finfo(weight.dtype).eps if eps is None else eps
+    up, down = group["lora_up.weight"], group["lora_down.weight"]
+    alpha = group["alpha"].item() / down.shape[0] if "alpha" in group else 1.0
+    diff = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * alpha
+    if "dora_scale" not in group:
+        return weight + diff
+    scale = group["dora_scale"]
+    assert scale.shape[0] == weight.shape[0], "output-axis dora_scale"
+    norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    return (weight + diff) * (scale / (norm + eps))
+
+
 def assert_matches_peft(modules, state):
-    """Every peft LoRA layer's effective weight equals what an A1111/ComfyUI-style reader builds from `state`."""
+    """Every peft LoRA layer's effective weight equals what ComfyUI builds from `state` (A1111 and kohya's
+    merge_lora.py apply the same up·down·alpha/r without DoRA), and the file has one rank with alpha = rank."""
     from peft.tuners.lora import LoraLayer
 
+    ranks = {v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight")}
+    assert len(ranks) == 1 and {v.item() for k, v in state.items() if k.endswith(".alpha")} == {float(*ranks)}
     checked = 0
     for part, model in modules.items():
         for name, layer in model.named_modules():
             if not isinstance(layer, LoraLayer):
                 continue
             key = spec_key(part, name)
-            down, up, alpha = state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"], state[f"{key}.alpha"]
-            assert alpha.dim() == 0 and alpha.dtype == torch.float32
-            weight = layer.get_base_layer().weight.detach()
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * (alpha / down.shape[0])
-            if f"{key}.dora_scale" in state:
-                # output-axis weight decomposition (LyCORIS wd_on_out / OneTrainer): m * V / ||V||_row
-                combined = weight + delta
-                norm = combined.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
-                merged_copy = copy.deepcopy(layer)
-                merged_copy.merge(adapter_names=["default"])
-                assert rel_err(state[f"{key}.dora_scale"] * combined / norm, merged_copy.get_base_layer().weight.detach()) < 1e-5, key
-            else:
-                assert rel_err(delta, layer.get_delta_weight("default").detach()) < 1e-5, key
+            group = {s: state[f"{key}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+                     if f"{key}.{s}" in state}
+            assert group["alpha"].dim() == 0 and group["alpha"].dtype == torch.float32
+            weight = layer.get_base_layer().weight.detach().float()
+            merged_copy = copy.deepcopy(layer)
+            merged_copy.merge(adapter_names=["default"])
+            want = merged_copy.get_base_layer().weight.detach()
+            assert rel_err(comfyui_weight(weight, group) - weight, want - weight) < 1e-5, key
             checked += 1
     assert checked == sum(k.endswith(".lora_down.weight") for k in state) and checked > 0
 
@@ -129,11 +144,12 @@ def test_delta_weights_exact_and_survive_round_trip(tiny_base, tmp_path, case):
     assert ("dora" in case) == any(k.endswith(".dora_scale") for k in state)
 
     first = save_kohya_lora(tmp_path / "a.safetensors", modules, {"ss_output_name": "a"})
-    middle = convert_file(first, tmp_path / "b.safetensors", "diffusers")
+    model = modules if "dora" in case else None  # DoRA's kohya dora_scale is relative to the base weights
+    middle = convert_file(first, tmp_path / "b.safetensors", "diffusers", model=model)
     assert all(k.startswith(("unet.", "text_encoder.text_model.")) and ".lora_" in k for k in load_file(middle))
     # resolving names against the live (peft-wrapped) base gives the same modules as the built-in SD1.5 names
     assert kohya_to_diffusers(state, modules)[0].keys() == load_file(middle).keys()
-    last = load_file(convert_file(middle, tmp_path / "c.safetensors", "kohya"))
+    last = load_file(convert_file(middle, tmp_path / "c.safetensors", "kohya", model=model))
     assert last.keys() == state.keys()
     assert_matches_peft(modules, last)
 
@@ -141,7 +157,12 @@ def test_delta_weights_exact_and_survive_round_trip(tiny_base, tmp_path, case):
     from trainer.export import save_diffusers_lora
 
     exported = save_diffusers_lora(tmp_path / "d.safetensors", modules)
-    assert_matches_peft(modules, load_file(convert_file(exported, tmp_path / "e.safetensors", "kohya")))
+    assert_matches_peft(modules, load_file(convert_file(exported, tmp_path / "e.safetensors", "kohya", model=model)))
+    if model is not None:  # without the base weights a DoRA file cannot be converted exactly: refused, named
+        with pytest.raises(ValueError, match="a.safetensors.*--model"):
+            convert_file(first, tmp_path / "f.safetensors", "diffusers")
+        with pytest.raises(ValueError, match="d.safetensors.*--model"):
+            convert_file(exported, tmp_path / "g.safetensors", "kohya")
 
 
 def test_every_kohya_key_maps_to_exactly_one_module_of_the_base(tiny_base):
@@ -183,11 +204,11 @@ def fresh_pipe(tiny_base):
 
 @pytest.mark.parametrize(("unet_case", "te_case", "direct_kohya"), [
     ("alpha_ne_r", "rslora", True),
-    # diffusers 0.42's own kohya loader drops per-module alphas (its alpha_pattern keys keep `processor.to_k_lora...`
-    # and `text_model.` spellings that match no module) and all dora_scale keys; A1111/ComfyUI read `.alpha` per key.
-    # Our kohya -> diffusers conversion carries them exactly, so those cases load the converted file.
+    # rank/alpha patterns: diffusers' own kohya loader keeps one alpha per part, so the file has one rank and
+    # alpha = rank with the scales folded into lora_up, and loads directly. Its DoRA handling is not ComfyUI's
+    # (dora_scale relative to the base weights), so DoRA loads through our conversion (with the base weights).
     ("dora", "dora", False),
-    ("patterns", "patterns", False),
+    ("patterns", "patterns", True),
 ])
 def test_files_load_in_diffusers_and_draw_like_the_live_model(tiny_base, tmp_path, unet_case, te_case, direct_kohya):
     from trainer.export import save_diffusers_lora
@@ -200,7 +221,7 @@ def test_files_load_in_diffusers_and_draw_like_the_live_model(tiny_base, tmp_pat
 
     kohya_file = save_kohya_lora(tmp_path / "k.safetensors", modules, {})
     files = [save_diffusers_lora(tmp_path / "d.safetensors", modules),
-             convert_file(kohya_file, tmp_path / "kd.safetensors", "diffusers")]
+             convert_file(kohya_file, tmp_path / "kd.safetensors", "diffusers", model=modules)]
     files += [kohya_file] if direct_kohya else []
     for path in files:
         loaded = fresh_pipe(tiny_base)
@@ -329,10 +350,13 @@ def test_foreign_kohya_file_resolves_against_sd15_names():
     assert meta["text_encoder.alpha_pattern"] == {"encoder.layers.11.mlp.fc2": 16.0}  # alpha = rank
 
     back = diffusers_to_kohya(tensors, meta)
-    for name, group in groups.items():
+    for name, group in groups.items():  # same ΔW, now at one rank (16) with alpha = rank: scale folded into up
         name = name.replace("lora_te1_", "lora_te_")
-        assert torch.equal(back[f"{name}.lora_up.weight"], group["lora_up.weight"])
-        assert back[f"{name}.alpha"].item() == group.get("alpha", torch.tensor(float(group["lora_down.weight"].shape[0]))).item()
+        alpha = group.get("alpha", torch.tensor(float(group["lora_down.weight"].shape[0]))).item()
+        want = group["lora_up.weight"].flatten(1) @ group["lora_down.weight"].flatten(1) * alpha / group["lora_down.weight"].shape[0]
+        up, down = back[f"{name}.lora_up.weight"], back[f"{name}.lora_down.weight"]
+        assert back[f"{name}.alpha"].item() == down.shape[0] == 16
+        assert rel_err(up.flatten(1) @ down.flatten(1), want) < 1e-6, name
 
     bad = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_x.lora_down.weight": torch.zeros(1, 1),
            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_x.lora_up.weight": torch.zeros(1, 1)}
@@ -372,3 +396,44 @@ def test_unexpressible_adapters_are_refused(tiny_base):
         kohya_state_dict({"text_encoder": text_encoder})
     with pytest.raises(ValueError, match="no LoRA weights"):
         save_kohya_lora(tiny_base.parent / "never.safetensors", {"unet": torch.nn.Linear(2, 2)}, {})
+
+
+@pytest.mark.slow
+def test_per_module_ranks_and_alphas_load_exactly_through_diffusers_at_full_sd15_size():
+    """diffusers' kohya loader turns per-module alphas into an alpha_pattern whose keys (`…attn1.processor.to_k_lora.
+    down.weight`) miss the attention modules of the real SD1.5 UNet; the tiny base hides this. On the full-size
+    architecture (random weights, as bench/train_speed.random_base builds it) the old per-module-alpha file loads
+    at the wrong strength, ours (one rank, alpha = rank, scale folded into lora_up) at the trained one."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+
+    from trainer.kohya_names import SD15_UNET
+    from trainer.variants import lora_factors
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET)
+    targets = [f"down_blocks.{b}.attentions.{a}.{m}" for b in (0, 1) for a in (0, 1)
+               for m in ("proj_in", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_k",
+                         "transformer_blocks.0.attn2.to_v", "transformer_blocks.0.attn2.to_out.0")]
+    # AdaLoRA-like: every module its own rank and alpha
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4.0, target_modules=targets,
+                                rank_pattern={t: 1 + i % 4 for i, t in enumerate(targets)},
+                                alpha_pattern={t: 0.5 + 0.75 * i for i, t in enumerate(targets)}))
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape) * 0.1
+    want = {t: unet.get_submodule(t).get_delta_weight("default") for t in targets}
+
+    ours = kohya_state_dict({"unet": unet})
+    old = {}  # the previous export: each module at its own rank with alpha = scale·rank
+    for name, f in lora_factors({"unet": unet}).items():
+        key = "lora_unet_" + name.removeprefix("unet.").replace(".", "_")
+        old |= {f"{key}.lora_down.weight": f.down, f"{key}.lora_up.weight": f.up,
+                f"{key}.alpha": torch.tensor(f.scale * f.down.shape[0])}
+    errors = {}
+    for label, state in (("ours", ours), ("old", old)):
+        tensors, alphas = StableDiffusionPipeline.lora_state_dict(dict(state))
+        StableDiffusionPipeline.load_lora_into_unet(tensors, alphas, unet, adapter_name=label)
+        errors[label] = max(rel_err(unet.get_submodule(t).get_delta_weight(label), want[t]) for t in targets)
+    assert errors["ours"] < 1e-4, errors
+    assert errors["old"] > 0.1, errors  # the failure this guards against is real at this size

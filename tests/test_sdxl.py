@@ -235,3 +235,44 @@ def test_ui_shows_the_detected_base_without_loading_it(tiny_sdxl, tiny_sd2, tmp_
                "prediction_type": "v_prediction"}]
     status = jobs.RunStatus(run_dir=tmp_path / "r", state="running", events=events)
     assert "SD 2.x, v-prediction" in panel_markdown(status)
+
+
+def test_sdxl_text_projection_uses_comfyuis_key_both_ways(tiny_sdxl, tmp_path):
+    """SDXL's second encoder has its projection beside the text model: ComfyUI's key map names it
+    `lora_te2_text_projection` (clip_g.transformer.text_projection), diffusers `text_encoder_2.text_projection`."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    from trainer.export import save_diffusers_lora
+    from trainer.kohya import convert_file, save_kohya_lora
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    te2 = pipe.text_encoder_2
+    te2.add_adapter(LoraConfig(r=2, lora_alpha=3.0, target_modules=["text_projection", "q_proj", "k_proj", "v_proj",
+                                                                      "out_proj"]))
+    g = torch.Generator().manual_seed(0)
+    for name, p in te2.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+    want = te2.text_projection.get_delta_weight("default")
+    kohya = save_kohya_lora(tmp_path / "k.safetensors", {"text_encoder_2": te2}, {}, kind="sdxl")
+    diffusers = save_diffusers_lora(tmp_path / "d.safetensors", {"text_encoder_2": te2})
+    assert {k for k in load_file(kohya) if "projection" in k} == {
+        f"lora_te2_text_projection.{s}" for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert {k for k in load_file(diffusers) if "projection" in k} == {
+        f"text_encoder_2.text_projection.lora_{s}.weight" for s in "AB"}
+    # both directions of convert, and files written with the old spelling still read
+    assert load_file(convert_file(kohya, tmp_path / "kd.safetensors", "diffusers")).keys() == load_file(diffusers).keys()
+    assert load_file(convert_file(diffusers, tmp_path / "dk.safetensors", "kohya")).keys() == load_file(kohya).keys()
+    legacy = {k.replace("lora_te2_text_projection", "lora_te2_text_model_text_projection"): v
+              for k, v in load_file(kohya).items()}
+    save_file(legacy, tmp_path / "legacy.safetensors")
+    assert load_file(convert_file(tmp_path / "legacy.safetensors", tmp_path / "ld.safetensors", "diffusers")).keys() \
+        == load_file(diffusers).keys()
+    # both files load in diffusers with the trained ΔW on the projection
+    for path in (kohya, diffusers):
+        loaded = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+        loaded.load_lora_weights(str(path), adapter_name="x")
+        got = loaded.text_encoder_2.text_projection.get_delta_weight("x")
+        assert rel(got, want) < 1e-5, path.name

@@ -5,9 +5,11 @@ probe works for LoRA, DoRA, VeRA, AdaLoRA and Delta-LoRA (whose frozen-weight dr
 """
 
 import copy
+import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import trainer.loop as loop
@@ -64,17 +66,46 @@ def test_variant_trains_and_exports_exact_delta(variant, make_cfg, train_capturi
         rel = (got - want).norm() / want.norm().clamp_min(1e-12)
         assert rel < 1e-5, f"{variant} {name}: relative ΔW error {rel:.2e}"
 
-    # The kohya/A1111 file: up·down·alpha/r per key is the same ΔW (DoRA's renormalised form is checked in test_export).
-    if variant != "dora":
-        kohya = load_file(final.with_name("tiny-test.safetensors"))
-        for name, want in live.items():
-            part, module = name.split(".", 1)
-            prefix = "lora_unet_" if part == "unet" else "lora_te_text_model_"
-            key = prefix + module.replace(".", "_")
-            up, down, alpha = kohya[f"{key}.lora_up.weight"], kohya[f"{key}.lora_down.weight"], kohya[f"{key}.alpha"]
-            got = up @ down * (alpha / down.shape[0])
-            assert (got - want).norm() / want.norm().clamp_min(1e-12) < 1e-5, f"kohya {variant} {name}"
-        assert len(kohya) == 3 * len(live)
+    # The kohya/A1111 file: up·down·alpha/r per key is the same ΔW (DoRA: through ComfyUI's formula, which divides
+    # by the row norm of the ORIGINAL weight; test_export.comfyui_weight is written from ComfyUI's source).
+    from tests.test_export import comfyui_weight
+
+    kohya = load_file(final.with_name("tiny-test.safetensors"))
+    bases = {f"{p}.{n}": layer.get_base_layer().weight.detach().double()  # float64: W' − W without cancellation
+             for p, m in {"unet": base.unet, "text_encoder": base.text_encoder}.items()
+             for n, layer in lora_layers(m).items()}
+    for name, want in live.items():
+        part, module = name.split(".", 1)
+        prefix = "lora_unet_" if part == "unet" else "lora_te_text_model_"
+        key = prefix + module.replace(".", "_")
+        group = {s: kohya[f"{key}.{s}"].double() for s in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+                 if f"{key}.{s}" in kohya}
+        got = (comfyui_weight(bases[name], group, eps=torch.finfo(torch.float32).eps) - bases[name]).float()
+        assert (got - want).norm() / want.norm().clamp_min(1e-12) < 1e-5, f"kohya {variant} {name}"
+    assert len(kohya) == (4 if variant == "dora" else 3) * len(live)
+    assert len({v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight")}) == 1  # one rank, alpha = rank
+
+    if variant != "dora":  # diffusers' own kohya loader (one alpha per part) gives the diffusers file's weights
+        direct = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
+        direct.load_lora_weights(str(final.with_name("tiny-test.safetensors")), adapter_name="kohya")
+        through_kohya = effective_deltas({"unet": direct.unet, "text_encoder": direct.text_encoder})
+        assert through_kohya.keys() == loaded.keys()
+        for name, want in loaded.items():
+            rel = (through_kohya[name] - want).norm() / want.norm().clamp_min(1e-12)
+            assert rel < 1e-4, f"diffusers, kohya file, {variant} {name}: {rel:.2e}"
+    else:  # the plain-LoRA export of the DoRA run: loads in diffusers' kohya loader with the error it reports
+        plain = final.with_name("tiny-test.plain.safetensors")
+        with safe_open(str(plain), "pt") as f, safe_open(str(final.with_name("tiny-test.safetensors")), "pt") as k:
+            report, trained_rank = json.loads(f.metadata()["style_lora_plain"]), int(k.metadata()["ss_network_dim"])
+        assert report["rank"] == 2 * trained_rank and set(report["rel_error"]) == {"unet", "text_encoder"}
+        direct = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
+        direct.load_lora_weights(str(plain), adapter_name="plain")
+        approx = effective_deltas({"unet": direct.unet, "text_encoder": direct.text_encoder})
+        for part in ("unet", "text_encoder"):
+            names = [n for n in live if n.startswith(part + ".")]
+            lost = sum(float((approx[n] - live[n]).pow(2).sum()) for n in names)
+            total = sum(float(live[n].pow(2).sum()) for n in names)
+            assert abs((lost / total) ** 0.5 - report["rel_error"][part]) < 1e-4 + 0.01 * report["rel_error"][part]
 
     if variant == "loradrop":  # the probe dropped the unimportant layers before the real run
         probe = loop.json.loads((tmp_path / "run" / "loradrop.json").read_text())
@@ -101,6 +132,5 @@ def test_deltalora_keeps_base_bit_identical_and_resumes(make_cfg, train_capturin
         if "lora_" not in name:
             assert torch.equal(p.detach(), original[name.replace(".base_layer", "")].detach()), name
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
-    from safetensors.torch import load_file
 
     assert any(k.startswith("deltalora.") for k in load_file(ckpt / "extra.safetensors"))

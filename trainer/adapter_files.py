@@ -64,7 +64,7 @@ def read_adapter(path: str | Path, pipe, table: dict | None = None,
         if kohya:
             if not all(k.startswith("lora_") for k in state):
                 raise ValueError(f"{next(k for k in state if not k.startswith('lora_'))}: mixes kohya and other keys")
-            tensors, metadata = kohya_to_diffusers(state, pipe_parts(pipe), pipe_kind(pipe))
+            tensors, metadata = kohya_to_diffusers(state, pipe_parts(pipe), pipe_kind(pipe), header)
         else:
             raw = header.get(LORA_ADAPTER_METADATA_KEY)
             metadata = json.loads(raw) if raw else {}

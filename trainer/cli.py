@@ -2,7 +2,7 @@
 
   python -m trainer train CONFIG.toml [--set section.key=value ...] [--run-dir DIR]
   python -m trainer resume RUN_DIR [--set ...]
-  python -m trainer convert IN.safetensors OUT.safetensors --to kohya|diffusers [--base sd1|sd2|sdxl]
+  python -m trainer convert IN.safetensors OUT.safetensors --to kohya|diffusers [--base sd1|sd2|sdxl] [--model BASE]
   python -m trainer build-tiny DIR [--kind sd1|sd2|sdxl]
   python -m trainer preview --base MODEL [--hotswap] [--compile]   (JSON-lines preview worker on stdin/stdout)
   accelerate launch --num_processes N -m trainer train CONFIG.toml     (data-parallel on N devices)
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p_conv.add_argument("--to", required=True, choices=["kohya", "diffusers"])
     p_conv.add_argument("--base", choices=["sd1", "sd2", "sdxl"],
                         help="base family, only needed when the file's metadata and keys do not tell")
+    p_conv.add_argument("--model", help="base model (folder, hub id, .safetensors, builtin:...): needed only for DoRA "
+                        "files, whose kohya dora_scale is relative to the base weights (ComfyUI's formula)")
     p_tiny = sub.add_parser("build-tiny", help="write a tiny random test model (SD1.5, SD2 v-pred or SDXL layout)")
     p_tiny.add_argument("folder")
     p_tiny.add_argument("--kind", choices=["sd1", "sd2", "sdxl"], default="sd1")
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             from trainer.kohya import convert_file
 
-            print(convert_file(Path(args.src), Path(args.dst), args.to, base=args.base))
+            print(convert_file(Path(args.src), Path(args.dst), args.to, base=args.base, model=args.model))
             return 0
         if args.command == "resume":
             run_dir = Path(args.run_dir)

@@ -188,6 +188,11 @@ class ReportConfig(Section):
 class OutputConfig(Section):
     dir: str = Field("outputs", description="Folder that holds run folders.")
     name: str = Field("style-lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run and file name.")
+    plain_lora_rank: int = Field(
+        0, ge=0, le=1024, description="DoRA runs also write <name>.plain.safetensors: the DoRA's whole weight change "
+        "as a plain LoRA of this rank (truncated SVD) for tools that cannot apply DoRA (A1111, kohya's merge_lora.py, "
+        "diffusers' kohya loader). Its measured relative error is in the file's metadata and on the Runs panel. "
+        "0 = 2 × lora.rank; higher ranks are more exact and larger.")
 
 
 class Config(Section):

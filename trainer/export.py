@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.io import atomic_path
+from trainer.kohya_names import canonical_text_module
 
 
 def _adapter_config(module: torch.nn.Module) -> dict:
@@ -42,9 +43,7 @@ def peft_layout(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, torch.Te
 def _file_key(prefix: str, module: str) -> str:
     # transformers 5 dropped CLIPTextModel's `text_model.` level; files keep the canonical name that every
     # diffusers/transformers version (and every LoRA on the hub) uses.
-    if prefix.startswith("text_encoder") and not module.startswith("text_model."):
-        module = f"text_model.{module}"
-    return f"{prefix}.{module}"
+    return f"{prefix}.{canonical_text_module(module) if prefix.startswith('text_encoder') else module}"
 
 
 def factors_layout(factors: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -125,11 +124,28 @@ def training_metadata(cfg, base_kind: str, step: int, num_images: int, started_a
     }
 
 
+def save_plain_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str], rank: int,
+                    kind: str = "sd1", delta=None) -> tuple[Path, dict]:
+    """Write every adapted layer's effective ΔW (DoRA: the whole re-normalised change) as a plain kohya LoRA of
+    `rank`, truncated by SVD; returns (path, report) with the measured relative error, also in the header."""
+    from trainer.dora import PLAIN_KEY, plain_lora_tensors
+    from trainer.kohya import write_kohya
+    from trainer.kohya_names import unet_layout
+    from trainer.variants import lora_factors
+
+    modules = {p: m for p, m in modules.items() if m is not None and getattr(m, "peft_config", None)}
+    layout = unet_layout(modules["unet"].config) if kind == "sdxl" and "unet" in modules else None
+    tensors, report = plain_lora_tensors(lora_factors(modules, delta), rank, kind, layout)
+    # ss_network_dim / ss_network_alpha keep describing the training; this file's own rank is in PLAIN_KEY
+    return write_kohya(Path(path), tensors, {**metadata, PLAIN_KEY: json.dumps(report)}), report
+
+
 def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta: dict[str, str], *, base_kind: str,
                   tag_frequency: dict, cover_png: bytes | None, step: int | None = None, delta=None,
-                  convert: bool = False) -> tuple[Path, Path]:
-    """Both files of a run: `<name>.safetensors` (kohya/A1111 layout, what A1111/Forge/ComfyUI users drop in) and
-    `<name>.diffusers.safetensors` (diffusers/PEFT layout). `step` names an intermediate save."""
+                  convert: bool = False) -> tuple[Path, ...]:
+    """The files of a run: `<name>.safetensors` (kohya/A1111 layout, what A1111/Forge/ComfyUI users drop in),
+    `<name>.diffusers.safetensors` (diffusers/PEFT layout) and, for DoRA, `<name>.plain.safetensors` (the DoRA as a
+    plain LoRA of rank output.plain_lora_rank, for tools that cannot apply DoRA). `step` names an intermediate save."""
     from trainer.kohya import kohya_metadata, save_kohya_lora
 
     stem = cfg.output.name + ("" if step is None else f"-step{step:06d}")
@@ -139,4 +155,8 @@ def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta:
     kohya = save_kohya_lora(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, delta=delta, kind=base_kind)
     diffusers = save_diffusers_lora(Path(run_dir) / f"{stem}.diffusers.safetensors", modules, meta, delta=delta,
                                     convert=convert)
-    return kohya, diffusers
+    if cfg.lora.variant != "dora":
+        return kohya, diffusers
+    rank = cfg.output.plain_lora_rank or 2 * cfg.lora.rank
+    plain, _ = save_plain_lora(Path(run_dir) / f"{stem}.plain.safetensors", modules, kohya_meta, rank, base_kind, delta)
+    return kohya, diffusers, plain

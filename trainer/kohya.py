@@ -2,27 +2,25 @@
 
 Keys (trainer.kohya_names, per base family): `lora_unet_<module>` and `lora_te_text_model_<path>` (SD1.x/SD2.x),
 SGM UNet names and `lora_te1_`/`lora_te2_` (SDXL), each with `.lora_down.weight` [r, in(, kh, kw)],
-`.lora_up.weight` [out, r(, 1, 1)] and `.alpha` (0-dim fp32). Readers apply
-up·down·(alpha/r)·multiplier, so we write alpha = (peft's scaling)·r: whatever made the scaling (lora_alpha != r,
-rsLoRA, rank/alpha patterns) the strength is exact. diffusers' convert_state_dict_to_kohya writes alpha = rank, which
-silently rescales the update whenever lora_alpha != r, so it is not used here.
+`.lora_up.weight` [out, r(, 1, 1)] and `.alpha` (0-dim fp32). Readers apply up·down·(alpha/r)·multiplier, but not
+all of them per module: diffusers' kohya loader keeps one alpha per model part (its alpha_pattern keys miss the
+attention modules of the full-size SD1.5 UNet) and then scales a module of another rank by alpha/its rank. So every
+file written here has ONE rank R (zero rows/columns pad lower-rank modules, e.g. AdaLoRA's) and alpha = R, with
+whatever made the scale (lora_alpha != r, rsLoRA, rank/alpha patterns, variants) folded into lora_up: every loader
+computes the same ΔW. The trained rank and alpha stay in the metadata (ss_network_dim, ss_network_alpha).
+diffusers' convert_state_dict_to_kohya writes alpha = rank without folding, which silently rescales the update
+whenever lora_alpha != r, so it is not used here.
 
-DoRA: `.dora_scale` is peft's magnitude m with shape [out, 1(, 1, 1)]. The shape says "decomposed on the output
-axis" (LyCORIS `wd_on_out=True`; ComfyUI picks the axis by `dora_scale.shape[0] == out`): W' = m·V/||V||_row with
-V = W + up·down·alpha/r, which is exactly peft's merged DoRA weight. Caveats, checked in their sources: A1111 only
-implements the input-axis form ([1, in]) and cannot apply these; ComfyUI's output-axis branch currently divides by
-||W|| instead of ||V|| (Comfy-Org/ComfyUI PR #15458 proposes the fix), a small deviation while ΔW is small.
+DoRA: `.dora_scale` [out, 1(, 1, 1)] (output axis) is written for ComfyUI/Forge's formula, which divides by the
+norm of the ORIGINAL weight (trainer.dora): s = m·(‖W‖ + eps)/‖W + ΔW‖, so ComfyUI gives peft's DoRA weight. A1111
+(input axis only), kohya's merge_lora.py and diffusers' kohya loader cannot apply it; those get the plain-LoRA
+export (trainer.dora.plain_lora_tensors). Reading such a file back needs the base weights (`model_modules`).
 """
 
 from __future__ import annotations
 
-import base64
-import datetime
-import functools
-import hashlib
 import json
 import math
-import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -30,13 +28,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trainer.arch import KOHYA_VERSION, modelspec_architecture
+from trainer.dora import DORA_SCALE_KEY, DORA_SCALE_NOTE, comfy_dora_scale, magnitude_from_comfy_scale
 from trainer.io import atomic_path
+from trainer.kohya_meta import addnet_hashes, kohya_metadata  # noqa: F401 (kohya_metadata: part of this API)
 from trainer.kohya_names import (PREFIXES, diffusers_file_kind, kohya_file_kind, kohya_name, module_names, peft_key,
                                  reference_names, unet_layout)
 
 ADAPTER = "default"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # peft saves the DoRA magnitude as `.lora_magnitude_vector` for diffusers models and `.lora_magnitude_vector.weight`
 # for transformers ones; diffusers' text-encoder loader (transformers 5) only loads the latter spelling.
 DIFFUSERS_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight")
@@ -66,12 +64,44 @@ def _check_layer(where: str, layer) -> None:
             raise ValueError(f"{where}: grouped-conv LoRA cannot be written as a kohya LoRA")
 
 
+def uniform_module(down: torch.Tensor, up: torch.Tensor, scale: float, rank: int) -> dict[str, torch.Tensor]:
+    """One module's kohya tensors at the file's rank: alpha = rank, the scale folded into lora_up, zero rows (down)
+    and columns (up) where the module's own rank is lower. Every loader then applies exactly scale·up·down."""
+    pad = rank - down.shape[0]
+    up = up.float() * scale
+    if pad:
+        down = torch.cat([down, down.new_zeros(pad, *down.shape[1:])])
+        up = torch.cat([up, up.new_zeros(up.shape[0], pad, *up.shape[2:])], dim=1)
+    return {"lora_down.weight": down.float().contiguous(), "lora_up.weight": up.contiguous(),
+            "alpha": torch.tensor(float(rank), dtype=torch.float32)}
+
+
+def file_delta(group: dict[str, torch.Tensor], shape) -> torch.Tensor:
+    """ΔW of one module's kohya tensors as ComfyUI/A1111 compute it: up·down·alpha/r (no alpha: scale 1.0)."""
+    up, down = group["lora_up.weight"].float(), group["lora_down.weight"].float()
+    rank = down.shape[0]
+    alpha = float(group["alpha"]) if "alpha" in group else float(rank)
+    return (up.flatten(1) @ down.flatten(1)).reshape(shape) * (alpha / rank)
+
+
+def base_weight(models: dict[str, torch.nn.Module], part: str, module: str) -> torch.Tensor:
+    """The base (un-adapted) weight of `part`.`module`; text-encoder paths with or without `text_model.`."""
+    model = models.get(part)
+    for path in (module, f"text_model.{module}"):
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            continue
+        return (layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight.detach()
+    raise ValueError(f"{part}.{module}: no such module in the base model")
+
+
 def kohya_state_dict(modules: dict[str, torch.nn.Module], delta=None, kind: str = "sd1") -> dict[str, torch.Tensor]:
     """The kohya tensors of the 'default' adapter of each module ({"unet": ..., "text_encoder"(_2): ...}) of a
     `kind` base (sd1 | sd2 | sdxl: key names differ, see trainer.kohya_names).
 
     Any variant: trainer.variants.lora_factors gives the exact plain-LoRA factors (VeRA, AdaLoRA, Delta-LoRA
-    via `delta`), so A1111/ComfyUI load every trained adapter at its trained strength.
+    via `delta`), written at one rank with alpha = rank (uniform_module), so every loader applies the trained ΔW.
     """
     from trainer.variants import lora_factors, lora_layers
 
@@ -80,73 +110,21 @@ def kohya_state_dict(modules: dict[str, torch.nn.Module], delta=None, kind: str 
         for name, layer in lora_layers(module).items():
             _check_layer(f"{part}.{name}", layer)
     layout = unet_layout(modules["unet"].config) if kind == "sdxl" and "unet" in modules else None
+    factors = lora_factors(modules, delta)
+    rank = max((f.down.shape[0] for f in factors.values()), default=0)
     tensors: dict[str, torch.Tensor] = {}
-    for full_name, f in lora_factors(modules, delta).items():
+    for full_name, f in factors.items():
         part, name = full_name.split(".", 1)
         key = kohya_name(part, name.removeprefix("base_model.model."), kind, layout)
-        down, up = f.down.float().cpu().contiguous(), f.up.float().cpu().contiguous()
-        tensors[f"{key}.lora_down.weight"] = down
-        tensors[f"{key}.lora_up.weight"] = up
-        # alpha/r must reproduce the applied scale whatever produced it (alpha != r, rsLoRA, patterns, variants).
-        tensors[f"{key}.alpha"] = torch.tensor(f.scale * down.shape[0], dtype=torch.float32)
+        group = uniform_module(f.down.cpu(), f.up.cpu(), f.scale, rank)
         if f.magnitude is not None:  # DoRA: peft's m is [out] (Linear) or [1, out, 1, 1] (Conv2d)
-            tensors[f"{key}.dora_scale"] = f.magnitude.float().cpu().reshape(up.shape[0], *[1] * (up.dim() - 1)).contiguous()
+            weight = f.weight.float().cpu()
+            group["dora_scale"] = comfy_dora_scale(f.magnitude.cpu(), weight, file_delta(group, weight.shape))
+        tensors.update({f"{key}.{suffix}": t for suffix, t in group.items()})
     return tensors
 
 
-def kohya_metadata(
-    base: dict[str, str], *, rank: int, alpha: float, trigger: str, tag_frequency: dict, base_kind: str,
-    cover_png: bytes | None, rslora: bool = False,
-) -> dict[str, str]:
-    """kohya ss_* and SAI modelspec.* header entries on top of `base` (e.g. export.training_metadata). All strings."""
-    if base_kind not in KOHYA_VERSION:
-        raise ValueError(f"unknown base kind {base_kind!r} (expected one of {', '.join(KOHYA_VERSION)})")
-    meta = {k: str(v) for k, v in base.items()}
-    v_prediction = meta.get("ss_v_parameterization") == "True"
-    default = "1024" if base_kind == "sdxl" else "768" if base_kind == "sd2" and v_prediction else "512"
-    resolution = re.findall(r"\d+", meta.get("ss_resolution", "")) or [default, default]
-    started = float(meta.get("ss_training_started_at", 0) or 0) or datetime.datetime.now().timestamp()
-    meta.update({
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        # ss_network_alpha uses kohya's alpha/r convention; rsLoRA's alpha/sqrt(r) is the same scale at alpha·sqrt(r).
-        "ss_network_alpha": str(alpha * math.sqrt(rank) if rslora else alpha),
-        "ss_base_model_version": KOHYA_VERSION[base_kind],
-        "ss_v2": str(base_kind == "sd2"),
-        "ss_v_parameterization": str(v_prediction),
-        "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
-        # modelspec values as kohya's library/sai_model_spec.py writes them for a LoRA.
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": modelspec_architecture(base_kind, v_prediction),
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": meta.get("modelspec.title") or meta.get("ss_output_name") or "LoRA",
-        "modelspec.resolution": f"{resolution[0]}x{resolution[-1]}",
-        "modelspec.date": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
-    })
-    if trigger:
-        meta["modelspec.trigger_phrase"] = trigger
-        meta["ssmd_keywords"] = trigger  # the additional-networks metadata editor's trigger words
-    if cover_png is not None:
-        if not cover_png.startswith(PNG_SIGNATURE):
-            raise ValueError("cover image must be PNG bytes")
-        # A JSON list of base64 images: what sd-webui-additional-networks writes and A1111/ComfyUI read as a preview.
-        meta["ssmd_cover_images"] = json.dumps([base64.b64encode(cover_png).decode("ascii")])
-    return meta
-
-
-def _addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
-    """kohya train_util.precalculate_safetensors_hashes: sha256 of the tensor payload (bytes after the header) and
-    the legacy hash (first 8 hex of sha256 of 64 KiB at 1 MiB), over a serialisation with only ss_* metadata."""
-    from safetensors.torch import save
-
-    data = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
-    header_len = int.from_bytes(data[:8], "little")
-    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
-    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-    return model_hash, legacy_hash
-
-
-def _write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+def write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     if not tensors:
         raise ValueError("no LoRA weights to save: neither the UNet nor the text encoder has an adapter")
     metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_") and k != "modelspec.hash_sha256"}
@@ -154,10 +132,14 @@ def _write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         # kohya's networks.lora cannot hold DoRA; LyCORIS can, and these args name the output-axis decomposition.
         metadata["ss_network_module"] = "lycoris.kohya"
         metadata["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
+        metadata[DORA_SCALE_KEY] = DORA_SCALE_NOTE
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+    metadata["style_lora_alpha"] = (f"alpha = rank = {max(ranks, default=0)} in every module, the trained scale folded "
+                                    "into lora_up (trained rank and alpha: ss_network_dim, ss_network_alpha)")
     not_str = sorted(k for k, v in metadata.items() if not isinstance(v, str))
     if not_str:
         raise ValueError(f"metadata values must be strings: {not_str}")
-    model_hash, legacy_hash = _addnet_hashes(tensors, metadata)
+    model_hash, legacy_hash = addnet_hashes(tensors, metadata)
     metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
     metadata["modelspec.hash_sha256"] = f"0x{model_hash}"  # ModelSpec: sha256 of all tensor content
     with atomic_path(Path(path)) as tmp:
@@ -168,7 +150,7 @@ def _write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 def save_kohya_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str], delta=None,
                     kind: str = "sd1") -> Path:
     """Write `path` atomically in the kohya layout, with sshs_model_hash / sshs_legacy_hash as kohya computes them."""
-    return _write_kohya(path, kohya_state_dict(modules, delta, kind), dict(metadata))
+    return write_kohya(path, kohya_state_dict(modules, delta, kind), dict(metadata))
 
 
 def _lora_config(modules: dict[str, tuple[int, float, bool]]) -> dict:
@@ -206,24 +188,29 @@ def _group(state: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> dict[st
 
 
 def kohya_to_diffusers(
-    state: dict[str, torch.Tensor], model_modules: dict[str, torch.nn.Module] | None = None, kind: str | None = None
+    state: dict[str, torch.Tensor], model_modules: dict[str, torch.nn.Module] | None = None, kind: str | None = None,
+    header: dict[str, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """kohya tensors -> (peft-layout tensors, diffusers `lora_adapter_metadata` with per-module rank/alpha).
 
     kohya names are resolved against the modules of `model_modules` (a `kind` base) when given, else against the
     real SD1.5/SD2 or SDXL module names (told from the keys): `_` is both separator and part of names (to_q,
-    transformer_blocks), so only real names disambiguate."""
+    transformer_blocks), so only real names disambiguate. `header`: the file's metadata; a dora_scale written for
+    ComfyUI (DORA_SCALE_KEY) turns back into peft's magnitude with the base weights of `model_modules`."""
     file_kind = kohya_file_kind(state)
     if kind is not None and (file_kind == "sdxl") != (kind == "sdxl"):
         raise ValueError(f"a LoRA for {'SDXL' if file_kind == 'sdxl' else 'SD1.x/SD2.x'} cannot be used with this "
                          f"{'SDXL' if kind == 'sdxl' else 'SD1.x/SD2.x'} base")
     table = module_names(model_modules, kind or file_kind) if model_modules else reference_names(file_kind)
+    comfy_dora = DORA_SCALE_KEY in (header or {})
     tensors: dict[str, torch.Tensor] = {}
     per_part: dict[str, dict[str, tuple[int, float, bool]]] = {}
     unknown = []
     for name, group in sorted(_group(state, KOHYA_SUFFIXES).items()):
-        # SD1/SD2 files sometimes spell the one text encoder lora_te1_
+        # SD1/SD2 files sometimes spell the one text encoder lora_te1_; files written before the fix spell SDXL's
+        # projection lora_te2_text_model_text_projection (ComfyUI's key map knows lora_te2_text_projection only)
         lookup = "lora_te_" + name.removeprefix("lora_te1_") if file_kind != "sdxl" and name.startswith("lora_te1_") else name
+        lookup = lookup.replace("_text_model_text_projection", "_text_projection")
         if lookup not in table:
             unknown.append(name)
             continue
@@ -239,6 +226,12 @@ def kohya_to_diffusers(
             if scale.shape[0] != out or scale.numel() != out:
                 raise ValueError(f"{name}: dora_scale {tuple(scale.shape)} is decomposed on the input axis; peft's DoRA "
                                  "normalises output rows, so it cannot be converted exactly")
+            if comfy_dora:
+                if not model_modules:
+                    raise ValueError(f"{name}: its dora_scale is relative to the base model's weights (written for "
+                                     "ComfyUI's DoRA formula); converting it needs the base model (--model)")
+                weight = base_weight(model_modules, part, module).float().cpu()
+                scale = magnitude_from_comfy_scale(scale, weight, file_delta(group, weight.shape))
             # peft's magnitude is [out] for Linear and [1, out, 1, 1] for Conv2d; key spelled as peft saves it
             suffix = "lora_magnitude_vector.weight" if part.startswith("text_encoder") else "lora_magnitude_vector"
             tensors[f"{key}.{suffix}"] = scale.reshape(out) if up.dim() == 2 else scale.reshape(1, out, 1, 1)
@@ -271,15 +264,17 @@ def _peft_scaling(config: dict, part: str, module: str, rank: int) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict, kind: str = "sd1") -> dict[str, torch.Tensor]:
+def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict, kind: str = "sd1",
+                       model_modules: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
     """peft-layout tensors (`unet.<module>.lora_A.weight`, ...) + diffusers adapter metadata -> kohya tensors of a
-    `kind` base (SDXL UNet modules get SGM names for the real SDXL layout)."""
+    `kind` base (SDXL UNet modules get SGM names for the real SDXL layout), at one rank with alpha = rank (see
+    uniform_module). DoRA modules need the base weights (`model_modules`) for ComfyUI's dora_scale."""
     prefixes = PREFIXES[kind]
     configs = {
         part: {k.removeprefix(f"{part}."): v for k, v in (adapter_metadata or {}).items() if k.startswith(f"{part}.")}
         for part in prefixes
     }
-    tensors: dict[str, torch.Tensor] = {}
+    modules = []
     guessed = set()
     for name, group in sorted(_group(state, DIFFUSERS_SUFFIXES).items()):
         part, _, module = name.partition(".")
@@ -287,20 +282,25 @@ def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict, k
             raise ValueError(f"{name}: a {kind} LoRA has kohya keys only for {', '.join(prefixes)}")
         module = module.removeprefix("text_model.") if part.startswith("text_encoder") else module
         down, up = group["lora_A.weight"].float(), group["lora_B.weight"].float()
-        rank = down.shape[0]
         if "r" in configs[part]:
-            scaling = _peft_scaling(configs[part], part, module, rank)
+            scaling = _peft_scaling(configs[part], part, module, down.shape[0])
         else:
             scaling = 1.0
             guessed.add(part)
-        key = kohya_name(part, module, kind)
-        tensors[f"{key}.lora_down.weight"] = down.contiguous()
-        tensors[f"{key}.lora_up.weight"] = up.contiguous()
-        tensors[f"{key}.alpha"] = torch.tensor(scaling * rank, dtype=torch.float32)
         magnitude = group.get("lora_magnitude_vector", group.get("lora_magnitude_vector.weight"))
+        if magnitude is not None and not model_modules:
+            raise ValueError(f"{name}: a DoRA module; ComfyUI's dora_scale is relative to the base model's weights, so "
+                             "converting it needs the base model (--model)")
+        modules.append((part, module, down, up, scaling, magnitude))
+    rank = max((down.shape[0] for _, _, down, _, _, _ in modules), default=0)
+    tensors: dict[str, torch.Tensor] = {}
+    for part, module, down, up, scaling, magnitude in modules:
+        group = uniform_module(down, up, scaling, rank)
         if magnitude is not None:
-            magnitude = magnitude.float()
-            tensors[f"{key}.dora_scale"] = magnitude.reshape(up.shape[0], *[1] * (up.dim() - 1)).contiguous()
+            weight = base_weight(model_modules, part, module).float().cpu()
+            group["dora_scale"] = comfy_dora_scale(magnitude, weight, file_delta(group, weight.shape))
+        key = kohya_name(part, module, kind)
+        tensors.update({f"{key}.{suffix}": t for suffix, t in group.items()})
     if guessed:
         warnings.warn(f"no lora_adapter_metadata for {', '.join(sorted(guessed))}: assuming alpha = rank (scale 1.0, "
                       "what diffusers assumes too); if it was trained with another alpha its strength will differ",
@@ -324,10 +324,22 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise ValueError(f"{path}: not a readable .safetensors file ({err})") from None
 
 
-def convert_file(src: Path, dst: Path, to: str, base: str | None = None) -> Path:
+def _base_parts(model) -> dict[str, torch.nn.Module] | None:
+    """The LoRA-able parts of a base: given as {part: module} already, or loaded from a path / hub id."""
+    if model is None or isinstance(model, dict):
+        return model
+    from trainer.config import ModelConfig
+    from trainer.model import load_base
+
+    base = load_base(ModelConfig(path=str(model)))
+    return {"unet": base.unet, **base.text_encoders()}
+
+
+def convert_file(src: Path, dst: Path, to: str, base: str | None = None, model=None) -> Path:
     """Convert a LoRA file between the kohya and diffusers/PEFT layouts (to = "kohya" | "diffusers"), keeping its
     metadata and the exact strength of every module. Writes `dst` atomically. `base` (sd1 | sd2 | sdxl): the
-    family, when the file's metadata and keys do not tell."""
+    family, when the file's metadata and keys do not tell. `model`: the base model (path, hub id, or {part: module}),
+    needed only for DoRA files, whose kohya dora_scale is relative to the base weights."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
     src, dst = Path(src), Path(dst)
@@ -337,14 +349,20 @@ def convert_file(src: Path, dst: Path, to: str, base: str | None = None) -> Path
         raise ValueError(f"{dst}: the output must be a .safetensors file")
     state, header = _read_safetensors(src)
     is_kohya = any(k.startswith("lora_") for k in state)
-    # Hashes describe the old payload and would be wrong for the new one.
-    header = {k: v for k, v in header.items() if not k.startswith("sshs_") and k not in ("format", "modelspec.hash_sha256")}
+    dora = any(k.endswith(("dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight")) for k in state)
+    if dora and model is None and (to == "kohya" or DORA_SCALE_KEY in header):
+        raise ValueError(f"{src}: a DoRA LoRA; its kohya dora_scale is relative to the base model's weights (ComfyUI's "
+                         "formula), so converting it needs the base model: pass --model")
+    parts, file_header = _base_parts(model) if dora else None, dict(header)
+    # Hashes describe the old payload and would be wrong for the new one; the layout notes describe the old layout.
+    header = {k: v for k, v in header.items() if not k.startswith("sshs_") and k not in (
+        "format", "modelspec.hash_sha256", DORA_SCALE_KEY, "style_lora_alpha")}
     if to == "diffusers":
         if not is_kohya:
             raise ValueError(f"{src}: not a kohya LoRA (no lora_unet_/lora_te_ keys)")
         if base and (base == "sdxl") != (kohya_file_kind(state) == "sdxl"):
             raise ValueError(f"{src}: its keys are not those of a {base} LoRA")
-        tensors, adapter_metadata = kohya_to_diffusers(state, kind=base)
+        tensors, adapter_metadata = kohya_to_diffusers(state, parts, kind=base, header=file_header)
         header.update(format="pt")
         header[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata, indent=2, sort_keys=True, default=str)
         with atomic_path(dst) as tmp:
@@ -354,4 +372,4 @@ def convert_file(src: Path, dst: Path, to: str, base: str | None = None) -> Path
         raise ValueError(f"{src}: already a kohya LoRA")
     raw = header.pop(LORA_ADAPTER_METADATA_KEY, None)
     kind = base or diffusers_file_kind(state, header)
-    return _write_kohya(dst, diffusers_to_kohya(state, json.loads(raw) if raw else {}, kind), header)
+    return write_kohya(dst, diffusers_to_kohya(state, json.loads(raw) if raw else {}, kind, parts), header)

@@ -104,11 +104,19 @@ def kohya_name(part: str, module: str, kind: str = "sd1", layout: tuple | None =
     if part not in prefixes:
         raise ValueError(f"{part!r}: a {kind} LoRA has no such part (kohya keys exist for {', '.join(prefixes)})")
     if part.startswith("text_encoder"):
-        # transformers 5's CLIPTextModel dropped the `text_model.` level; A1111 and ComfyUI expect it in the key.
-        module = "text_model." + module.removeprefix("text_model.")
+        module = canonical_text_module(module)
     elif kind == "sdxl":
         module = sgm_unet_name(module, layout or unet_layout(SDXL_UNET))
     return prefixes[part] + module.replace(".", "_")
+
+
+def canonical_text_module(module: str) -> str:
+    """A text-encoder module path as files spell it: `text_model.<path>` for everything inside CLIP's text model
+    (transformers 5's CLIPTextModel dropped that level; A1111, ComfyUI and older diffusers expect it), but the
+    projection of CLIPTextModelWithProjection (SDXL's second encoder) sits beside the text model: `text_projection`,
+    so its kohya key is `lora_te2_text_projection`, the name ComfyUI's key map gives clip_g's projection."""
+    module = module.removeprefix("text_model.")
+    return module if module.split(".")[0] == "text_projection" else f"text_model.{module}"
 
 
 def module_names(modules: dict[str, torch.nn.Module], kind: str) -> dict[str, tuple[str, str]]:
@@ -180,4 +188,4 @@ def diffusers_file_kind(keys, header: dict) -> str:
 
 def peft_key(part: str, module: str) -> str:
     # The canonical diffusers file spelling keeps CLIP's `text_model.` level (as trainer.export writes it).
-    return f"{part}.text_model.{module}" if part.startswith("text_encoder") else f"{part}.{module}"
+    return f"{part}.{canonical_text_module(module)}" if part.startswith("text_encoder") else f"{part}.{module}"

@@ -162,6 +162,7 @@ class Factors:
     down: torch.Tensor  # [r, in] or [r, in, k, k]
     scale: float
     magnitude: torch.Tensor | None = None  # DoRA: the learned per-output-row norm of W0 + ΔW
+    weight: torch.Tensor | None = None  # DoRA: the base weight W0 (ComfyUI's dora_scale and the plain export need it)
 
 
 def _factors_of(layer, delta: DeltaLora | None, name: str) -> Factors:
@@ -185,15 +186,16 @@ def _factors_of(layer, delta: DeltaLora | None, name: str) -> Factors:
     up = layer.lora_B[ADAPTER].weight.detach().float()
     down = layer.lora_A[ADAPTER].weight.detach().float()
     scale = float(layer.scaling[ADAPTER])
-    magnitude = None
+    magnitude = weight = None
     if getattr(layer, "use_dora", {}).get(ADAPTER):
         magnitude = layer.lora_magnitude_vector[ADAPTER].weight.detach().float()
+        weight = layer.get_base_layer().weight.detach()
     if delta is not None and delta.lam and name in delta.snapshot:
         # total ΔW = s·BA + λ·s·(BA − B_K·A_K): a rank-2r LoRA [(1+λ)B, −λB_K] @ [A; A_K] at scale s.
         a0, b0 = (t.float() for t in delta.snapshot[name])
         up = torch.cat([(1 + delta.lam) * up, -delta.lam * b0], dim=1)
         down = torch.cat([down, a0], dim=0)
-    return Factors(up=up.detach(), down=down.detach(), scale=scale, magnitude=magnitude)
+    return Factors(up=up.detach(), down=down.detach(), scale=scale, magnitude=magnitude, weight=weight)
 
 
 def lora_factors(modules: dict[str, torch.nn.Module], delta: DeltaLora | None = None) -> dict[str, Factors]:

@@ -1,0 +1,69 @@
+"""Header metadata of kohya LoRA files: the ss_* / modelspec.* entries A1111/Forge and ComfyUI read, and the
+tensor hashes kohya computes (sshs_model_hash, sshs_legacy_hash)."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+import math
+import re
+
+import torch
+
+from trainer.arch import KOHYA_VERSION, modelspec_architecture
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def kohya_metadata(
+    base: dict[str, str], *, rank: int, alpha: float, trigger: str, tag_frequency: dict, base_kind: str,
+    cover_png: bytes | None, rslora: bool = False,
+) -> dict[str, str]:
+    """kohya ss_* and SAI modelspec.* header entries on top of `base` (e.g. export.training_metadata). All strings."""
+    if base_kind not in KOHYA_VERSION:
+        raise ValueError(f"unknown base kind {base_kind!r} (expected one of {', '.join(KOHYA_VERSION)})")
+    meta = {k: str(v) for k, v in base.items()}
+    v_prediction = meta.get("ss_v_parameterization") == "True"
+    default = "1024" if base_kind == "sdxl" else "768" if base_kind == "sd2" and v_prediction else "512"
+    resolution = re.findall(r"\d+", meta.get("ss_resolution", "")) or [default, default]
+    started = float(meta.get("ss_training_started_at", 0) or 0) or datetime.datetime.now().timestamp()
+    meta.update({
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        # ss_network_alpha uses kohya's alpha/r convention; rsLoRA's alpha/sqrt(r) is the same scale at alpha·sqrt(r).
+        "ss_network_alpha": str(alpha * math.sqrt(rank) if rslora else alpha),
+        "ss_base_model_version": KOHYA_VERSION[base_kind],
+        "ss_v2": str(base_kind == "sd2"),
+        "ss_v_parameterization": str(v_prediction),
+        "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
+        # modelspec values as kohya's library/sai_model_spec.py writes them for a LoRA.
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": modelspec_architecture(base_kind, v_prediction),
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": meta.get("modelspec.title") or meta.get("ss_output_name") or "LoRA",
+        "modelspec.resolution": f"{resolution[0]}x{resolution[-1]}",
+        "modelspec.date": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    if trigger:
+        meta["modelspec.trigger_phrase"] = trigger
+        meta["ssmd_keywords"] = trigger  # the additional-networks metadata editor's trigger words
+    if cover_png is not None:
+        if not cover_png.startswith(PNG_SIGNATURE):
+            raise ValueError("cover image must be PNG bytes")
+        # A JSON list of base64 images: what sd-webui-additional-networks writes and A1111/ComfyUI read as a preview.
+        meta["ssmd_cover_images"] = json.dumps([base64.b64encode(cover_png).decode("ascii")])
+    return meta
+
+
+def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """kohya train_util.precalculate_safetensors_hashes: sha256 of the tensor payload (bytes after the header) and
+    the legacy hash (first 8 hex of sha256 of 64 KiB at 1 MiB), over a serialisation with only ss_* metadata."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
+    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
