@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 LOCK := requirements.lock
 
-.PHONY: install run demo test test-fast test-latest lock clean
+.PHONY: install run demo test test-fast test-latest lock screenshots clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ test: install
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# Refresh docs/screenshots/ui-*.png from the real-browser test (the tests never write into the repo otherwise).
+screenshots: install
+	STYLE_LORA_SCREENSHOTS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_browser.py
 
 # Re-resolve every dependency to the newest versions pyproject.toml allows, in a clean venv, and rewrite the lock.
 # Then run `make test` before committing it.

@@ -10,6 +10,18 @@ def test_every_preset_loads():
         assert isinstance(load_preset(name), Config)
 
 
+def test_presets_are_sparse_diffs_from_the_defaults():
+    """A preset sets only what differs from trainer/config.py's defaults, so a changed default reaches every preset
+    that does not say otherwise, and a reader sees at a glance what a preset is about."""
+    import tomllib
+
+    defaults = Config.model_validate({}).model_dump()
+    for path in sorted(PRESETS_DIR.glob("*.toml")):
+        for section, values in tomllib.loads(path.read_text()).items():
+            for key, value in values.items():
+                assert defaults[section][key] != value, f"{path.name}: {section}.{key} = {value!r} is the default"
+
+
 def test_sd15_preset_has_style_defaults():
     cfg = load_preset("sd15-style")
     assert (cfg.lora.rank, cfg.lora.alpha) == (16, 16.0)
