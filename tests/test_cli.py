@@ -96,7 +96,10 @@ def test_accelerate_two_processes(tiny_base, tmp_path):
     assert events[0]["type"] == "start" and events[0]["processes"] == 2
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]  # one writer, not two
     assert (run_dir / "checkpoints" / "step-000002" / "state.json").is_file()
-    assert load_file(run_dir / "tiny-test.diffusers.safetensors")
+    adapter = load_file(run_dir / "tiny-test.diffusers.safetensors")
+    ups = [t for k, t in adapter.items() if "lora_B" in k]
+    assert ups and all(t.abs().max() > 0 for t in ups)  # every layer trained (B starts at zero)
+    assert any(k.startswith("text_encoder.") for k in adapter) and any(k.startswith("unet.") for k in adapter)
 
 
 def test_convert_command_round_trips_a_trained_adapter(tiny_base, tmp_path):
