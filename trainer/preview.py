@@ -7,10 +7,8 @@
   `max_adapters` are deleted least-recently-used first.
 - hot-swap (`hotswap=True`; implied by `compile=True`, CUDA only): the UNet has ONE LoRA slot prepared with
   `enable_lora_hotswap(target_rank=max_rank)` before the first load (and before torch.compile). Switching copies the
-  chosen adapter's UNet tensors into that slot in place (`hotswap=True`), so a compiled UNet is never recompiled.
-  Strength and mixing are folded into the tensors (mix = the adapters' factors concatenated along the rank, each B
-  scaled by weight·alpha/r; the slot's own scale is 1), so changing them is a swap too; the base image is the slot
-  zeroed. Text-encoder parts (diffusers cannot hot-swap those) are loaded under their own names and activated with
+  chosen adapter's UNet tensors into that slot in place, so a compiled UNet is never recompiled (trainer.hotswap).
+  Text-encoder parts (diffusers cannot hot-swap those) are loaded under their own names and activated with
   set_adapters on the text encoder, which is never compiled.
 
 Adapter files: `.safetensors` only (never a pickle), kohya/A1111 or diffusers/PEFT layout. kohya files are converted
@@ -34,9 +32,9 @@ from typing import Any
 import torch
 
 from trainer.config import ModelConfig
-from trainer.adapter_files import AdapterError, _module_table, _scales, pipe_kind, pipe_parts, read_adapter
-
-SLOT = "hotswap_slot"
+from trainer.adapter_files import AdapterError, _module_table, pipe_kind, pipe_parts, read_adapter
+from trainer.hotswap import HotSwapSlot
+from trainer.render import draw
 
 
 @dataclass
@@ -76,7 +74,6 @@ class Previewer:
         if self.dtype is None:
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.hotswap = hotswap or compile
-        self.compile = compile
         self.max_rank = max_rank
         self.max_adapters = max(1, max_adapters)
         if pipeline is None:  # `pipeline`: an already built SD/SDXL pipeline (benchmarks)
@@ -90,10 +87,9 @@ class Previewer:
         self.adapters: OrderedDict[str, Adapter] = OrderedDict()  # name -> Adapter, least recently used first
         self.active: dict[str, float] = {}
         self.released = False
-        self._slot_ready = False
-        self._slot_key: tuple | None = None  # what the hot-swap slot holds now
         self._counter = 0
-        self._compiled = False
+        # hot-swap mode: the UNet's one slot (trainer/hotswap.py); None in multi-adapter mode
+        self.slot = HotSwapSlot(self.pipe, max_rank, compile, self._load_unet_part) if self.hotswap else None
         self.load_ms = _ms(t0)
 
     # ----------------------------------------------------------------------------- adapters
@@ -139,6 +135,9 @@ class Previewer:
         return {"name": a.name, "layout": a.layout, "parts": sorted(a.parts), "rank": a.rank, "cached": cached,
                 "load_ms": ms}
 
+    def _load_unet_part(self, peft_name: str, tensors: dict, metadata: dict, hotswap: bool) -> None:
+        self._load_part(peft_name, "unet", tensors, metadata, hotswap)
+
     def _load_part(self, peft_name: str, part: str, tensors: dict, metadata: dict, hotswap: bool = False) -> None:
         tensors = {k: v.to(self.device, self.dtype) for k, v in tensors.items()}
         if part == "unet":
@@ -166,8 +165,8 @@ class Previewer:
         a = self.adapters.pop(name)
         self._delete_peft(a.peft_name)
         self.active.pop(name, None)
-        if self._slot_key and any(n == name for n, _ in self._slot_key):
-            self._slot_key = None
+        if self.slot and self.slot.holds(name):
+            self.slot.forget()
 
     def _evict(self) -> None:
         while len(self.adapters) > self.max_adapters:
@@ -175,10 +174,6 @@ class Previewer:
             if victim is None:
                 return
             self._drop(victim)
-
-    def unload(self, name: str) -> None:
-        if name in self.adapters:
-            self._drop(name)
 
     # ----------------------------------------------------------------------------- switching
 
@@ -202,8 +197,8 @@ class Previewer:
             elif self._peft_names(part):
                 disable_lora_for_text_encoder(getattr(self.pipe, part))
         unet = [(n, w) for n, w in adapters.items() if "unet" in self.adapters[n].parts]
-        if self.hotswap:
-            self._fill_slot(unet)
+        if self.slot:
+            self.slot.fill([(n, *self.adapters[n].parts["unet"], w) for n, w in unet])
         elif unet:
             self.pipe.unet.set_adapters([self.adapters[n].peft_name for n, _ in unet], [w for _, w in unet])
             self.pipe.unet.enable_lora()
@@ -213,66 +208,7 @@ class Previewer:
         _sync(self.device)
         return _ms(t0)
 
-    def _fill_slot(self, unet: list[tuple[str, float]]) -> None:
-        """Hot-swap mode: put the weighted sum of the given UNet adapters into the single slot, in place."""
-        key = tuple(unet)
-        if key == self._slot_key:
-            return
-        if not unet or all(w == 0 for _, w in unet):
-            if self._slot_ready:  # the base: zero B in place (keeps the compiled graph)
-                for name, p in self.pipe.unet.named_parameters():
-                    if f"lora_B.{SLOT}." in name:
-                        p.data.zero_()
-            self._slot_key = key
-            return
-        tensors: dict[str, list] = {}
-        for n, w in unet:
-            t, meta = self.adapters[n].parts["unet"]
-            scales = _scales("unet", t, meta)
-            for module, s in scales.items():
-                down = t[f"unet.{module}.lora_A.weight"].float()
-                up = t[f"unet.{module}.lora_B.weight"].float() * (w * s)
-                tensors.setdefault(module, []).append((down, up))
-        state, rank = {}, 0
-        for module, pairs in tensors.items():
-            down = torch.cat([d for d, _ in pairs], 0)
-            up = torch.cat([u for _, u in pairs], 1)
-            rank = max(rank, down.shape[0])
-            if down.shape[0] > self.max_rank:
-                raise AdapterError(f"the mix has rank {down.shape[0]}, above the hot-swap slot's max_rank "
-                                   f"{self.max_rank}; start the worker with a larger --max-rank")
-            pad = self.max_rank - down.shape[0]  # zero-padded to the slot's rank: one config for every swap
-            down = torch.cat([down, down.new_zeros(pad, *down.shape[1:])], 0)
-            up = torch.cat([up, up.new_zeros(up.shape[0], pad, *up.shape[2:])], 1)
-            state[f"unet.{module}.lora_A.weight"], state[f"unet.{module}.lora_B.weight"] = down, up
-        r = self.max_rank
-        # scale 1 everywhere (alpha = r): weights and alphas are already folded into B
-        metadata = {"unet.r": r, "unet.lora_alpha": r, "unet.target_modules": sorted(tensors),
-                    "unet.lora_dropout": 0.0, "unet.init_lora_weights": True, "unet.bias": "none",
-                    "unet.use_rslora": False, "unet.use_dora": False}
-        if not self._slot_ready:
-            self.pipe.enable_lora_hotswap(target_rank=self.max_rank)
-            self._load_part(SLOT, "unet", state, metadata)
-            self._slot_ready = True
-            if self.compile and not self._compiled:
-                self.pipe.unet = torch.compile(self.pipe.unet, mode="reduce-overhead", fullgraph=True)
-                self._compiled = True
-        else:
-            try:
-                self._load_part(SLOT, "unet", state, metadata, hotswap=True)
-            except RuntimeError as err:  # new target layers: the slot cannot take them without a reload
-                raise AdapterError(f"cannot hot-swap: {str(err)[:300]} (the first adapter loaded fixes the slot's "
-                                   "target layers; restart the preview worker to change them)") from None
-        self._slot_key = key
-
     # ----------------------------------------------------------------------------- images
-
-    @torch.no_grad()
-    def _render(self, prompt: str, negative: str, steps: int, guidance: float, seed: int, width: int, height: int):
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        out = self.pipe(prompt, negative_prompt=negative or None, num_inference_steps=int(steps),
-                        guidance_scale=float(guidance), width=int(width), height=int(height), generator=generator)
-        return out.images[0]
 
     def generate(self, prompt: str, negative: str = "", steps: int = 20, guidance: float = 7.5, seed: int = 0,
                  width: int = 512, height: int = 512, adapters: dict[str, float] | None = None):
@@ -280,7 +216,8 @@ class Previewer:
         self._ensure_on_device()
         swap_ms = self.activate(adapters)
         t0 = time.perf_counter()
-        image = self._render(prompt, negative, steps, guidance, seed, width, height)
+        image = draw(self.pipe, prompt, negative=negative, steps=steps, guidance=guidance, width=width, height=height,
+                     seed=seed)
         _sync(self.device)
         return image, {"swap_ms": swap_ms, "gen_ms": _ms(t0)}
 
@@ -336,6 +273,6 @@ class Previewer:
 
     def state(self) -> dict[str, Any]:
         return {"base": self.base_path, "kind": self.kind, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "hotswap": self.hotswap, "compiled": self._compiled, "released": self.released,
+                "hotswap": self.hotswap, "compiled": bool(self.slot and self.slot.compiled), "released": self.released,
                 "adapters": list(self.adapters), "active": self.active, "max_adapters": self.max_adapters,
                 "base_load_ms": self.load_ms}

@@ -133,6 +133,7 @@ def is_demo_base(folder: str | Path) -> bool:
 def render(cfg: Config, adapter: Path, prompts: list[str], device: torch.device) -> dict[float, list[Image.Image]]:
     """{scale: images in (prompt, seed) order} for the base (0.0) and the LoRA at each other scale."""
     from trainer.model import load_base
+    from trainer.render import draw, sample_settings
 
     pipe = load_base(cfg.model).pipeline()  # SD1/SD2/SDXL pipeline of the base's family
     pipe.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -145,12 +146,8 @@ def render(cfg: Config, adapter: Path, prompts: list[str], device: torch.device)
         else:
             pipe.enable_lora()
             pipe.set_adapters(["style"], adapter_weights=[scale])
-        out[scale] = [
-            pipe(prompt, negative_prompt=cfg.sample.negative_prompt or None,
-                 num_inference_steps=cfg.report.steps or cfg.sample.steps, guidance_scale=cfg.sample.guidance,
-                 width=cfg.sample.width or cfg.data.resolution, height=cfg.sample.height or cfg.data.resolution,
-                 generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-            for prompt in prompts for seed in cfg.report.seeds]
+        settings = {**sample_settings(cfg), "steps": cfg.report.steps or cfg.sample.steps}
+        out[scale] = [draw(pipe, prompt, seed=seed, **settings) for prompt in prompts for seed in cfg.report.seeds]
     return out
 
 

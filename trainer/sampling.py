@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config
+from trainer.render import draw, sample_settings
 
 
 def sample_prompts(cfg: Config) -> list[str]:
@@ -30,16 +31,7 @@ def render_samples(base, unet, text_encoders: dict, cfg: Config, step: int, out_
     try:
         with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
             for j, prompt in enumerate(sample_prompts(cfg)):
-                generator = torch.Generator("cpu").manual_seed(cfg.sample.seed + j)
-                image = pipe(
-                    prompt,
-                    negative_prompt=cfg.sample.negative_prompt or None,
-                    num_inference_steps=cfg.sample.steps,
-                    guidance_scale=cfg.sample.guidance,
-                    width=cfg.sample.width or cfg.data.resolution,
-                    height=cfg.sample.height or cfg.data.resolution,
-                    generator=generator,
-                ).images[0]
+                image = draw(pipe, prompt, seed=cfg.sample.seed + j, **sample_settings(cfg))
                 path = out_dir / f"step-{step:06d}-{j:02d}.png"
                 image.save(path)
                 paths.append(path)
