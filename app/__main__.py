@@ -66,14 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
     from app import jobs
+    from app.auth import launch_kwargs
     from app.ui import build_app
 
     stop = jobs.start_queue_loop(outputs)
     demo = build_app(outputs)
     try:
+        # launch_kwargs: the login, with failed attempts throttled per user and per client address (app/auth.py)
         demo.queue(default_concurrency_limit=4).launch(
             server_name=args.host, server_port=args.port, **served_paths(outputs),
-            max_file_size="50mb", show_error=False, auth=auth or None)
+            max_file_size="50mb", show_error=False, **launch_kwargs(auth))
     finally:
         stop.set()
 

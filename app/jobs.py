@@ -201,9 +201,9 @@ def status(run_dir: Path) -> RunStatus:
     since = job.get("launched_at", 0) - 0.01 if job.get("pid") else float("inf")
     end = next((e for e in reversed(events) if e.get("type") in ("done", "stopped", "failed")
                 and e.get("time", float("inf")) >= since), None)
-    if end and end["type"] == "failed":
+    if end and end["type"] == "failed":  # the trainer said why in one line (its traceback is in train.log only)
         hint = f"\n{end['hint']}" if end.get("hint") else ""
-        st.state, st.reason = "failed", f"{end.get('reason', 'trainer failed')}{hint}\n{log_tail(run_dir)}"
+        st.state, st.reason = "failed", f"{end.get('reason', 'trainer failed')}{hint}"
     elif end:
         st.state = end["type"]
         reported = any(e.get("type") in ("report", "report_failed") and e.get("time", 0) >= end.get("time", 0)

@@ -22,6 +22,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -32,6 +33,7 @@ import gradio as gr  # handlers' `request: gr.Request` annotations are resolved 
 
 from app import jobs
 from app.uploads import sanitize_name
+from trainer.io import describe_os_error
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORKER_CMD = [sys.executable, "-m", "trainer", "preview"]
@@ -40,6 +42,10 @@ REQUEST_TIMEOUT_S = 900
 KEEP_IMAGES = 200
 DEFAULT_BASE = "builtin:demo-sd"  # the offline demo base (assets/demo-sd); runs use their own base
 DEMO_FOLDER = Path(__file__).resolve().parent.parent / "assets" / "demo-sd"
+DISPLAY_MIN_PX = 512  # smaller images (the 32 px demo base) are shown enlarged by a whole factor, pixel for pixel
+FINISHED = ("done", "stopped", "reporting")  # states whose adapter file is written (reporting: the report runs)
+NO_ADAPTER = ("**No adapter picked.** Choose a finished run in *Adapter* above (train one on the Train tab), or upload "
+              "a `.safetensors` adapter, then Generate.")
 
 
 def base_size(base: str) -> int | None:
@@ -211,13 +217,24 @@ def adapter_choices(outputs: Path, user: str | None = None) -> list[tuple[str, s
     """(label, value): finished runs (value `run:NAME`) and uploaded files (value `file:NAME`) the user may see."""
     choices = []
     for st in jobs.list_runs(outputs):
-        if st.state in ("done", "stopped") and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
+        if st.state in FINISHED and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
             choices.append((f"{st.name} (run, {st.state})", f"run:{st.name}"))
     folder = uploads_dir(outputs, user)
     if folder.is_dir():
         for p in sorted(folder.glob("*.safetensors")):
             choices.append((f"{p.name} (uploaded)", f"file:{p.name}"))
     return choices
+
+
+def newest_run_adapter(outputs: Path, user: str | None = None) -> str | None:
+    """The picker value of the run that finished last (its adapter written), or None: preselected after a run."""
+    newest = None
+    for st in jobs.list_runs(outputs):
+        if st.state in FINISHED and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
+            ended = max((e.get("time", 0) for e in st.events if e.get("type") in ("done", "stopped")), default=0)
+            if newest is None or ended > newest[0]:
+                newest = (ended, f"run:{st.name}")
+    return newest[1] if newest else None
 
 
 def resolve(outputs: Path, value: str, user: str | None = None) -> tuple[Path, str | None]:
@@ -236,25 +253,33 @@ def resolve(outputs: Path, value: str, user: str | None = None) -> tuple[Path, s
         if path.name != name or not path.is_file():
             raise PreviewError(f"no uploaded adapter named {name!r}")
         return path, None
-    raise PreviewError("pick an adapter")
+    raise PreviewError(NO_ADAPTER)
 
 
 def upload(outputs: Path, src: str | Path, base: str, user: str | None = None) -> str:
-    """Copy an uploaded adapter into OUTPUTS/.preview/adapters and validate it against `base`. Returns its value."""
+    """Store an uploaded adapter in OUTPUTS/.preview/adapters once the worker has validated it against `base`. Returns
+    its value. Transactional: the file is checked under a temporary folder and only then renamed into place, so a
+    refused file never replaces (or deletes) a good adapter of the same name."""
     src = Path(src)
     name = sanitize_name(src.name)
     if not name.lower().endswith(".safetensors"):
         raise PreviewError(f"{src.name}: only .safetensors adapters are accepted (other formats such as .ckpt/.pt "
                            "may be Python pickles, which can run code when loaded)")
     folder = uploads_dir(outputs, user)
-    folder.mkdir(parents=True, exist_ok=True)
-    dst = folder / name
-    shutil.copyfile(src, dst)
+    staging = None
     try:
-        get_worker(base or DEFAULT_BASE, outputs).request("load", path=str(dst), name=f"file:{name}")
-    except PreviewError:
-        dst.unlink(missing_ok=True)
-        raise
+        (folder / ".incoming").mkdir(parents=True, exist_ok=True)  # not listed: adapter_choices globs `folder` only
+        staging = Path(tempfile.mkdtemp(dir=folder / ".incoming"))
+        checked = staging / name  # the same file name, so the worker's messages name the user's file
+        shutil.copyfile(src, checked)
+        get_worker(base or DEFAULT_BASE, outputs).request("load", path=str(checked), name=f"file:{name}")
+        os.replace(checked, folder / name)
+    except OSError as err:
+        reason = describe_os_error(err, "the adapters folder", with_file=False)
+        raise PreviewError(f"{src.name}: cannot store the upload: {reason}") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return f"file:{name}"
 
 
@@ -328,7 +353,27 @@ def render(outputs: Path, op: str, adapter: str, strength: float, adapter2: str 
             worker.request("release", timeout=120)
         raise PreviewError(f"training run {busy} is using the GPU; the preview released it and comes back when the "
                            "run ends")
-    return worker.request(op, files=files, adapters=mix, out=str(_image_path(outputs)), **settings)
+    reply = worker.request(op, files=files, adapters=mix, out=str(_image_path(outputs)), **settings)
+    for key in ("image", "base_image"):
+        if key in reply:
+            reply[key], reply["shown_factor"] = shown_image(reply[key])
+    return reply
+
+
+def shown_image(path: str) -> tuple[str, int]:
+    """(the file to show, its enlargement). An image smaller than DISPLAY_MIN_PX (from the 32 px demo base, say) is
+    shown enlarged by a whole factor with nearest-neighbour: sharp pixels, nothing invented, not a speck in a wide
+    panel. The worker's own file stays as it is."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        factor = DISPLAY_MIN_PX // max(im.size)
+        if factor < 2:
+            return path, 1
+        big = im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST)
+    out = Path(path).with_name(f"{Path(path).stem}-x{factor}.png")
+    big.save(out)
+    return str(out), factor
 
 
 def status_line(reply: dict, what: str) -> str:
@@ -338,6 +383,8 @@ def status_line(reply: dict, what: str) -> str:
     if "images" in reply:
         parts[1] = f"swap {reply['swap_ms']:.1f} ms avg"
         parts[2] = f"generation {reply['gen_ms']:.0f} ms avg over {reply['images']} images"
+    if reply.get("shown_factor", 1) > 1:
+        parts.append(f"shown {reply['shown_factor']}× enlarged (nearest-neighbour; the base draws small images)")
     return " · ".join(parts)
 
 
@@ -358,7 +405,7 @@ def build_tab(outputs: Path):
     def picker2(request: gr.Request):
         return gr.Dropdown(choices=[("(none)", "")] + adapter_choices(outputs, user_of(request)))
 
-    with gr.Tab("Preview", id="preview"):
+    with gr.Tab("Preview", id="preview") as tab:
         gr.Markdown("Generate with a trained adapter beside the base model at the same seed. The base stays loaded in "
                     "a preview worker; switching adapters takes milliseconds.")
         with gr.Row():
@@ -405,11 +452,19 @@ def build_tab(outputs: Path):
         return dict(prompt=p or "", negative=n or "", steps=int(st), guidance=float(g), seed=int(sd or 0),
                     width=int(w) // 8 * 8, height=int(h) // 8 * 8)
 
+    def failed(err: Exception) -> str:
+        # In the status line beside the button (and a toast), never as bare "Error" boxes on the image panels.
+        message = str(err)
+        if message != NO_ADAPTER:
+            gr.Warning(message.splitlines()[0])
+            message = f"**Could not generate**: {message}"
+        return message
+
     def on_compare(a, s, a2, w2, b, p, n, st, g, sd, w, h, request: gr.Request):
         try:
             r = render(outputs, "compare", a, s, a2, w2, b, _settings(p, n, st, g, sd, w, h), user_of(request))
         except (PreviewError, FileNotFoundError) as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            return None, None, failed(err)
         return r["image"], r["base_image"], status_line(r, f"seed {int(sd or 0)}")
 
     def on_grid(a, s, a2, w2, b, p, n, st, g, sd, w, h, request: gr.Request):
@@ -420,7 +475,7 @@ def build_tab(outputs: Path):
                        {**settings, "strengths": [0.0, 0.5, 1.0], "seeds": [first, first + 1, first + 2]},
                        user_of(request))
         except (PreviewError, FileNotFoundError) as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            return None, failed(err)
         return r["image"], status_line(r, f"seeds {first}–{first + 2}")
 
     def on_pick(value: str, request: gr.Request):
@@ -445,5 +500,14 @@ def build_tab(outputs: Path):
     refresh.click(picker, None, adapter, api_name="preview_adapters").then(picker2, None, adapter2,
                                                                               api_name="preview_adapters2")
     adapter.change(on_pick, adapter, base, api_name="preview_base")
+
+    def on_open(current: str | None, request: gr.Request):
+        """Opening the tab lists what finished meanwhile; with nothing valid picked, the newest run is preselected."""
+        user = user_of(request)
+        choices = adapter_choices(outputs, user)
+        value = current if current in {v for _, v in choices} else newest_run_adapter(outputs, user)
+        return gr.Dropdown(choices=choices, value=value), gr.Dropdown(choices=[("(none)", "")] + choices)
+
+    tab.select(on_open, adapter, [adapter, adapter2], api_name="preview_open")
     upload_file.upload(on_upload, [upload_file, base], [adapter, adapter2, status], api_name="preview_upload")
     return {"adapter": adapter, "adapter2": adapter2, "status": status}

@@ -155,8 +155,12 @@ def panel_markdown(st: jobs.RunStatus, queue_pos: int | None = None) -> str:
     problems = [e for e in st.events if e.get("type") == "problem"]
     if problems:
         lines.append("Skipped or warned: " + "; ".join(f"`{Path(p['path']).name}`: {p['reason']}" for p in problems[:10]))
+    warnings = [e for e in st.events if e.get("type") == "warning"]
+    if warnings:
+        lines.append("Warnings: " + "; ".join(w.get("reason", "") for w in warnings[-5:]))
     if st.state == "failed":
-        lines.append(f"**Failed**: {st.reason.splitlines()[0]}\n```\n" + "\n".join(st.reason.splitlines()[1:]) + "\n```")
+        first, *rest = st.reason.splitlines() or ["trainer failed"]
+        lines.append(f"**Failed**: {first}" + (f"\n```\n" + "\n".join(rest) + "\n```" if rest else ""))
     if st.state == "stopped":
         lines.append("Cancelled: a partial adapter was saved.")
     return "\n\n".join(lines)
@@ -200,6 +204,12 @@ def _fingerprint(outputs: Path, name: str, user: str | None = None) -> str:
 
 def _list_fingerprint(outputs: Path, user: str | None = None) -> str:
     return ",".join(f"{label}" for label, _ in _run_choices(outputs, user))
+
+
+def _finished_since(old: str, new: str) -> bool:
+    """Did a run write its final adapter between two list fingerprints ("name (state)" labels)?"""
+    ended = set(new.split(",")) - set(old.split(","))
+    return any(label.endswith(tuple(f"({s})" for s in preview.FINISHED)) for label in ended)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -347,14 +357,20 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
             skip = gr.skip()
             values = panel(name, request) if panel_fp != old_panel else [skip] * len(panel_outputs)
             choices = gr.Dropdown(choices=_run_choices(outputs, user)) if list_fp != old_list else skip
-            return [*values, choices, f"{panel_fp}|{list_fp}"]
+            adapters = (skip, skip)
+            if _finished_since(old_list, list_fp):  # the Preview tab lists the new adapter and preselects it
+                found = preview.adapter_choices(outputs, user)
+                adapters = (gr.Dropdown(choices=found, value=preview.newest_run_adapter(outputs, user)),
+                            gr.Dropdown(choices=[("(none)", "")] + found))
+            return [*values, choices, *adapters, f"{panel_fp}|{list_fp}"]
 
         runs.change(panel, runs, panel_outputs, api_name="panel")
         def list_runs(request: gr.Request):
             return gr.Dropdown(choices=_run_choices(outputs, _user(request)))
 
         refresh_btn.click(list_runs, None, runs, api_name="list_runs")
-        timer.tick(tick, [runs, shown], [*panel_outputs, runs, shown], api_name="tick", show_progress="hidden")
+        timer.tick(tick, [runs, shown], [*panel_outputs, runs, preview_tab["adapter"], preview_tab["adapter2"], shown],
+                   api_name="tick", show_progress="hidden")
 
         def cancel(name: str, request: gr.Request) -> str:
             run_dir = _run_dir(outputs, name, _user(request))
@@ -385,7 +401,8 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
             active = next((c[1] for c in choices if c[0].endswith(("(running)", "(stopping)", "(reporting)"))), None)
             pick = active or (choices[0][1] if choices else None)
             adapters = preview.adapter_choices(outputs, user)
-            return (draft, gr.Dropdown(choices=choices, value=pick), gr.Dropdown(choices=adapters),
+            return (draft, gr.Dropdown(choices=choices, value=pick),
+                    gr.Dropdown(choices=adapters, value=preview.newest_run_adapter(outputs, user)),
                     gr.Dropdown(choices=[("(none)", "")] + adapters))
 
         demo.load(on_load, None, [current, runs, preview_tab["adapter"], preview_tab["adapter2"]], api_name="restore")

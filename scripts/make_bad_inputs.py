@@ -5,7 +5,8 @@
 DEST/dataset/   one training folder: every bad image/caption case beside a few good images, so a test can check
                 that each case gets its own message and the rest still trains
 DEST/uploads/   files offered to the UI upload path only (zips with '../' entries or symlinks, pickles)
-DEST/models/    files offered as a base model or an adapter (pickles, a pickle renamed .safetensors)
+DEST/models/    files offered as a base model or an adapter (pickles, a pickle renamed .safetensors, NaN/Inf weights)
+DEST/settings/  sparse config TOMLs laid over presets/tiny-test.toml that must be refused before anything loads
 DEST/manifest.json   one entry per case: the files, what must happen (skip | warn | train | refuse) and a phrase
                 the message must contain. Tests read it, so a case added here is tested everywhere.
 
@@ -63,14 +64,37 @@ def _frames(n=3, size=(80, 80)) -> list[Image.Image]:
     return [Image.new("RGB", size, c) for c in ((220, 40, 40), (40, 220, 40), (40, 40, 220))[:n]]
 
 
-def _zip(entries: list[tuple[zipfile.ZipInfo | str, bytes]]) -> bytes:
+def _zip(entries: list[tuple[zipfile.ZipInfo | str, bytes]], method: int = zipfile.ZIP_STORED) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
+    with zipfile.ZipFile(buf, "w", method) as zf:
         for info, data in entries:
             if isinstance(info, str):
                 info = zipfile.ZipInfo(info, ZIP_DATE)
+                info.compress_type = method
             zf.writestr(info, data)
     return buf.getvalue()
+
+
+def _false_size(blob: bytes, size: int, local: bool = True) -> bytes:
+    """The zip `blob` (one entry) with its uncompressed-size field set to `size`: in the central directory, which
+    readers list from, and (local=True) in the local header too, so the two agree and only the data tells."""
+    out = bytearray(blob)
+    struct.pack_into("<I", out, out.rfind(b"PK\x01\x02") + 24, size)
+    if local:
+        struct.pack_into("<I", out, out.find(b"PK\x03\x04") + 22, size)
+    return bytes(out)
+
+
+def _adapter(value: float) -> bytes:
+    """A small kohya-layout LoRA .safetensors whose up weight holds `value` (NaN or Inf) in one place."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    up = np.zeros((32, 4), dtype=np.float32)
+    up[3, 1] = value
+    return save({f"{key}.lora_down.weight": np.full((4, 32), 0.01, dtype=np.float32), f"{key}.lora_up.weight": up,
+                 f"{key}.alpha": np.array(4.0, dtype=np.float32)}, metadata={"ss_network_dim": "4"})
 
 
 class _Evil:
@@ -83,14 +107,14 @@ class _Evil:
 def build(dest: Path) -> list[dict]:
     dest = Path(dest)
     shutil.rmtree(dest, ignore_errors=True)
-    data, uploads, models = dest / "dataset", dest / "uploads", dest / "models"
-    for d in (data, uploads, models):
+    data, uploads, models, settings = dest / "dataset", dest / "uploads", dest / "models", dest / "settings"
+    for d in (data, uploads, models, settings):
         d.mkdir(parents=True)
     cases: list[dict] = []
 
     def case(name: str, files: dict[str, bytes], expect: str, says: str, where: str = "dataset", about: str = "",
              note: str = "") -> None:
-        folder = {"dataset": data, "uploads": uploads, "models": models}[where]
+        folder = {"dataset": data, "uploads": uploads, "models": models, "settings": settings}[where]
         for rel, blob in files.items():
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             (folder / rel).write_bytes(blob)
@@ -162,6 +186,10 @@ def build(dest: Path) -> list[dict]:
     case("caption-with-image-extension", {"double_ext.png": png, "double_ext.png.txt": b"named a.png.txt"}, "warn",
          "looks meant for 'double_ext.png'", about="double_ext.png.txt")
 
+    case("caption-too-large", {"huge_caption.png": png, "huge_caption.txt": b"zkstyle, " * 8000}, "warn",
+         "caption file is larger than 64 KiB", about="huge_caption.txt",
+         note="read only up to the cap (a symlink to a huge file costs nothing); the image trains without it")
+
     # --- names
     case("duplicate-names-by-case", {"Dup_Case.png": png, "dup_case.png": _png(_pattern().rotate(90))}, "warn",
          "except for letter case", about="dup_case.png")
@@ -180,11 +208,51 @@ def build(dest: Path) -> list[dict]:
     evil = pickle.dumps({"state_dict": _Evil()})
     case("ckpt-upload", {"model.ckpt": evil}, "refuse", "file type '.ckpt' refused", where="uploads")
 
+    # --- uploads only: archive quotas and lying headers; a refused archive or entry leaves nothing behind
+    case("zip-huge-repeats", {"zip_huge_repeats.zip": _zip([("99999999999_x/huge_repeats.png", png)])}, "refuse",
+         "99999999999 repeats, over the limit", where="uploads", note="kohya folder: refused, not a MemoryError")
+    case("zip-bomb", {"zip_bomb.zip": _zip([("bomb.png", bytes(20 * 2**20))], zipfile.ZIP_DEFLATED)}, "refuse",
+         "compression ratio limit", where="uploads", note="20 MiB from ~20 KiB")
+    case("zip-bomb-spread", {"zip_bomb_spread.zip": _zip([(f"flat_{i:03d}.bmp", bytes(512 * 1024)) for i in range(40)],
+                                                         zipfile.ZIP_DEFLATED)},
+         "refuse", "compression ratio limit", where="uploads", note="each entry small, the archive a bomb")
+    case("zip-declared-huge", {"zip_declared_huge.zip": _false_size(_zip([("big.png", png)]), 3_000_000_000)}, "refuse",
+         "uncompressed is over the", where="uploads", note="quota checked on the declared sizes, before extracting")
+    case("zip-size-field-too-small", {"zip_short_size.zip": _false_size(_zip([("short_size.png", png)]), 100)},
+         "refuse", "not stored", where="uploads", note="no 0-byte or partial short_size.png is left")
+    case("zip-size-field-too-large",
+         {"zip_long_size.zip": _false_size(_zip([("long_size.png", png)]), len(png) + 1000, local=False)},
+         "refuse", "not the", where="uploads", note="the data ends before the declared size: not stored")
+    case("zip-too-many-entries", {"zip_many.zip": _zip([(f"c{i:04d}.txt", b"") for i in range(1001)])}, "refuse",
+         "file limit", where="uploads")
+    case("zip-file-folder-clash", {"zip_clash.zip": _zip([("clash.png", png), ("clash.png/inner.png", png)])},
+         "refuse", "already exists in the dataset", where="uploads",
+         note="a name that is a file here and a folder there: one refused with a message, the other stored")
+
     # --- offered as a base model or an adapter
     case("pickle-base-ckpt", {"base.ckpt": evil}, "refuse", "pickles", where="models")
     case("pickle-adapter-pt", {"adapter.pt": evil}, "refuse", "pickles", where="models")
     case("pickle-renamed-safetensors", {"renamed_pickle.safetensors": evil}, "refuse", "not a readable .safetensors",
          where="models", note="as an adapter; as a base it is refused by the safetensors reader")
+
+    case("adapter-nan", {"nan_adapter.safetensors": _adapter(float("nan"))}, "refuse", "NaN/Inf", where="models",
+         note="as an adapter (preview, convert): it would render black images")
+    case("adapter-inf", {"inf_adapter.safetensors": _adapter(float("inf"))}, "refuse", "NaN/Inf", where="models")
+
+    # --- settings (over presets/tiny-test.toml): refused before any model loads, the message names the setting
+    for name, toml, says in [
+        ("sample-width-7", "[sample]\nwidth = 7\n", "sample.width"),
+        ("sample-height-not-vae-multiple", "[sample]\nheight = 100\n", "sample.height: 100 is not a multiple of 8"),
+        ("resolution-not-vae-multiple", "[data]\nresolution = 36\nbucket_step = 12\n",
+         "data.resolution (36) is also the sample and report image size"),
+        ("lr-inf", "[train]\nlr_unet = inf\n", "train.lr_unet: Input should be a finite number"),
+        ("alpha-nan", "[lora]\nalpha = nan\n", "lora.alpha: Input should be a finite number"),
+        ("noise-offset-nan", "[train]\nnoise_offset = nan\n", "train.noise_offset: Input should be a finite number"),
+        ("steps-1e12", "[train]\nsteps = 1000000000000\n", "train.steps: Input should be less than or equal to"),
+        ("resolution-100000", "[data]\nresolution = 100000\n", "data.resolution: Input should be less than or equal"),
+        ("repeats-huge", "[data]\nrepeats = 99999999999\n", "data.repeats: Input should be less than or equal"),
+    ]:
+        case(name, {f"{name.replace('-', '_')}.toml": toml.encode()}, "refuse", says, where="settings")
 
     (dest / "manifest.json").write_text(json.dumps(cases, indent=1) + "\n")
     return cases

@@ -4,6 +4,7 @@ with a message; nothing else escapes."""
 
 from __future__ import annotations
 
+import math
 import random
 import string
 from pathlib import Path
@@ -133,3 +134,32 @@ def test_upload_names_are_always_safe(name):
         return
     assert not rel.is_absolute() and ".." not in rel.parts and all(set(p) <= SAFE for p in rel.parts)
     assert (Path("/root/ds") / rel).resolve().is_relative_to("/root/ds")
+
+
+NUMBER_FIELDS = [f"{section}.{name}" for section, sf in Config.model_fields.items()
+                 for name, f in sf.annotation.model_fields.items() if f.annotation in (int, float, int | None)]
+
+
+@FAST
+@given(key=st.sampled_from(NUMBER_FIELDS),
+       value=st.floats() | st.integers(-2**63, 2**63 - 1) | st.sampled_from([float("inf"), float("-inf"), float("nan"),
+                                                                             10**12, 99999999999, 100000]))
+def test_numbers_are_finite_and_bounded_or_refused_by_name(key, value):
+    """Every numeric setting either loads as a finite, bounded value or is refused with a message naming it, before
+    anything loads (inf/nan/10^12 once passed and ended in a traceback or a full disk)."""
+    text = repr(value) if not isinstance(value, float) or value == value and abs(value) != float("inf") else \
+        {"inf": "inf", "-inf": "-inf", "nan": "nan"}[repr(value)]
+    try:
+        cfg = load_config(ROOT_PRESET, [f"{key}={text}"])
+    except ConfigError as err:
+        assert key.split(".")[1] in str(err) or "sample and report image size" in str(err), str(err)
+        assert "\n" not in str(err)
+        return
+    section, name = key.split(".")
+    got = getattr(getattr(cfg, section), name)
+    assert got is None or (math.isfinite(got) and abs(got) <= (1e6 if isinstance(got, float) else 2**63))
+    if name in ("steps", "epochs", "repeats", "resolution", "rank"):
+        assert got <= 1_000_000
+
+
+ROOT_PRESET = Path(__file__).resolve().parent.parent / "presets" / "tiny-test.toml"

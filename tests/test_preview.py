@@ -217,6 +217,22 @@ def test_grid_and_compare(previewer, adapters):
     assert np.array_equal(first, arr(base0)), "strength 0 column is the base image"
 
 
+def test_non_finite_adapters_are_refused_and_the_loaded_one_stays(previewer, adapters):
+    """The corpus' NaN/Inf adapters (tests/bad_inputs/models) would render black images: refused with a message, and an
+    adapter already loaded under the same name is kept."""
+    from trainer.preview import AdapterError
+
+    corpus = Path(__file__).parent / "bad_inputs"
+    cases = [c for c in json.loads((corpus / "manifest.json").read_text()) if c["name"] in ("adapter-nan", "adapter-inf")]
+    assert len(cases) == 2
+    previewer.load_adapter(adapters["a"][1], name="mine")
+    for case in cases:
+        with pytest.raises(AdapterError, match=case["says"]) as err:
+            previewer.load_adapter(corpus / "models" / case["files"][0], name="mine")
+        assert case["files"][0] in str(err.value) and "\n" not in str(err.value)
+    assert previewer.adapters["mine"].path == str(adapters["a"][1])
+
+
 # ----------------------------------------------------------------------------- the worker process and the UI
 
 
@@ -276,9 +292,16 @@ def test_preview_tab_through_gradio_client(tiny_base, adapters, tmp_path):
                                            api_name="/preview_compare")
         assert Path(lora).is_file() and Path(base_img).is_file()
         assert "swap" in status and "ms" in status
-        grid, status = c.predict("run:my-style", 1.0, "", 0.0, base, KW["prompt"], "", 2, 3.0, 7, 64, 64,
-                                 api_name="/preview_grid")
-        assert Path(grid).is_file() and "ms" in status
+        grid, grid_status = c.predict("run:my-style", 1.0, "", 0.0, base, KW["prompt"], "", 2, 3.0, 7, 64, 64,
+                                      api_name="/preview_grid")
+        assert Path(grid).is_file() and "ms" in grid_status
+        # images from a small base are shown enlarged, pixel for pixel (nearest-neighbour); the worker's file stays
+        from PIL import Image
+
+        shown = np.asarray(Image.open(lora))
+        original = np.asarray(Image.open(outputs / ".preview" / "images" / Path(lora).name.replace("-x8", "")))
+        assert original.shape[:2] == (64, 64) and shown.shape[:2] == (512, 512) and "shown 8× enlarged" in status
+        assert np.array_equal(shown, original.repeat(8, axis=0).repeat(8, axis=1))
         # an uploaded kohya file is validated and offered
         up = c.predict(handle_file(str(adapters["b"][0])), base, api_name="/preview_upload")
         assert "style-b" in str(up)
@@ -287,6 +310,28 @@ def test_preview_tab_through_gradio_client(tiny_base, adapters, tmp_path):
         bad.write_bytes(b"junk")
         with pytest.raises(AppError, match="not a readable"):
             c.predict(handle_file(str(bad)), base, api_name="/preview_upload")
+        # a refused file with the name of a good upload neither replaces nor deletes it
+        stored = next((outputs / ".preview" / "adapters").glob("style-b.safetensors"))
+        junk = tmp_path / "dl" / "junk" / "style-b.safetensors"
+        junk.parent.mkdir()
+        junk.write_bytes(bytes(100))
+        with pytest.raises(AppError, match="style-b.safetensors: not a readable"):
+            c.predict(handle_file(str(junk)), base, api_name="/preview_upload")
+        nan = Path(__file__).parent / "bad_inputs" / "models" / "nan_adapter.safetensors"
+        with pytest.raises(AppError, match="NaN/Inf"):
+            c.predict(handle_file(str(nan)), base, api_name="/preview_upload")
+        assert stored.read_bytes() == adapters["b"][0].read_bytes()
+        assert "file:style-b.safetensors" in str(c.predict(api_name="/preview_adapters"))
+        assert not list((outputs / ".preview" / "adapters").glob("*nan*"))
+        # Generate without an adapter says what to do (no bare error boxes)
+        none_lora, none_base, said = c.predict(None, 1.0, "", 0.0, base, KW["prompt"], "", 2, 3.0, 7, 64, 64,
+                                              api_name="/preview_compare")
+        assert none_lora is None and none_base is None and "No adapter picked" in said and "Train tab" in said
+        # after a run the Preview tab lists it and preselects it (page load, opening the tab)
+        restored = c.predict(api_name="/restore")
+        assert restored[2]["value"] == "run:my-style", restored
+        opened = c.predict(None, api_name="/preview_open")
+        assert opened[0]["value"] == "run:my-style", opened
         assert names
     finally:
         demo.close()

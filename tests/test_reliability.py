@@ -53,7 +53,13 @@ def test_corpus_is_generated_and_the_checked_in_copy_matches(corpus):
     for needed in ("zero-byte", "truncated-png", "truncated-jpeg", "not-an-image", "decompression-bomb", "one-pixel",
                    "20000px-wide", "cmyk-jpeg", "16-bit", "palette-transparency", "animated-gif", "animated-webp",
                    "exif-rotated", "webp", "caption-bad-encoding", "caption-without-image", "duplicate-names-by-case",
-                   "zip-dotdot", "zip-symlink", "pickle-base-ckpt", "pickle-adapter-pt"):
+                   "zip-dotdot", "zip-symlink", "pickle-base-ckpt", "pickle-adapter-pt",
+                   # round 2 (issue 15): archive quotas and lying headers, huge captions/repeats, non-finite
+                   # adapters, settings refused before loading
+                   "caption-too-large", "zip-huge-repeats", "zip-bomb", "zip-bomb-spread", "zip-declared-huge",
+                   "zip-size-field-too-small", "zip-size-field-too-large", "zip-too-many-entries",
+                   "zip-file-folder-clash", "adapter-nan", "adapter-inf", "sample-width-7", "lr-inf", "alpha-nan",
+                   "steps-1e12", "resolution-100000", "repeats-huge"):
         assert needed in names, needed
     assert CORPUS.is_dir(), "run: python scripts/make_bad_inputs.py"
     assert _tree(CORPUS) == _tree(dest), "tests/bad_inputs is stale: run python scripts/make_bad_inputs.py"
@@ -136,6 +142,12 @@ def test_corpus_through_the_upload_path(corpus, tmp_path):
     assert not any(p.is_symlink() for p in dataset.rglob("*"))
     assert not (tmp_path / "outputs" / "escape.png").exists() and not (tmp_path / "etc").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+    # refused archives and entries leave nothing behind: no partial or 0-byte file, no temporary, no folder
+    for name in ("short_size.png", "long_size.png", "bomb.png", "flat_000.bmp", "big.png", "c0000.txt",
+                 "99999999999_x"):
+        assert not (dataset / name).exists(), name
+    assert not [p for p in dataset.rglob("*") if p.name.startswith(".")]  # no temporary left
+    assert (dataset / "clash.png").is_file() and not (dataset / "clash.png" / "inner.png").exists()
 
     rows, error = uploads.dataset_items(run, min_image_size=16)
     assert error == ""
@@ -297,7 +309,7 @@ def test_login_file_access_and_upload_through_the_ui(corpus, tmp_path):
         client = Client(url + "/", verbose=False, auth=("alice", "wonderland"))
         run, grid, md, _ = client.predict([handle_file(str(p)) for p in files], "", "corpus", 16, api_name="/upload")
         for c in cases:
-            if c["expect"] in ("skip", "warn", "refuse") and c["where"] != "models":
+            if c["expect"] in ("skip", "warn", "refuse") and c["where"] in ("dataset", "uploads"):
                 assert c["about"] in md or c["files"][0] in md, (c["name"], md)
         image = outputs / run / "dataset" / "00_red_circle.png"
         assert image.is_file()

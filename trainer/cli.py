@@ -13,19 +13,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError, check_output_dir, load_config
+from trainer.io import describe_os_error
 
 
 def new_run_dir(cfg: Config) -> Path:
-    """outputs/<name>, or outputs/<name>-2, -3 ... so an earlier run is never overwritten."""
+    """outputs/<name>, or outputs/<name>-2, -3 ...: created here, exclusively (mkdir fails when the folder exists), so
+    an earlier run is never overwritten and two runs started at once with one name never share a folder."""
     root = Path(cfg.output.dir)
-    candidate, n = root / cfg.output.name, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        n += 1
-        candidate = root / f"{cfg.output.name}-{n}"
-    return candidate
+    root.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = root / (cfg.output.name if n == 1 else f"{cfg.output.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
 
 
 def _is_main_process() -> bool:
@@ -45,6 +52,32 @@ def _agree_on_run_dir(cfg: Config) -> Path:
 
         broadcast_object_list(chosen, from_process=0)
     return Path(chosen[0])
+
+
+def fail(err: BaseException, run_dir: Path | None) -> int:
+    """A failure as the user sees it: one line on stderr (no traceback), exit code 2 for a setting, file or dataset
+    the user can fix, 1 for anything else. The full traceback goes to the run's log (RUN/train.log)."""
+    user_mistake = isinstance(err, ValueError)  # ConfigError, DatasetError, ModelError, DiskSpaceError, ...
+    # The project's own errors (and the loop's "loss became nan") are written for users; anything else gets its type.
+    ours = user_mistake or type(err).__module__.startswith("trainer.") or isinstance(err, FloatingPointError)
+    if isinstance(err, OSError) and err.errno is not None:
+        message = describe_os_error(err)
+    elif ours or isinstance(err, OSError):
+        message = str(err)
+    else:
+        message = f"{type(err).__name__}: {err}"
+    where = ""
+    if run_dir is not None and Path(run_dir).is_dir():
+        try:
+            with open(Path(run_dir) / "train.log", "a", encoding="utf-8") as log:
+                log.write("".join(traceback.format_exception(err)))
+            where = f" (details: {Path(run_dir) / 'train.log'})" if not user_mistake else ""
+        except OSError:  # a full disk must not turn the message into a second traceback
+            pass
+    if os.environ.get("STYLE_LORA_TRACEBACK"):
+        traceback.print_exception(err)
+    print(f"error: {message.strip()}{where}", file=sys.stderr)
+    return 2 if user_mistake or isinstance(err, FileNotFoundError) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
 
-    from trainer.data import DatasetError
-    from trainer.model import ModelError
-
+    run_dir = None
     try:
         if args.command == "build-tiny":
             from trainer.tiny import build_tiny_sd15
@@ -109,10 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             print(convert_file(Path(args.src), Path(args.dst), args.to, base=args.base, model=args.model))
             return 0
         if args.command == "resume":
+            cfg = load_config(Path(args.run_dir) / "config.toml", [*args.overrides, 'train.resume="latest"'])
+            check_output_dir(cfg, args.run_dir)
             run_dir = Path(args.run_dir)
-            cfg = load_config(run_dir / "config.toml", [*args.overrides, 'train.resume="latest"'])
         else:
             cfg = load_config(args.config, args.overrides)
+            check_output_dir(cfg, args.run_dir)  # every setting is checked before any model loads
             run_dir = Path(args.run_dir) if args.run_dir else _agree_on_run_dir(cfg)
         from trainer.loop import train
 
@@ -126,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_report(cfg, run_dir)  # never raises: a failed report is a report_failed event, the run stands
         return 0
-    except (ConfigError, DatasetError, ModelError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        return fail(err, run_dir)

@@ -7,14 +7,24 @@ UI help text.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+# Sane upper bounds: a value past them is a typo (an extra zero, 10^12 steps), refused before anything loads instead of
+# ending in an out-of-memory error, a full disk or a run that never ends.
+VAE_FACTOR = 8  # SD/SDXL pipelines refuse image sides that are not multiples of 8 (the VAE's 8x downsampling)
+MAX_SIDE = 4096  # pixels: resolution, buckets, sample and report sizes (SDXL trains at 1024)
+MAX_STEPS = 1_000_000
+MAX_EPOCHS = 100_000
+MAX_REPEATS = 1000  # data.repeats and kohya 'N_name' folders
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -22,7 +32,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: inf/nan (which TOML can spell) are refused for every float setting, not only some.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -48,14 +59,14 @@ class DataConfig(Section):
     trigger: str = Field("", description="Trigger word prepended to every caption, e.g. 'zkstyle'.")
     caption_extension: str = Field(".txt", description="Extension of caption files next to each image.")
     default_caption: str = Field("", description="Caption used for images without a caption file.")
-    repeats: int = Field(1, ge=1, description="Times each image is seen per epoch ('N_name' subfolders override).")
-    resolution: int = Field(512, ge=32, description="Training resolution: buckets hold about resolution² pixels.")
+    repeats: int = Field(1, ge=1, le=MAX_REPEATS, description="Times each image is seen per epoch ('N_name' subfolders override).")
+    resolution: int = Field(512, ge=32, le=MAX_SIDE, description="Training resolution: buckets hold about resolution² pixels.")
     bucket: bool = Field(True, description="Aspect-ratio bucketing; off = center-crop everything to a square.")
-    bucket_step: int = Field(64, ge=8, description="Bucket sides are multiples of this many pixels.")
-    min_bucket: int = Field(256, ge=8, description="Smallest bucket side in pixels.")
-    max_bucket: int = Field(1024, ge=8, description="Largest bucket side in pixels.")
+    bucket_step: int = Field(64, ge=8, le=MAX_SIDE, description="Bucket sides are multiples of this many pixels.")
+    min_bucket: int = Field(256, ge=8, le=MAX_SIDE, description="Smallest bucket side in pixels.")
+    max_bucket: int = Field(1024, ge=8, le=MAX_SIDE, description="Largest bucket side in pixels.")
     upscale: bool = Field(False, description="Allow upscaling small images to the full resolution (off: smaller bucket).")
-    min_image_size: int = Field(64, ge=1, description="Images with a side below this are skipped with a message.")
+    min_image_size: int = Field(64, ge=1, le=MAX_SIDE, description="Images with a side below this are skipped with a message.")
     flip: bool = Field(False, description="Random horizontal flip (avoid for styles with text or asymmetry).")
     shuffle_captions: bool = Field(False, description="Shuffle comma-separated caption tags each step.")
     keep_tokens: int = Field(1, ge=0, description="With shuffle: keep the first N tags (after the trigger) in place.")
@@ -72,7 +83,7 @@ class DataConfig(Section):
 
 class LoraConfig(Section):
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank (dim): capacity of the adapter.")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha: the update is scaled by alpha/rank.")
+    alpha: float = Field(16.0, gt=0, le=1e6, description="LoRA alpha: the update is scaled by alpha/rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/sqrt(rank) instead of alpha/rank.")
     train_unet: bool = Field(True, description="Train LoRA on the UNet.")
@@ -92,21 +103,21 @@ class LoraConfig(Section):
         "scores each layer, then only the important layers train. deltalora: the frozen weight also follows the "
         "change of B·A (scaled by deltalora_lambda). qlora: base UNet quantized to 4/8 bit (CUDA only).",
     )
-    loraplus_ratio: float = Field(16.0, gt=0, description="LoRA+: learning-rate ratio of B to A (paper: 2^4).")
-    vera_rank: int = Field(256, ge=1, description="VeRA: rank of the shared frozen random projections.")
-    vera_d_initial: float = Field(0.1, gt=0, description="VeRA: initial value of the d scaling vector.")
-    adalora_init_rank: int = Field(12, ge=1, description="AdaLoRA: starting rank per layer (budget shrinks to lora.rank).")
+    loraplus_ratio: float = Field(16.0, gt=0, le=1e4, description="LoRA+: learning-rate ratio of B to A (paper: 2^4).")
+    vera_rank: int = Field(256, ge=1, le=8192, description="VeRA: rank of the shared frozen random projections.")
+    vera_d_initial: float = Field(0.1, gt=0, le=100, description="VeRA: initial value of the d scaling vector.")
+    adalora_init_rank: int = Field(12, ge=1, le=1024, description="AdaLoRA: starting rank per layer (budget shrinks to lora.rank).")
     adalora_tinit: float = Field(0.1, ge=0, lt=1, description="AdaLoRA: fraction of steps before rank pruning starts.")
     adalora_tfinal: float = Field(0.2, ge=0, lt=1, description="AdaLoRA: fraction of final steps with the budget fixed.")
     adalora_delta_t: int = Field(10, ge=1, description="AdaLoRA: steps between budget re-allocations.")
-    adalora_orth_reg: float = Field(0.5, ge=0, description="AdaLoRA: weight of the orthogonality regulariser on P and Q.")
+    adalora_orth_reg: float = Field(0.5, ge=0, le=1e4, description="AdaLoRA: weight of the orthogonality regulariser on P and Q.")
     loradrop_probe_steps: float = Field(
-        0.1, gt=0, description="LoRA-drop: length of the probe run, as a fraction of train steps (or steps if >= 1)."
+        0.1, gt=0, le=MAX_STEPS, description="LoRA-drop: length of the probe run, as a fraction of train steps (or steps if >= 1)."
     )
     loradrop_threshold: float = Field(
         0.9, gt=0, le=1, description="LoRA-drop: keep the most important layers until their share of importance reaches this."
     )
-    deltalora_lambda: float = Field(0.5, ge=0, description="Delta-LoRA: update ratio λ of the frozen weight (paper: 0.5).")
+    deltalora_lambda: float = Field(0.5, ge=0, le=100, description="Delta-LoRA: update ratio λ of the frozen weight (paper: 0.5).")
     deltalora_start: int = Field(500, ge=0, description="Delta-LoRA: step K after which the frozen weight follows B·A (paper: 500).")
     qlora_bits: Literal[4, 8] = Field(4, description="QLoRA: quantize the base UNet to 4-bit NF4 or 8-bit.")
 
@@ -124,22 +135,22 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(1000, ge=1, description="Total optimizer steps (ignored when epochs > 0).")
-    epochs: int = Field(0, ge=0, description="Train this many epochs instead of a fixed step count (0 = use steps).")
-    batch_size: int = Field(1, ge=1, description="Images per step per GPU.")
-    grad_accum: int = Field(1, ge=1, description="Gradient accumulation: batches per optimizer step.")
-    lr_unet: float = Field(1e-4, ge=0, description="Learning rate of the UNet LoRA.")
-    lr_text_encoder: float = Field(5e-5, ge=0, description="Learning rate of the text-encoder LoRA.")
+    steps: int = Field(1000, ge=1, le=MAX_STEPS, description="Total optimizer steps (ignored when epochs > 0).")
+    epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="Train this many epochs instead of a fixed step count (0 = use steps).")
+    batch_size: int = Field(1, ge=1, le=1024, description="Images per step per GPU.")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Gradient accumulation: batches per optimizer step.")
+    lr_unet: float = Field(1e-4, ge=0, le=1, description="Learning rate of the UNet LoRA.")
+    lr_text_encoder: float = Field(5e-5, ge=0, le=1, description="Learning rate of the text-encoder LoRA.")
     optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (fused on CUDA).")
-    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(1e-2, ge=0, le=100, description="AdamW weight decay.")
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_eps: float = Field(1e-8, gt=0)
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    adam_eps: float = Field(1e-8, gt=0, le=1)
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm (0 = off).")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto = bf16 on a CUDA GPU that supports it, else fp32. Base weights use this dtype; "
         "LoRA weights stay fp32."
@@ -153,12 +164,12 @@ class TrainConfig(Section):
     cache_text_embeddings: bool = Field(
         True, description="Encode captions once when the text encoder is frozen and captions do not change per step."
     )
-    min_snr_gamma: float = Field(5.0, ge=0, description="Min-SNR-γ loss weighting (0 = off).")
-    noise_offset: float = Field(0.0, ge=0, description="Noise offset (helps very dark/bright images; 0.05 typical).")
-    seed: int = Field(42, description="Seed for data order, augmentation, noise and timesteps.")
+    min_snr_gamma: float = Field(5.0, ge=0, le=1e4, description="Min-SNR-γ loss weighting (0 = off).")
+    noise_offset: float = Field(0.0, ge=0, le=10, description="Noise offset (helps very dark/bright images; 0.05 typical).")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for data order, augmentation, noise and timesteps.")
     save_every: int = Field(0, ge=0, description="Write an adapter file every N steps (0 = only at the end).")
     checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0 = off).")
-    keep_checkpoints: int = Field(2, ge=1, description="How many resumable checkpoints to keep.")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="How many resumable checkpoints to keep.")
     resume: str | None = Field(None, description="Checkpoint folder to resume from, or 'latest' in the run folder.")
 
 
@@ -166,11 +177,22 @@ class SampleConfig(Section):
     every: int = Field(0, ge=0, description="Render sample images every N steps (0 = off; always at the end if prompts).")
     prompts: list[str] = Field(default_factory=list, description="Prompts for samples; {trigger} is replaced.")
     negative_prompt: str = Field("", description="Negative prompt for samples.")
-    seed: int = Field(1234, description="Fixed seed so samples are comparable across steps.")
-    steps: int = Field(20, ge=1, description="Denoising steps per sample.")
-    guidance: float = Field(7.0, ge=0, description="Classifier-free guidance scale.")
-    width: int | None = Field(None, description="Sample width (default: data.resolution).")
-    height: int | None = Field(None, description="Sample height (default: data.resolution).")
+    seed: int = Field(1234, ge=0, le=MAX_SEED, description="Fixed seed so samples are comparable across steps.")
+    steps: int = Field(20, ge=1, le=1000, description="Denoising steps per sample.")
+    guidance: float = Field(7.0, ge=0, le=100, description="Classifier-free guidance scale.")
+    width: int | None = Field(None, ge=VAE_FACTOR, le=MAX_SIDE, description="Sample and report image width, a "
+                              f"multiple of {VAE_FACTOR} (default: data.resolution).")
+    height: int | None = Field(None, ge=VAE_FACTOR, le=MAX_SIDE, description="Sample and report image height, a "
+                               f"multiple of {VAE_FACTOR} (default: data.resolution).")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _vae_multiple(cls, side: int | None) -> int | None:
+        if side is not None and side % VAE_FACTOR:
+            below, above = side // VAE_FACTOR * VAE_FACTOR, -(-side // VAE_FACTOR) * VAE_FACTOR
+            raise ValueError(f"{side} is not a multiple of {VAE_FACTOR} (the VAE works in {VAE_FACTOR}-pixel blocks); "
+                             f"use {below} or {above}")
+        return side
 
 
 class ReportConfig(Section):
@@ -178,8 +200,9 @@ class ReportConfig(Section):
                           "report.png: base vs LoRA at 0.5 and 1.0 on held-out prompts; see docs/demo-base.md).")
     prompts: list[str] = Field(default_factory=list, description="Held-out prompts for the report ({trigger} is "
                                "replaced); empty = built-in prompts for the base (on the demo base: unseen contents).")
-    seeds: list[int] = Field([0, 1], min_length=1, description="Seeds: every prompt is rendered once per seed.")
-    steps: int | None = Field(None, ge=1, description="Denoising steps per report image (default: sample.steps).")
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
+        [0, 1], min_length=1, max_length=64, description="Seeds: every prompt is rendered once per seed.")
+    steps: int | None = Field(None, ge=1, le=1000, description="Denoising steps per report image (default: sample.steps).")
     clip_model: str | None = Field(None, description="Local CLIP model folder (CLIPModel, safetensors): image "
                                    "features for style/copying and text-image similarity for prompt fidelity. "
                                    "Without it the report uses download-free colour and texture features.")
@@ -203,6 +226,17 @@ class Config(Section):
     sample: SampleConfig = SampleConfig()
     report: ReportConfig = ReportConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _check_image_sizes(self) -> "Config":
+        # Samples and the report render at sample.width/height, else at data.resolution: check the size they will use
+        # now, not after training (a bad size there used to cost the whole run).
+        renders = self.sample.prompts or self.report.enabled
+        if renders and (self.sample.width is None or self.sample.height is None) and self.data.resolution % VAE_FACTOR:
+            raise ValueError(f"data.resolution ({self.data.resolution}) is also the sample and report image size, which "
+                             f"must be a multiple of {VAE_FACTOR}: set sample.width and sample.height, or a resolution "
+                             f"that is a multiple of {VAE_FACTOR}")
+        return self
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -247,11 +281,12 @@ def validate(data: dict, source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        lines = [f"{source}: invalid settings"]
+        problems = []
         for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            lines.append(f"  {where}: {e['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+            where = ".".join(str(p) for p in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {msg}" if where else msg)
+        raise ConfigError(f"{source}: invalid settings: " + "; ".join(problems)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), extra: dict | None = None) -> Config:
@@ -262,6 +297,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), extra
     for text in overrides:
         apply_override(data, *parse_override(text))
     return validate(data, str(path) if path else "config")
+
+
+def check_output_dir(cfg: Config, run_dir: str | Path | None = None) -> None:
+    """Before any model loads: output.dir (and an explicit run folder) must be a folder this process can write, or
+    one it can create. Raises ConfigError naming the setting and what to do."""
+    for setting, path in (("output.dir", cfg.output.dir), ("--run-dir", run_dir)):
+        if path is None:
+            continue
+        path = Path(path).expanduser()
+        existing = next((p for p in (path, *path.parents) if os.path.exists(p)), Path("."))
+        if existing == path and not path.is_dir():
+            raise ConfigError(f"{setting} '{path}' is a file, not a folder: pick a folder (it is created if missing)")
+        if not existing.is_dir():
+            raise ConfigError(f"{setting} '{path}': '{existing}' is a file, so no folder can be made inside it: "
+                              "pick another folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{setting} '{path}': no permission to write in '{existing}': pick a folder you can "
+                              "write to")
 
 
 def load_preset(name: str) -> Config:

@@ -20,13 +20,14 @@ from PIL import Image, ImageOps, features
 if TYPE_CHECKING:
     import torch
 
-from trainer.config import DataConfig
+from trainer.config import MAX_REPEATS, DataConfig
 
 # Compared lowercase. GIF and animated WebP train on their first frame (with a warning); AVIF where Pillow reads it.
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"} | ({".avif"} if features.check("avif") else set())
 KOHYA_FOLDER = re.compile(r"^([1-9]\d*)_.+")  # '10_mystyle' -> every image inside is repeated 10 times
 ORIENTATION_TAG = 0x0112
 MAX_LISTED_PROBLEMS = 10
+MAX_CAPTION_BYTES = 64 * 1024  # a caption is a few hundred bytes (CLIP reads 77 tokens); more is a wrong file
 
 
 class DatasetError(ValueError):
@@ -102,12 +103,26 @@ def _check_image(path: Path, min_size: int) -> tuple[tuple[int, int] | None, str
     return size, ""
 
 
+class CaptionTooLarge(OSError):
+    """A caption file over MAX_CAPTION_BYTES (it is never read whole: a symlink to a huge file costs nothing)."""
+
+
+def read_caption_bytes(path: Path) -> bytes:
+    """At most MAX_CAPTION_BYTES of a caption file; raises CaptionTooLarge past that, without reading further."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CAPTION_BYTES + 1)
+    if len(raw) > MAX_CAPTION_BYTES:
+        raise CaptionTooLarge(f"caption file is larger than {MAX_CAPTION_BYTES // 1024} KiB (a caption is a line of "
+                              "text; is it the right file?); caption ignored, using the default caption")
+    return raw
+
+
 def _read_caption(path: Path) -> str:
-    """Caption text with lines joined by ', '. Raises UnicodeDecodeError / OSError.
+    """Caption text with lines joined by ', '. Raises UnicodeDecodeError / OSError (CaptionTooLarge).
 
     UTF-8 (a BOM written by Windows editors is not caption text) or UTF-16 with its BOM (Notepad's "Unicode");
     any other encoding is refused rather than guessed, so a caption is never silently garbled."""
-    raw = path.read_bytes()
+    raw = read_caption_bytes(path)
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         text = raw.decode("utf-16")
     else:
@@ -117,12 +132,16 @@ def _read_caption(path: Path) -> str:
     return ", ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _repeats(rel_parent: Path, default: int) -> int:
-    # The nearest enclosing 'N_name' folder wins, as in kohya's folder convention.
-    for part in reversed(rel_parent.parts):
+def folder_repeats(rel_parent: Path | str, default: int) -> tuple[int, str]:
+    """(repeats, "" or why the folder is refused). The nearest enclosing 'N_name' folder wins, as in kohya's folder
+    convention; N is bounded like data.repeats (a stray digit must not make an epoch of 10^11 images)."""
+    for part in reversed(Path(rel_parent).parts):
         if m := KOHYA_FOLDER.match(part):
-            return int(m.group(1))
-    return default
+            if len(m.group(1)) > len(str(MAX_REPEATS)) or int(m.group(1)) > MAX_REPEATS:
+                return 0, (f"folder '{part}' asks for {m.group(1)} repeats, over the limit of {MAX_REPEATS}: rename it "
+                           f"to '<N>_{part.split('_', 1)[1]}' with N <= {MAX_REPEATS} (or use train.epochs)")
+            return int(m.group(1)), ""
+    return default, ""
 
 
 def scan_dataset(cfg: DataConfig) -> tuple[list[Item], list[Problem]]:
@@ -144,6 +163,11 @@ def scan_dataset(cfg: DataConfig) -> tuple[list[Item], list[Problem]]:
 
     problems += _name_clashes(root, images, cap_ext)
     for path in images:
+        rel_parent = path.parent.relative_to(root)
+        repeats, refused = folder_repeats(rel_parent, cfg.repeats)
+        if refused:
+            problems.append(Problem(path, refused))
+            continue
         size, reason = _check_image(path, cfg.min_image_size)
         if size is None:
             problems.append(Problem(path, reason))
@@ -157,15 +181,16 @@ def scan_dataset(cfg: DataConfig) -> tuple[list[Item], list[Problem]]:
             except UnicodeDecodeError as err:
                 problems.append(Problem(cap_path, f"caption file is not UTF-8 ({err}); caption ignored, "
                                                   "using the default caption"))
+            except CaptionTooLarge as err:
+                problems.append(Problem(cap_path, str(err)))
             except OSError as err:
                 problems.append(Problem(cap_path, f"cannot read caption file ({err}); caption ignored"))
-        rel_parent = path.parent.relative_to(root)
         items.append(Item(
             path=path,
             caption=caption or cfg.default_caption,
             size=size,
             bucket=choose_bucket(size, cfg),
-            repeats=_repeats(rel_parent, cfg.repeats),
+            repeats=repeats,
             folder="" if rel_parent == Path(".") else rel_parent.as_posix(),
         ))
 

@@ -60,3 +60,24 @@ def seal_jsonl(path: Path) -> None:
                 f.write(b"\n")
     except FileNotFoundError:
         pass
+
+
+def describe_os_error(err: OSError, what: str = "", with_file: bool = True) -> str:
+    """One line for a user: which file, what went wrong, what to do. `what` names the setting or file when the error
+    does not carry a file name (or with_file=False: when that name is a temporary the user never saw)."""
+    import errno
+
+    where = err.filename if err.filename is not None and with_file else what
+    where = f"{where}: " if where else ""
+    advice = {
+        errno.ENOSPC: "the disk is full; free some space (or use another disk) and try again",
+        errno.EDQUOT: "the disk quota is used up; free some space (or use another disk) and try again",
+        errno.EISDIR: "is a folder, not a file; give a file path",
+        errno.ENOTDIR: "a part of this path is a file, not a folder; pick another path",
+        errno.EACCES: "permission denied; pick a place you can write to (or fix the folder's permissions)",
+        errno.EPERM: "operation not permitted; pick a place you can write to",
+        errno.EROFS: "the file system is read-only; pick another folder",
+        errno.ENOENT: "no such file or folder; check the path",
+        errno.EEXIST: "already exists; pick another name",
+    }.get(err.errno)
+    return f"{where}{advice or (err.strerror or str(err) or type(err).__name__)}"

@@ -319,9 +319,14 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise ValueError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            state, header = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable .safetensors file ({err})") from None
+    for key, tensor in state.items():  # NaN/Inf weights render black or noise images everywhere the file is used
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {key} holds NaN/Inf values, so the adapter is broken (its training "
+                             "diverged?); retrain it with a lower learning rate or use another file")
+    return state, header
 
 
 def _base_parts(model) -> dict[str, torch.nn.Module] | None:
@@ -347,6 +352,11 @@ def convert_file(src: Path, dst: Path, to: str, base: str | None = None, model=N
         raise ValueError(f"convert: unknown target format {to!r} (use 'kohya' or 'diffusers')")
     if dst.suffix.lower() != ".safetensors":
         raise ValueError(f"{dst}: the output must be a .safetensors file")
+    if dst.is_dir():
+        raise ValueError(f"{dst}: is a folder; give the output a file name, e.g. {dst / src.name}")
+    folder = next((p for p in dst.parents if p.exists()), Path("."))
+    if not folder.is_dir():
+        raise ValueError(f"{dst}: '{folder}' is a file, not a folder; pick another output path")
     state, header = _read_safetensors(src)
     is_kohya = any(k.startswith("lora_") for k in state)
     dora = any(k.endswith(("dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight")) for k in state)

@@ -25,7 +25,7 @@ from trainer.conditioning import encode_text, sdxl_time_ids, unet_kwargs
 from trainer.config import Config, save_config
 from trainer.events import STOP_FILE, EventLog
 from trainer.export import save_adapters, training_metadata
-from trainer.io import atomic_write_text, seal_jsonl
+from trainer.io import atomic_write_text, describe_os_error, seal_jsonl
 from trainer.model import attach_lora, check_qlora_available, load_base, lora_parameters
 from trainer.variants import (DeltaLora, adalora_orth_loss, adalora_state, load_adalora_state,
                               make_optimizer, measure_layer_importance, needs_conversion, probe_steps,
@@ -84,13 +84,30 @@ def report_step(events: EventLog, bar, step: int, total_steps: int, loss: torch.
                 eta_s=round((total_steps - step) / max(rate, 1e-9), 1), gpu_mem_gib=mem)
 
 
+def optional_step(events: EventLog, what: str, step: int, run) -> bool:
+    """Run an optional end-of-run step (samples, ...) after the adapter is saved. False when it failed, which is
+    recorded as a `warning` event: the run still ends `done` with its files."""
+    try:
+        run()
+        return True
+    except Exception as err:
+        reason = describe_os_error(err) if isinstance(err, OSError) else (
+            str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
+        events.emit("warning", step=step, what=what, reason=f"{what} failed (the adapter is saved): {reason}")
+        print(f"warning: {what} failed (the adapter is saved): {reason}")
+        return False
+
+
 def train(cfg: Config, run_dir: Path, base=None) -> Path:
     """Train the LoRA described by `cfg` into `run_dir`; returns the final adapter path. Any failure is also
     recorded as a `failed` event (message + hint), so the UI shows why without parsing the log.
     `base`: an already loaded trainer.model.Base to train on instead of loading cfg.model (benchmarks)."""
     def failed(**fields) -> None:  # only into an existing run folder (e.g. QLoRA refused on CPU has no run yet)
         if os.environ.get("RANK", "0") == "0" and Path(run_dir).is_dir():
-            EventLog(Path(run_dir) / "events.jsonl").emit("failed", **fields)
+            try:
+                EventLog(Path(run_dir) / "events.jsonl").emit("failed", **fields)
+            except OSError:  # a full disk: the CLI still reports the first error, not this one
+                pass
 
     try:
         return _train_variant(cfg, Path(run_dir), base)
@@ -100,8 +117,10 @@ def train(cfg: Config, run_dir: Path, base=None) -> Path:
         failed(reason=message, hint=oom_hint(cfg), cause="oom")
         raise OutOfMemory(f"{message}\n{oom_hint(cfg)}") from None
     except Exception as err:
-        known = isinstance(err, (ValueError, FileNotFoundError))  # config/dataset/model/disk errors read alone
-        failed(reason=str(err) if known else f"{type(err).__name__}: {err}", cause="error")
+        known = isinstance(err, (ValueError, FileNotFoundError, FloatingPointError))  # written for users
+        reason = describe_os_error(err) if isinstance(err, OSError) and err.errno is not None else \
+            str(err) if known else f"{type(err).__name__}: {err}"
+        failed(reason=reason, cause="error")
         raise
 
 
@@ -414,17 +433,20 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             sample(step)
     bar.close()
     onload(idle, device)  # the caller's Base is whole again (samples, reports and benchmarks use it after)
+    idle = []  # and stays so: the final samples (sample() reads `idle`) need no moves
     if measure_importance:
         return measure_layer_importance(trained, micro_batch_loss, first_k=step * micro_per_step,
                                         batches=max(1, batches_per_epoch // accelerator.num_processes))
 
-    # --- end (finished or stopped): resumable checkpoint, samples, final adapter
+    # --- end (finished or stopped): the adapter comes first (checkpoint, final adapter), then what is optional (the
+    # final samples; the style report runs after `done`). An optional step that fails is a warning, not the run's end.
     if stopped or tc.checkpoint_every:
         checkpoint(step)
-    sample(step)
     final = run_dir / f"{cfg.output.name}.diffusers.safetensors"
+    paths = save_adapter(step, final=True) if main else []
+    if optional_step(events, "final samples", step, lambda: sample(step)) and main and cfg.sample.prompts:
+        optional_step(events, "cover image", step, lambda: save_adapter(step, final=True))  # same files, new cover
     if main:
-        paths = save_adapter(step, final=True)
         events.emit("stopped" if stopped else "done", step=step, paths=[str(p) for p in paths],
                     seconds=round(time.time() - started_at, 1))
     accelerator.wait_for_everyone()

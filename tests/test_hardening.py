@@ -1,0 +1,454 @@
+"""Hardening, round 2 (issue 15): nothing a user made is ever lost, and every failure is one clear line.
+
+Each test reproduces a reported failure as an instance of a rule: settings checked before anything loads, the adapter
+written before anything optional, transactional writes, exclusive run folders, archive quotas, one-line errors
+(disk full, is a folder, not a folder, permission), bounded repeats and captions, throttled logins. The hostile files
+and settings live in the generated corpus (tests/bad_inputs, scripts/make_bad_inputs.py)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import threading
+import time
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from app import jobs, uploads
+from tests.conftest import ROOT, TINY_STYLE, free_port
+
+CORPUS = ROOT / "tests" / "bad_inputs"
+PRESET = ROOT / "presets" / "tiny-test.toml"
+
+
+def corpus_cases(where: str) -> list[dict]:
+    return [c for c in json.loads((CORPUS / "manifest.json").read_text()) if c["where"] == where]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    from trainer.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import trainer.loop as loop
+
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+
+
+# ----------------------------------------------------------------------------- validate before loading
+
+
+@pytest.mark.parametrize("case", corpus_cases("settings"), ids=lambda c: c["name"])
+def test_settings_corpus_is_refused_by_name_before_anything_loads(case, tmp_path, capsys, no_model_load):
+    import tomli_w
+
+    from trainer.config import ConfigError, deep_merge, load_config, read_toml
+
+    diff = tomllib.loads((CORPUS / "settings" / case["files"][0]).read_text())
+    with pytest.raises(ConfigError, match="invalid settings") as err:
+        load_config(PRESET, extra=diff)
+    assert case["says"] in str(err.value)
+    merged = tmp_path / "config.toml"
+    merged.write_text(tomli_w.dumps(deep_merge(read_toml(PRESET), diff)))
+    code, err = run_cli(capsys, "train", str(merged), "--set", f'output.dir="{tmp_path / "out"}"')
+    assert code == 2 and case["says"] in one_line(err)
+    assert not (tmp_path / "out").exists()  # refused before a run folder was made
+
+
+@pytest.mark.parametrize("where, override, says", [
+    ("file", 'output.dir="{file}"', "output.dir '{file}' is a file, not a folder"),
+    ("under-file", 'output.dir="{file}/runs"', "is a file, so no folder can be made inside it"),
+    ("run-dir", "--run-dir={file}", "--run-dir '{file}' is a file, not a folder"),
+])
+def test_output_paths_must_be_writable_folders(where, override, says, tmp_path, capsys, no_model_load):
+    file = tmp_path / "not-a-folder"
+    file.write_text("x")
+    args = ["train", str(PRESET), "--set", f'data.path="{TINY_STYLE}"']
+    args += [override.format(file=file)] if override.startswith("--") else ["--set", override.format(file=file)]
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and says.format(file=file) in one_line(err)
+    assert file.read_text() == "x"
+
+
+def test_output_dir_without_permission_is_named(tmp_path, capsys, monkeypatch, no_model_load):
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == tmp_path else real(p, mode, **k))
+    code, err = run_cli(capsys, "train", str(PRESET), "--set", f'output.dir="{tmp_path / "runs"}"')
+    assert code == 2 and f"output.dir '{tmp_path / 'runs'}': no permission to write in '{tmp_path}'" in one_line(err)
+
+
+def test_convert_to_a_folder_or_from_a_non_finite_adapter_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "DIR.safetensors"
+    folder.mkdir()
+    nan = CORPUS / "models" / "nan_adapter.safetensors"
+    code, err = run_cli(capsys, "convert", str(nan), str(folder), "--to", "diffusers")
+    assert code == 2 and f"{folder}: is a folder; give the output a file name" in one_line(err)
+    file = tmp_path / "file"
+    file.write_text("x")
+    code, err = run_cli(capsys, "convert", str(nan), str(file / "out.safetensors"), "--to", "diffusers")
+    assert code == 2 and "is a file, not a folder" in one_line(err)
+    for case in corpus_cases("models"):
+        if case["name"].startswith("adapter-"):
+            out = tmp_path / f"{case['name']}.safetensors"
+            code, err = run_cli(capsys, "convert", str(CORPUS / "models" / case["files"][0]), str(out), "--to",
+                                "diffusers")
+            assert code == 2 and case["says"] in one_line(err) and not out.exists(), case["name"]
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def test_two_runs_with_one_name_never_share_a_folder(tmp_path):
+    from trainer.cli import new_run_dir
+    from trainer.config import load_config
+
+    cfg = load_config(PRESET, [f'output.dir="{tmp_path}"', 'output.name="same"'])
+    (tmp_path / "same").mkdir()  # an existing (even empty) folder is never taken over
+    start, got = threading.Barrier(8), []
+
+    def claim():
+        start.wait()
+        got.append(new_run_dir(cfg))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 8 and all(p.is_dir() for p in got) and tmp_path / "same" not in got
+    ui = [jobs.new_run_dir(tmp_path, "same") for _ in range(3)]  # the UI's own folders: also exclusive
+    assert len(set(ui) | set(got)) == 11
+
+
+# ----------------------------------------------------------------------------- the adapter comes first
+
+
+def _events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+
+
+def test_final_adapter_is_written_before_the_final_samples(make_cfg, tmp_path):
+    import base64
+
+    from safetensors import safe_open
+
+    import trainer.loop as loop
+
+    run = tmp_path / "run"
+    loop.train(make_cfg("train.steps=2", 'sample.prompts=["zkstyle, a red circle"]', "report.enabled=false"), run)
+    kinds = [(e["type"], e.get("final")) for e in _events(run) if e["type"] in ("adapter", "samples", "done")]
+    assert kinds == [("adapter", True), ("samples", None), ("adapter", True), ("done", None)]
+    with safe_open(str(run / "tiny-test.safetensors"), "pt") as f:  # the re-save carries the last sample as cover
+        cover = base64.b64decode(json.loads(f.metadata()["ssmd_cover_images"])[0])
+    assert cover == (run / "samples" / "step-000002-00.png").read_bytes()
+
+
+def test_a_failing_final_sample_is_a_warning_and_the_run_is_done(make_cfg, tmp_path, monkeypatch):
+    import trainer.loop as loop
+
+    def broken(*a, **k):
+        raise ValueError("`height` and `width` have to be divisible by 8 but are 7 and 7.")
+
+    monkeypatch.setattr(loop, "render_samples", broken)
+    run = tmp_path / "run"
+    final = loop.train(make_cfg("train.steps=3", 'sample.prompts=["zkstyle"]', "train.checkpoint_every=3"), run)
+    events = _events(run)
+    assert events[-1]["type"] == "done" and events[-1]["step"] == 3
+    warning = next(e for e in events if e["type"] == "warning")
+    assert warning["what"] == "final samples" and "divisible by 8" in warning["reason"]
+    assert "the adapter is saved" in warning["reason"]
+    assert final.is_file() and (run / "tiny-test.safetensors").is_file()
+    assert (run / "checkpoints" / "step-000003" / "state.json").is_file()
+    jobs.write_job(run, {"queued_at": 0, "pid": 999999999, "launched_at": 0})
+    st = jobs.status(run)
+    assert st.state == "done" and len(jobs.adapter_files(run)) == 2  # the UI: done, with downloads
+
+
+# ----------------------------------------------------------------------------- one line: disk full and others
+
+
+FULL_DISK = """
+import errno, sys
+from pathlib import Path
+import trainer.loop as loop
+
+def full_disk(run_dir, *a, **k):  # the disk fills up when the final adapter is written
+    raise OSError(errno.ENOSPC, "No space left on device", str(Path(run_dir) / "style.safetensors"))
+
+loop.save_adapters = full_disk
+from trainer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_disk_full_mid_run_is_one_line_a_failed_event_and_a_logged_traceback(tiny_base, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, "train", str(PRESET), "--run-dir", str(run),
+                          "--set", f'model.path="{tiny_base}"', "--set", f'data.path="{TINY_STYLE}"',
+                          "--set", "train.steps=2", "--set", "train.checkpoint_every=1", "--set", "sample.prompts=[]"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = out.stderr.splitlines()[-1]  # above it: the progress bar
+    assert out.returncode == 1 and "Traceback" not in out.stderr + out.stdout and line.startswith("error: "), out.stderr
+    assert "style.safetensors: the disk is full; free some space" in line and "train.log" in line
+    log = (run / "train.log").read_text()
+    assert "Traceback" in log and "No space left on device" in log  # the details: in the run's log only
+    failed = _events(run)[-1]
+    assert failed["type"] == "failed" and "the disk is full" in failed["reason"]
+    assert (run / "checkpoints" / "step-000002" / "state.json").is_file()  # what was written before survives
+    jobs.write_job(run, {"queued_at": 0, "pid": 999999999, "launched_at": 0})
+    st = jobs.status(run)
+    assert st.state == "failed" and "the disk is full" in st.reason and "Traceback" not in st.reason
+
+
+def test_os_errors_read_as_what_to_do():
+    from trainer.io import describe_os_error
+
+    for code, says in [(errno.ENOSPC, "the disk is full"), (errno.EISDIR, "is a folder, not a file"),
+                       (errno.ENOTDIR, "a part of this path is a file"), (errno.EACCES, "permission denied"),
+                       (errno.EROFS, "read-only")]:
+        text = describe_os_error(OSError(code, "x", "/data/f.bin"))
+        assert text.startswith("/data/f.bin: ") and says in text and "\n" not in text
+    assert describe_os_error(OSError(errno.ENOSPC, "x"), "output.dir").startswith("output.dir: the disk is full")
+
+
+def test_failed_run_panel_shows_the_reason_not_a_traceback(tmp_path):
+    from app.ui import panel_markdown
+
+    run = tmp_path / "run"
+    run.mkdir()
+    jobs.write_job(run, {"queued_at": 0, "pid": 999999999, "launched_at": 0})
+    (run / "events.jsonl").write_text(json.dumps({"type": "failed", "time": 1, "reason": "data.path: no images"}) + "\n")
+    (run / "train.log").write_text("Traceback (most recent call last):\n  File x\nMemoryError\n")
+    st = jobs.status(run)
+    assert st.state == "failed" and st.reason == "data.path: no images"
+    assert "Traceback" not in panel_markdown(st) and "data.path: no images" in panel_markdown(st)
+
+
+# ----------------------------------------------------------------------------- dataset: repeats and captions
+
+
+def test_huge_kohya_repeat_folder_is_refused_with_a_message(tmp_path):
+    from trainer.config import load_config
+    from trainer.data import DatasetError, epoch_batches, scan_dataset
+
+    images = sorted(TINY_STYLE.glob("*.png"))[:2]
+    for folder, image in zip(("99999999999_x", "2_ok"), images):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        shutil.copy(image, tmp_path / "data" / folder / image.name)
+    cfg = load_config(PRESET, [f'data.path="{tmp_path / "data"}"'])
+    items, problems = scan_dataset(cfg.data)
+    assert [(i.path.parent.name, i.repeats) for i in items] == [("2_ok", 2)]
+    assert "99999999999 repeats, over the limit of 1000" in problems[0].reason
+    assert len(sum(epoch_batches(items, 1, 0, 0), [])) == 2
+    shutil.rmtree(tmp_path / "data" / "2_ok")
+    with pytest.raises(DatasetError, match="over the limit of 1000"):
+        scan_dataset(cfg.data)
+
+
+def test_caption_symlink_to_a_huge_file_is_not_read_whole(tmp_path):
+    from trainer.config import DataConfig
+    from trainer.data import scan_dataset
+
+    huge = tmp_path / "huge.bin"
+    with open(huge, "wb") as f:
+        f.truncate(64 * 2**30)  # sparse: 64 GiB that reading whole would never finish
+    data = tmp_path / "run" / "dataset"
+    data.mkdir(parents=True)
+    shutil.copy(next(TINY_STYLE.glob("*.png")), data / "a.png")
+    (data / "a.txt").symlink_to(huge)
+    t0 = time.time()
+    items, problems = scan_dataset(DataConfig(path=str(data), min_image_size=16))
+    assert items[0].caption == "" and "caption file is larger than 64 KiB" in problems[0].reason
+    rows, _ = uploads.dataset_items(tmp_path / "run", 16)
+    assert rows[0]["caption"] == "" and "larger than 64 KiB" in rows[0]["status"]
+    assert time.time() - t0 < 10
+
+
+# ----------------------------------------------------------------------------- transactional uploads
+
+
+def _png() -> bytes:
+    return next(TINY_STYLE.glob("*.png")).read_bytes()
+
+
+def test_a_refused_upload_never_replaces_a_good_file(tmp_path):
+    run = tmp_path / "run"
+    good = tmp_path / "a.png"
+    good.write_bytes(_png())
+    assert uploads.add_files(run, [good])[1] == []
+    lying = tmp_path / "lying.zip"
+    with zipfile.ZipFile(lying, "w") as zf:
+        zf.writestr("a.png", b"junk " * 500)
+    raw = bytearray(lying.read_bytes())  # the size field says 10 bytes: the entry holds 2500
+    for sig, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = raw.find(sig) + offset
+        raw[at:at + 4] = (10).to_bytes(4, "little")
+    lying.write_bytes(bytes(raw))
+    stored, problems = uploads.add_files(run, [lying])
+    assert stored == [] and "a.png" in problems[0] and "not stored" in problems[0]
+    assert (run / "dataset" / "a.png").read_bytes() == _png()
+    assert sorted(p.name for p in (run / "dataset").iterdir()) == ["a.png"]  # no temporary left
+
+
+def test_a_name_taken_by_a_folder_is_refused_and_the_batch_goes_on(tmp_path):
+    run = tmp_path / "run"
+    archive = tmp_path / "earlier.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.png/inside.png", _png())
+    assert uploads.add_files(run, [archive])[1] == []
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(_png())
+    b.write_bytes(_png())
+    stored, problems = uploads.add_files(run, [a, b])
+    assert problems == [f"a.png: a folder of that name already exists in the dataset (from an earlier zip?); rename "
+                        "the file or start a new dataset"]
+    assert stored == [run / "dataset" / "b.png"] and (run / "dataset" / "a.png" / "inside.png").is_file()
+
+
+def test_a_full_disk_refuses_one_upload_keeps_the_old_file_and_the_rest(tmp_path, monkeypatch):
+    import os
+
+    run = tmp_path / "run"
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(_png())
+    b.write_bytes(_png()[:-1])
+    uploads.add_files(run, [a])
+    real, calls = os.replace, []
+
+    def full_once(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(uploads.os, "replace", full_once)
+    b_as_a = tmp_path / "new" / "a.png"
+    b_as_a.parent.mkdir()
+    b_as_a.write_bytes(b"other bytes")
+    stored, problems = uploads.add_files(run, [b_as_a, b])
+    assert len(problems) == 1 and problems[0].startswith("a.png: cannot store: ") and "the disk is full" in problems[0]
+    assert stored == [run / "dataset" / "b.png"]
+    assert (run / "dataset" / "a.png").read_bytes() == _png()
+    assert not [p for p in (run / "dataset").iterdir() if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------- login throttling
+
+
+def test_login_throttle_per_user_and_address():
+    from app.auth import LoginThrottle
+
+    now = [0.0]
+    t = LoginThrottle(per_user=3, per_address=5, first_lock_s=2, max_lock_s=60, forget_s=600, clock=lambda: now[0])
+    for _ in range(3):
+        assert t.wait_s("alice", "1.1.1.1") == (0.0, "")
+        t.failed("alice", "1.1.1.1")
+    assert t.wait_s("alice", "1.1.1.1") == (0.0, "")  # three free failures
+    t.failed("alice", "1.1.1.1")
+    assert t.wait_s("alice", "9.9.9.9") == (2.0, "user")  # the user is locked from any address
+    assert t.wait_s("bob", "1.1.1.1") == (0.0, "")  # another user from the same address is not (yet)
+    now[0] += 2.5
+    t.failed("alice", "2.2.2.2")
+    assert t.wait_s("alice", "2.2.2.2")[0] == 4.0  # doubling
+    for _ in range(20):
+        now[0] += 100
+        t.failed("alice", "3.3.3.3")
+    assert t.wait_s("alice", "3.3.3.3") == (60.0, "user")  # capped
+    t.succeeded("alice", "3.3.3.3")
+    assert t.wait_s("alice", "4.4.4.4") == (0.0, "")  # a success clears the user...
+    assert t.wait_s("carol", "3.3.3.3")[1] == "addr"  # ...not the address that guessed
+    now[0] += 700
+    assert t.wait_s("carol", "3.3.3.3") == (0.0, "")
+    t.failed("carol", "3.3.3.3")
+    assert t.wait_s("carol", "3.3.3.3") == (0.0, "")  # forgotten after forget_s
+    for i in range(LoginThrottle.MAX_KEYS + 10):
+        t.failed(f"made-up-{i}", "5.5.5.5")
+    assert len(t._failures) <= LoginThrottle.MAX_KEYS + 2
+
+
+def test_login_attempts_are_throttled_through_the_server(tmp_path):
+    import httpx
+
+    from app.auth import LoginThrottle, launch_kwargs
+    from app.ui import build_app
+
+    now = [0.0]
+    throttle = LoginThrottle(per_user=5, per_address=8, clock=lambda: now[0])
+    demo = build_app(tmp_path / "outputs")
+    port = free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True,
+                        **launch_kwargs([("alice", "wonderland"), ("bob", "pw")], throttle))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            def login(user: str, password: str) -> httpx.Response:
+                return http.post("/login", data={"username": user, "password": password})
+
+            assert [login("alice", f"guess{i}").status_code for i in range(5)] == [400] * 5
+            r = login("alice", "guess5")
+            assert r.status_code == 400
+            locked = login("alice", "wonderland")  # locked: the right password does not get in either
+            assert locked.status_code == 429 and "Too many failed logins for user 'alice'" in locked.text
+            assert login("bob", "pw").status_code == 200  # one user's lock is not another's
+            assert [login("mallory", "x").status_code for _ in range(3)] == [400] * 3
+            blocked = login("bob", "pw")  # 9 failures from this address (8 free): every login from it waits
+            assert blocked.status_code == 429 and "address 127.0.0.1" in blocked.text
+            now[0] += 3600
+            assert login("alice", "wonderland").status_code == 200
+    finally:
+        demo.close()
+
+
+# ----------------------------------------------------------------------------- preview after a run
+
+
+def _finished_run(outputs: Path, name: str, ended: float) -> None:
+    run = outputs / name
+    run.mkdir(parents=True)
+    jobs.write_job(run, {"queued_at": ended - 10, "pid": 999999999, "launched_at": ended - 10})
+    (run / "events.jsonl").write_text(json.dumps({"type": "done", "step": 1, "time": ended}) + "\n")
+    (run / f"{name}.safetensors").write_bytes(b"adapter")
+
+
+def test_the_run_that_just_finished_is_preselected_in_the_preview_tab(tmp_path):
+    from gradio_client import Client
+
+    from app.ui import build_app
+
+    outputs = tmp_path / "outputs"
+    _finished_run(outputs, "older", time.time() - 100)
+    demo = build_app(outputs)
+    port = free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, allowed_paths=[str(outputs)])
+
+    def preview_pick(outputs_of_tick) -> str | None:
+        picks = [o["value"] for o in outputs_of_tick if isinstance(o, dict) and str(o.get("value")).startswith("run:")]
+        return picks[0] if picks else None
+
+    try:
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        assert preview_pick(c.predict("", api_name="/tick")) == "run:older"
+        assert preview_pick(c.predict("", api_name="/tick")) is None  # nothing new: the user's pick is left alone
+        _finished_run(outputs, "fresh", time.time())  # a run ends while the page is open
+        assert preview_pick(c.predict("", api_name="/tick")) == "run:fresh"
+    finally:
+        demo.close()
