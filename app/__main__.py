@@ -34,7 +34,7 @@ def parse_auth(pairs: list[str], auth_file: str | None) -> list[tuple[str, str]]
 
 def served_paths(outputs: Path) -> dict[str, list[str]]:
     """Gradio may serve files from outputs/ only, and never its private folder (the per-user key)."""
-    from app.preview import PRIVATE_DIR
+    from app.preview_client import PRIVATE_DIR
 
     return {"allowed_paths": [str(outputs)], "blocked_paths": [str(Path(outputs) / PRIVATE_DIR)]}
 
@@ -65,11 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_TEMP_DIR", str(outputs / ".gradio"))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-    from app import jobs
+    from app import jobs, preview_client
     from app.auth import launch_kwargs
     from app.ui import build_app
 
     stop = jobs.start_queue_loop(outputs)
+    stop_watcher = preview_client.start_gpu_watcher(outputs)  # the preview worker gives the GPU to training runs
     demo = build_app(outputs)
     try:
         # launch_kwargs: the login, with failed attempts throttled per user and per client address (app/auth.py)
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             max_file_size="50mb", show_error=False, **launch_kwargs(auth))
     finally:
         stop.set()
+        stop_watcher.set()
 
 
 if __name__ == "__main__":

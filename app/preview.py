@@ -1,391 +1,33 @@
-"""The Preview tab and the client of the preview worker (trainer/preview.py). No torch here.
-
-The worker (`python -m trainer preview --base MODEL`) is a child process holding one base pipeline; it speaks JSON
-lines on stdin/stdout, one request at a time. It is started lazily for the base of the chosen adapter, and only one
-lives at a time (a different base ends the old one: one GPU, one base in memory). Images are PNG files under
-OUTPUTS/.preview/images; uploaded adapters are kept in OUTPUTS/.preview/adapters; the worker's log is
-OUTPUTS/.preview/worker.log. Nothing is written outside outputs/.
-
-GPU sharing with training: a watcher thread asks the worker to `release` (pipeline to CPU memory, CUDA cache emptied)
-while a training run is running or stopping, and to `resume` when none is; on a GPU worker, Generate is refused
-with a message while a run trains. On a CPU-only machine the two simply share the CPU.
-"""
+"""The Preview tab (gradio): LoRA vs base at one seed, strength × seed grids, mixing two adapters, uploads.
+Everything it asks of the preview worker goes through app/preview_client.py, which holds no gradio code."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import os
-import queue
-import secrets
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-import tomllib
 from pathlib import Path
-from typing import Any
 
 import gradio as gr  # handlers' `request: gr.Request` annotations are resolved against this module
 
-from app import jobs
-from app.uploads import sanitize_name
-from trainer.io import describe_os_error
+from app.preview_client import (DEFAULT_BASE, NO_ADAPTER, PreviewError, adapter_choices, base_size,
+                                newest_run_adapter, render, resolve, status_line, upload)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-WORKER_CMD = [sys.executable, "-m", "trainer", "preview"]
-START_TIMEOUT_S = 600
-REQUEST_TIMEOUT_S = 900
-KEEP_IMAGES = 200
-DEFAULT_BASE = "builtin:demo-sd"  # the offline demo base (assets/demo-sd); runs use their own base
-DEMO_FOLDER = Path(__file__).resolve().parent.parent / "assets" / "demo-sd"
-DISPLAY_MIN_PX = 512  # smaller images (the 32 px demo base) are shown enlarged by a whole factor, pixel for pixel
-FINISHED = ("done", "stopped", "reporting")  # states whose adapter file is written (reporting: the report runs)
-NO_ADAPTER = ("**No adapter picked.** Choose a finished run in *Adapter* above (train one on the Train tab), or upload "
-              "a `.safetensors` adapter, then Generate.")
+# The tab's inputs, in the order gradio passes them (and the API takes them): read into one mapping by `form`.
+FORM = ("adapter", "strength", "adapter2", "weight2", "base", "prompt", "negative", "steps", "guidance", "seed",
+        "width", "height")
 
 
-def base_size(base: str) -> int | None:
-    """The base's native image side, to preset the width/height sliders (None: unknown, e.g. a hub id)."""
-    from trainer.arch import native_size
-
-    base = (base or "").strip()
-    if base == "builtin:demo-sd":
-        return native_size(DEMO_FOLDER)
-    if base.startswith("builtin:"):
-        return 64
-    return native_size(base) if Path(base).expanduser().is_dir() else None
+def form(values: tuple) -> dict:
+    return dict(zip(FORM, values))
 
 
-
-class PreviewError(RuntimeError):
-    """A request the worker refused (bad adapter, ...) or a worker that died; the message says which."""
-
-
-def preview_dir(outputs: Path) -> Path:
-    return Path(outputs) / ".preview"
+def image_settings(f: dict) -> dict:
+    """The worker's image settings from the form (sizes rounded down to the VAE's multiple of 8)."""
+    return dict(prompt=f["prompt"] or "", negative=f["negative"] or "", steps=int(f["steps"]),
+                guidance=float(f["guidance"]), seed=int(f["seed"] or 0), width=int(f["width"]) // 8 * 8,
+                height=int(f["height"]) // 8 * 8)
 
 
-class Worker:
-    """One preview worker process for one base model."""
-
-    def __init__(self, base: str, outputs: Path, args: list[str] | None = None):
-        self.base = base
-        self.outputs = Path(outputs).resolve()
-        folder = preview_dir(self.outputs)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.log_path = folder / "worker.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.setdefault("STYLE_LORA_BUILTIN_DIR", str(self.outputs / ".builtin"))  # stay inside outputs/
-        pythonpath = env.get("PYTHONPATH", "")
-        env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + pythonpath if pythonpath else "")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([*WORKER_CMD, "--base", base, *(args or [])], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=log, env=env, cwd=Path.cwd(),
-                                         text=True, encoding="utf-8", bufsize=1)
-        self._replies: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        self._next_id = 0
-        self.ready: dict | None = None
-        self.released = False
-        threading.Thread(target=self._read, name="preview-reader", daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                self._replies.put(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        self._replies.put(None)  # EOF: the worker ended
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def _log_tail(self, n: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def _wait(self, want_id: int, timeout: float) -> dict:
-        end = time.time() + timeout
-        while True:
-            try:
-                reply = self._replies.get(timeout=max(0.1, end - time.time()))
-            except queue.Empty:
-                raise PreviewError(f"the preview worker did not answer within {timeout:.0f} s") from None
-            if reply is None:
-                self.proc.wait(timeout=10)
-                raise PreviewError(f"the preview worker ended (exit code {self.proc.returncode}):\n{self._log_tail()}")
-            if reply.get("id") == want_id:
-                return reply
-
-    def request(self, op: str, timeout: float = REQUEST_TIMEOUT_S, **payload: Any) -> dict:
-        with self._lock:
-            if self.ready is None:
-                reply = self._wait(0, START_TIMEOUT_S)
-                if not reply.get("ok"):
-                    self.close()
-                    raise PreviewError(reply.get("error", "the preview worker could not start"))
-                self.ready = reply
-            if not self.alive():
-                raise PreviewError(f"the preview worker is not running:\n{self._log_tail()}")
-            self._next_id += 1
-            try:
-                self.proc.stdin.write(json.dumps({"id": self._next_id, "op": op, **payload}) + "\n")
-                self.proc.stdin.flush()
-            except (BrokenPipeError, OSError):
-                raise PreviewError(f"the preview worker ended:\n{self._log_tail()}") from None
-            reply = self._wait(self._next_id, timeout)
-        if not reply.get("ok"):
-            raise PreviewError(reply.get("error", "the preview worker refused the request"))
-        if op in ("release", "resume"):
-            self.released = bool(reply.get("released"))
-        return reply
-
-    def close(self) -> None:
-        if self.alive():
-            try:
-                self.proc.stdin.write(json.dumps({"id": -1, "op": "quit"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
-_WORKERS: dict[str, Worker] = {}
-_WORKERS_LOCK = threading.Lock()
-
-
-def get_worker(base: str, outputs: Path) -> Worker:
-    """The live worker for `base`, started if needed; a worker for another base is ended first."""
-    with _WORKERS_LOCK:
-        w = _WORKERS.get(base)
-        if w is not None and w.alive():
-            return w
-        for other in list(_WORKERS):
-            _WORKERS.pop(other).close()
-        w = _WORKERS[base] = Worker(base, outputs)
-        return w
-
-
-def shutdown() -> None:
-    with _WORKERS_LOCK:
-        for base in list(_WORKERS):
-            _WORKERS.pop(base).close()
-
-
-# ----------------------------------------------------------------------------- adapters
-
-
-def _run_base(run_dir: Path) -> str | None:
-    try:
-        model = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")).get("model", {})
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
-    return model.get("path")
-
-
-def _run_adapter(run_dir: Path) -> Path | None:
-    for name in (f"{run_dir.name}.diffusers.safetensors", f"{run_dir.name}.safetensors"):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    return None
-
-
-PRIVATE_DIR = ".private"  # under outputs/, never served
-
-
-def uploads_dir(outputs: Path, user: str | None = None) -> Path:
-    """Uploaded adapters; with login, each user's in a folder named by a keyed hash nobody else can guess."""
-    folder = preview_dir(outputs) / "adapters"
-    if user is None:
-        return folder
-    key_file = Path(outputs) / PRIVATE_DIR / "user-key"  # app/__main__ puts PRIVATE_DIR in gradio's blocked_paths
-    if not key_file.is_file():
-        key_file.parent.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(secrets.token_hex(32))
-    digest = hmac.new(key_file.read_text().encode(), user.encode(), hashlib.sha256).hexdigest()[:32]
-    return folder / f"user-{digest}"
-
-
-def adapter_choices(outputs: Path, user: str | None = None) -> list[tuple[str, str]]:
-    """(label, value): finished runs (value `run:NAME`) and uploaded files (value `file:NAME`) the user may see."""
-    choices = []
-    for st in jobs.list_runs(outputs):
-        if st.state in FINISHED and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
-            choices.append((f"{st.name} (run, {st.state})", f"run:{st.name}"))
-    folder = uploads_dir(outputs, user)
-    if folder.is_dir():
-        for p in sorted(folder.glob("*.safetensors")):
-            choices.append((f"{p.name} (uploaded)", f"file:{p.name}"))
-    return choices
-
-
-def newest_run_adapter(outputs: Path, user: str | None = None) -> str | None:
-    """The picker value of the run that finished last (its adapter written), or None: preselected after a run."""
-    newest = None
-    for st in jobs.list_runs(outputs):
-        if st.state in FINISHED and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
-            ended = max((e.get("time", 0) for e in st.events if e.get("type") in ("done", "stopped")), default=0)
-            if newest is None or ended > newest[0]:
-                newest = (ended, f"run:{st.name}")
-    return newest[1] if newest else None
-
-
-def resolve(outputs: Path, value: str, user: str | None = None) -> tuple[Path, str | None]:
-    """(adapter file, the base it was trained on or None) for a picker value."""
-    kind, _, name = (value or "").partition(":")
-    if kind == "run":
-        run_dir = jobs.run_path(Path(outputs), name)
-        if not jobs.visible_to(run_dir, user):
-            raise PreviewError(f"no run named {name!r}")
-        path = _run_adapter(run_dir)
-        if path is None:
-            raise PreviewError(f"run {name} has no adapter file yet")
-        return path, _run_base(run_dir)
-    if kind == "file":
-        path = uploads_dir(outputs, user) / sanitize_name(name)
-        if path.name != name or not path.is_file():
-            raise PreviewError(f"no uploaded adapter named {name!r}")
-        return path, None
-    raise PreviewError(NO_ADAPTER)
-
-
-def upload(outputs: Path, src: str | Path, base: str, user: str | None = None) -> str:
-    """Store an uploaded adapter in OUTPUTS/.preview/adapters once the worker has validated it against `base`. Returns
-    its value. Transactional: the file is checked under a temporary folder and only then renamed into place, so a
-    refused file never replaces (or deletes) a good adapter of the same name."""
-    src = Path(src)
-    name = sanitize_name(src.name)
-    if not name.lower().endswith(".safetensors"):
-        raise PreviewError(f"{src.name}: only .safetensors adapters are accepted (other formats such as .ckpt/.pt "
-                           "may be Python pickles, which can run code when loaded)")
-    folder = uploads_dir(outputs, user)
-    staging = None
-    try:
-        (folder / ".incoming").mkdir(parents=True, exist_ok=True)  # not listed: adapter_choices globs `folder` only
-        staging = Path(tempfile.mkdtemp(dir=folder / ".incoming"))
-        checked = staging / name  # the same file name, so the worker's messages name the user's file
-        shutil.copyfile(src, checked)
-        get_worker(base or DEFAULT_BASE, outputs).request("load", path=str(checked), name=f"file:{name}")
-        os.replace(checked, folder / name)
-    except OSError as err:
-        reason = describe_os_error(err, "the adapters folder", with_file=False)
-        raise PreviewError(f"{src.name}: cannot store the upload: {reason}") from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    return f"file:{name}"
-
-
-# ----------------------------------------------------------------------------- GPU sharing with training
-
-
-def training_run(outputs: Path) -> str | None:
-    return next((st.name for st in jobs.list_runs(outputs) if st.state in ("running", "stopping")), None)
-
-
-def sync_gpu(outputs: Path) -> None:
-    """Release the live GPU worker while a run trains; resume it when none does."""
-    with _WORKERS_LOCK:
-        workers = [w for w in _WORKERS.values() if w.alive() and w.ready and w.ready.get("device") != "cpu"]
-    if not workers:
-        return
-    busy = training_run(outputs)
-    for w in workers:
-        try:
-            if busy and not w.released:
-                w.request("release", timeout=120)
-            elif not busy and w.released:
-                w.request("resume", timeout=300)
-        except PreviewError as err:
-            print(f"preview: {err}", file=sys.stderr)
-
-
-def start_gpu_watcher(outputs: Path, interval: float = 2.0) -> threading.Event:
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.wait(interval):
-            try:
-                sync_gpu(outputs)
-            except Exception as err:  # never end the watcher
-                print(f"preview watcher: {err}", file=sys.stderr)
-
-    threading.Thread(target=loop, name="preview-gpu", daemon=True).start()
-    return stop
-
-
-# ----------------------------------------------------------------------------- requests
-
-
-def _image_path(outputs: Path) -> Path:
-    folder = preview_dir(outputs) / "images"
-    folder.mkdir(parents=True, exist_ok=True)
-    old = sorted(folder.glob("*.png"), key=lambda p: p.stat().st_mtime)
-    for p in old[:-KEEP_IMAGES]:
-        p.unlink(missing_ok=True)
-    return folder / f"{time.time_ns()}.png"
-
-
-def render(outputs: Path, op: str, adapter: str, strength: float, adapter2: str | None, weight2: float, base: str,
-           settings: dict[str, Any], user: str | None = None) -> dict:
-    """compare | grid | generate through the worker of `base` (default: the adapter's own base)."""
-    outputs = Path(outputs)
-    path, run_base = resolve(outputs, adapter, user)
-    files = {adapter: str(path)}
-    mix = {adapter: float(strength)}
-    if adapter2:
-        if adapter2 == adapter:
-            raise PreviewError("pick two different adapters to mix")
-        files[adapter2] = str(resolve(outputs, adapter2, user)[0])
-        mix[adapter2] = float(weight2)
-    base = (base or "").strip() or run_base or DEFAULT_BASE
-    worker = get_worker(base, outputs)
-    busy = training_run(outputs)
-    if busy and worker.ready and worker.ready.get("device") != "cpu":
-        if not worker.released:
-            worker.request("release", timeout=120)
-        raise PreviewError(f"training run {busy} is using the GPU; the preview released it and comes back when the "
-                           "run ends")
-    reply = worker.request(op, files=files, adapters=mix, out=str(_image_path(outputs)), **settings)
-    for key in ("image", "base_image"):
-        if key in reply:
-            reply[key], reply["shown_factor"] = shown_image(reply[key])
-    return reply
-
-
-def shown_image(path: str) -> tuple[str, int]:
-    """(the file to show, its enlargement). An image smaller than DISPLAY_MIN_PX (from the 32 px demo base, say) is
-    shown enlarged by a whole factor with nearest-neighbour: sharp pixels, nothing invented, not a speck in a wide
-    panel. The worker's own file stays as it is."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        factor = DISPLAY_MIN_PX // max(im.size)
-        if factor < 2:
-            return path, 1
-        big = im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST)
-    out = Path(path).with_name(f"{Path(path).stem}-x{factor}.png")
-    big.save(out)
-    return str(out), factor
-
-
-def status_line(reply: dict, what: str) -> str:
-    parts = [what, f"swap {reply['swap_ms']:.1f} ms", f"generation {reply['gen_ms']:.0f} ms"]
-    if "base_gen_ms" in reply:
-        parts.append(f"base: swap {reply['base_swap_ms']:.1f} ms, generation {reply['base_gen_ms']:.0f} ms")
-    if "images" in reply:
-        parts[1] = f"swap {reply['swap_ms']:.1f} ms avg"
-        parts[2] = f"generation {reply['gen_ms']:.0f} ms avg over {reply['images']} images"
-    if reply.get("shown_factor", 1) > 1:
-        parts.append(f"shown {reply['shown_factor']}× enlarged (nearest-neighbour; the base draws small images)")
-    return " · ".join(parts)
+def user_of(request) -> str | None:
+    return getattr(request, "username", None) or None
 
 
 # ----------------------------------------------------------------------------- the tab
@@ -394,10 +36,6 @@ def status_line(reply: dict, what: str) -> str:
 def build_tab(outputs: Path):
     """The Preview tab; call inside the app's `gr.Tabs()`. Every event has an api_name."""
     outputs = Path(outputs)
-    start_gpu_watcher(outputs)
-
-    def user_of(request) -> str | None:
-        return getattr(request, "username", None) or None
 
     def picker(request: gr.Request):
         return gr.Dropdown(choices=adapter_choices(outputs, user_of(request)))
@@ -448,10 +86,6 @@ def build_tab(outputs: Path):
 
     base.change(on_base, base, [width, height], api_name="preview_base_size")
 
-    def _settings(p, n, st, g, sd, w, h):
-        return dict(prompt=p or "", negative=n or "", steps=int(st), guidance=float(g), seed=int(sd or 0),
-                    width=int(w) // 8 * 8, height=int(h) // 8 * 8)
-
     def failed(err: Exception) -> str:
         # In the status line beside the button (and a toast), never as bare "Error" boxes on the image panels.
         message = str(err)
@@ -460,18 +94,23 @@ def build_tab(outputs: Path):
             message = f"**Could not generate**: {message}"
         return message
 
-    def on_compare(a, s, a2, w2, b, p, n, st, g, sd, w, h, request: gr.Request):
+    def mix(f: dict) -> tuple:
+        return f["adapter"], f["strength"], f["adapter2"], f["weight2"], f["base"]
+
+    def on_compare(request: gr.Request, *values):  # values: the FORM inputs, in order
+        f = form(values)
         try:
-            r = render(outputs, "compare", a, s, a2, w2, b, _settings(p, n, st, g, sd, w, h), user_of(request))
+            r = render(outputs, "compare", *mix(f), image_settings(f), user_of(request))
         except (PreviewError, FileNotFoundError) as err:
             return None, None, failed(err)
-        return r["image"], r["base_image"], status_line(r, f"seed {int(sd or 0)}")
+        return r["image"], r["base_image"], status_line(r, f"seed {int(f['seed'] or 0)}")
 
-    def on_grid(a, s, a2, w2, b, p, n, st, g, sd, w, h, request: gr.Request):
-        settings = _settings(p, n, st, g, sd, w, h)
+    def on_grid(request: gr.Request, *values):
+        f = form(values)
+        settings = image_settings(f)
         first = settings.pop("seed")
         try:
-            r = render(outputs, "grid", a, s, a2, w2, b,
+            r = render(outputs, "grid", *mix(f),
                        {**settings, "strengths": [0.0, 0.5, 1.0], "seeds": [first, first + 1, first + 2]},
                        user_of(request))
         except (PreviewError, FileNotFoundError) as err:

@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import downloads_view, form, jobs, preview, report_view, uploads
+from app import downloads_view, form, jobs, preview, preview_client, report_view, uploads
 from trainer import arch
 from trainer.config import ConfigError
 
@@ -209,7 +209,7 @@ def _list_fingerprint(outputs: Path, user: str | None = None) -> str:
 def _finished_since(old: str, new: str) -> bool:
     """Did a run write its final adapter between two list fingerprints ("name (state)" labels)?"""
     ended = set(new.split(",")) - set(old.split(","))
-    return any(label.endswith(tuple(f"({s})" for s in preview.FINISHED)) for label in ended)
+    return any(label.endswith(tuple(f"({s})" for s in preview_client.FINISHED)) for label in ended)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -359,8 +359,8 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
             choices = gr.Dropdown(choices=_run_choices(outputs, user)) if list_fp != old_list else skip
             adapters = (skip, skip)
             if _finished_since(old_list, list_fp):  # the Preview tab lists the new adapter and preselects it
-                found = preview.adapter_choices(outputs, user)
-                adapters = (gr.Dropdown(choices=found, value=preview.newest_run_adapter(outputs, user)),
+                found = preview_client.adapter_choices(outputs, user)
+                adapters = (gr.Dropdown(choices=found, value=preview_client.newest_run_adapter(outputs, user)),
                             gr.Dropdown(choices=[("(none)", "")] + found))
             return [*values, choices, *adapters, f"{panel_fp}|{list_fp}"]
 
@@ -400,9 +400,9 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
             choices = _run_choices(outputs, user)
             active = next((c[1] for c in choices if c[0].endswith(("(running)", "(stopping)", "(reporting)"))), None)
             pick = active or (choices[0][1] if choices else None)
-            adapters = preview.adapter_choices(outputs, user)
+            adapters = preview_client.adapter_choices(outputs, user)
             return (draft, gr.Dropdown(choices=choices, value=pick),
-                    gr.Dropdown(choices=adapters, value=preview.newest_run_adapter(outputs, user)),
+                    gr.Dropdown(choices=adapters, value=preview_client.newest_run_adapter(outputs, user)),
                     gr.Dropdown(choices=[("(none)", "")] + adapters))
 
         demo.load(on_load, None, [current, runs, preview_tab["adapter"], preview_tab["adapter2"]], api_name="restore")

@@ -237,7 +237,7 @@ def test_non_finite_adapters_are_refused_and_the_loaded_one_stays(previewer, ada
 
 
 def test_worker_protocol(tiny_base, adapters, tmp_path):
-    from app import preview as client
+    from app import preview_client as client
 
     outputs = tmp_path / "outputs"
     worker = client.Worker(str(tiny_base), outputs)
@@ -335,7 +335,7 @@ def test_preview_tab_through_gradio_client(tiny_base, adapters, tmp_path):
         assert names
     finally:
         demo.close()
-        from app import preview as client
+        from app import preview_client as client
 
         client.shutdown()
     # nothing outside outputs/ (besides the client's downloads)

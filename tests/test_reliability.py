@@ -383,7 +383,7 @@ def test_logged_in_users_see_only_their_own_runs(tmp_path):
     import httpx
     from gradio_client import Client, handle_file
 
-    from app import preview
+    from app import preview_client as preview
     from app.__main__ import served_paths
     from app.ui import build_app
 

@@ -1,4 +1,4 @@
-"""The Preview tab and the client of the preview worker (trainer/preview.py). No torch here.
+"""The client of the preview worker (trainer/preview.py): no gradio, no torch here (app/preview.py is the tab).
 
 The worker (`python -m trainer preview --base MODEL`) is a child process holding one base pipeline; it speaks JSON
 lines on stdin/stdout, one request at a time. It is started lazily for the base of the chosen adapter, and only one
@@ -22,16 +22,17 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
-import gradio as gr  # handlers' `request: gr.Request` annotations are resolved against this module
 
 from app import jobs
 from app.uploads import sanitize_name
+from trainer.io import describe_os_error
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORKER_CMD = [sys.executable, "-m", "trainer", "preview"]
@@ -40,6 +41,10 @@ REQUEST_TIMEOUT_S = 900
 KEEP_IMAGES = 200
 DEFAULT_BASE = "builtin:demo-sd"  # the offline demo base (assets/demo-sd); runs use their own base
 DEMO_FOLDER = Path(__file__).resolve().parent.parent / "assets" / "demo-sd"
+DISPLAY_MIN_PX = 512  # smaller images (the 32 px demo base) are shown enlarged by a whole factor, pixel for pixel
+FINISHED = ("done", "stopped", "reporting")  # states whose adapter file is written (reporting: the report runs)
+NO_ADAPTER = ("**No adapter picked.** Choose a finished run in *Adapter* above (train one on the Train tab), or upload "
+              "a `.safetensors` adapter, then Generate.")
 
 
 def base_size(base: str) -> int | None:
@@ -211,13 +216,24 @@ def adapter_choices(outputs: Path, user: str | None = None) -> list[tuple[str, s
     """(label, value): finished runs (value `run:NAME`) and uploaded files (value `file:NAME`) the user may see."""
     choices = []
     for st in jobs.list_runs(outputs):
-        if st.state in ("done", "stopped") and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
+        if st.state in FINISHED and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
             choices.append((f"{st.name} (run, {st.state})", f"run:{st.name}"))
     folder = uploads_dir(outputs, user)
     if folder.is_dir():
         for p in sorted(folder.glob("*.safetensors")):
             choices.append((f"{p.name} (uploaded)", f"file:{p.name}"))
     return choices
+
+
+def newest_run_adapter(outputs: Path, user: str | None = None) -> str | None:
+    """The picker value of the run that finished last (its adapter written), or None: preselected after a run."""
+    newest = None
+    for st in jobs.list_runs(outputs):
+        if st.state in FINISHED and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
+            ended = max((e.get("time", 0) for e in st.events if e.get("type") in ("done", "stopped")), default=0)
+            if newest is None or ended > newest[0]:
+                newest = (ended, f"run:{st.name}")
+    return newest[1] if newest else None
 
 
 def resolve(outputs: Path, value: str, user: str | None = None) -> tuple[Path, str | None]:
@@ -236,25 +252,33 @@ def resolve(outputs: Path, value: str, user: str | None = None) -> tuple[Path, s
         if path.name != name or not path.is_file():
             raise PreviewError(f"no uploaded adapter named {name!r}")
         return path, None
-    raise PreviewError("pick an adapter")
+    raise PreviewError(NO_ADAPTER)
 
 
 def upload(outputs: Path, src: str | Path, base: str, user: str | None = None) -> str:
-    """Copy an uploaded adapter into OUTPUTS/.preview/adapters and validate it against `base`. Returns its value."""
+    """Store an uploaded adapter in OUTPUTS/.preview/adapters once the worker has validated it against `base`. Returns
+    its value. Transactional: the file is checked under a temporary folder and only then renamed into place, so a
+    refused file never replaces (or deletes) a good adapter of the same name."""
     src = Path(src)
     name = sanitize_name(src.name)
     if not name.lower().endswith(".safetensors"):
         raise PreviewError(f"{src.name}: only .safetensors adapters are accepted (other formats such as .ckpt/.pt "
                            "may be Python pickles, which can run code when loaded)")
     folder = uploads_dir(outputs, user)
-    folder.mkdir(parents=True, exist_ok=True)
-    dst = folder / name
-    shutil.copyfile(src, dst)
+    staging = None
     try:
-        get_worker(base or DEFAULT_BASE, outputs).request("load", path=str(dst), name=f"file:{name}")
-    except PreviewError:
-        dst.unlink(missing_ok=True)
-        raise
+        (folder / ".incoming").mkdir(parents=True, exist_ok=True)  # not listed: adapter_choices globs `folder` only
+        staging = Path(tempfile.mkdtemp(dir=folder / ".incoming"))
+        checked = staging / name  # the same file name, so the worker's messages name the user's file
+        shutil.copyfile(src, checked)
+        get_worker(base or DEFAULT_BASE, outputs).request("load", path=str(checked), name=f"file:{name}")
+        os.replace(checked, folder / name)
+    except OSError as err:
+        reason = describe_os_error(err, "the adapters folder", with_file=False)
+        raise PreviewError(f"{src.name}: cannot store the upload: {reason}") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return f"file:{name}"
 
 
@@ -328,7 +352,27 @@ def render(outputs: Path, op: str, adapter: str, strength: float, adapter2: str 
             worker.request("release", timeout=120)
         raise PreviewError(f"training run {busy} is using the GPU; the preview released it and comes back when the "
                            "run ends")
-    return worker.request(op, files=files, adapters=mix, out=str(_image_path(outputs)), **settings)
+    reply = worker.request(op, files=files, adapters=mix, out=str(_image_path(outputs)), **settings)
+    for key in ("image", "base_image"):
+        if key in reply:
+            reply[key], reply["shown_factor"] = shown_image(reply[key])
+    return reply
+
+
+def shown_image(path: str) -> tuple[str, int]:
+    """(the file to show, its enlargement). An image smaller than DISPLAY_MIN_PX (from the 32 px demo base, say) is
+    shown enlarged by a whole factor with nearest-neighbour: sharp pixels, nothing invented, not a speck in a wide
+    panel. The worker's own file stays as it is."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        factor = DISPLAY_MIN_PX // max(im.size)
+        if factor < 2:
+            return path, 1
+        big = im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST)
+    out = Path(path).with_name(f"{Path(path).stem}-x{factor}.png")
+    big.save(out)
+    return str(out), factor
 
 
 def status_line(reply: dict, what: str) -> str:
@@ -338,112 +382,6 @@ def status_line(reply: dict, what: str) -> str:
     if "images" in reply:
         parts[1] = f"swap {reply['swap_ms']:.1f} ms avg"
         parts[2] = f"generation {reply['gen_ms']:.0f} ms avg over {reply['images']} images"
+    if reply.get("shown_factor", 1) > 1:
+        parts.append(f"shown {reply['shown_factor']}× enlarged (nearest-neighbour; the base draws small images)")
     return " · ".join(parts)
-
-
-# ----------------------------------------------------------------------------- the tab
-
-
-def build_tab(outputs: Path):
-    """The Preview tab; call inside the app's `gr.Tabs()`. Every event has an api_name."""
-    outputs = Path(outputs)
-    start_gpu_watcher(outputs)
-
-    def user_of(request) -> str | None:
-        return getattr(request, "username", None) or None
-
-    def picker(request: gr.Request):
-        return gr.Dropdown(choices=adapter_choices(outputs, user_of(request)))
-
-    def picker2(request: gr.Request):
-        return gr.Dropdown(choices=[("(none)", "")] + adapter_choices(outputs, user_of(request)))
-
-    with gr.Tab("Preview", id="preview"):
-        gr.Markdown("Generate with a trained adapter beside the base model at the same seed. The base stays loaded in "
-                    "a preview worker; switching adapters takes milliseconds.")
-        with gr.Row():
-            # choices are filled per user on page load (ui.on_load) and by Refresh
-            adapter = gr.Dropdown(choices=[], label="Adapter", scale=3, elem_id="preview-adapter")
-            strength = gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="Strength", scale=2)
-            refresh = gr.Button("Refresh", scale=0)
-        with gr.Row():
-            adapter2 = gr.Dropdown(choices=[("(none)", "")], value="",
-                                   label="Mix with a second adapter (optional)", scale=3)
-            weight2 = gr.Slider(-1.0, 2.0, value=0.5, step=0.05, label="Second adapter weight", scale=2)
-        with gr.Row():
-            upload_file = gr.File(label="Upload an adapter (.safetensors, kohya/A1111 or diffusers layout)",
-                                  type="filepath", scale=3)
-            base = gr.Textbox(label="Base model", value=DEFAULT_BASE, scale=2,
-                              info="Filled from the chosen run; uploaded adapters are checked against it.")
-        prompt = gr.Textbox(label="Prompt", value="zkstyle, a red circle on a blue background", lines=2)
-        negative = gr.Textbox(label="Negative prompt", value="")
-        with gr.Row():
-            steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-            guidance = gr.Slider(0.0, 20.0, value=7.0, step=0.5, label="Guidance")
-            seed = gr.Number(value=0, precision=0, label="Seed")
-            size = base_size(DEFAULT_BASE) or 512
-            width = gr.Slider(16, 2048, value=size, step=8, label="Width")
-            height = gr.Slider(16, 2048, value=size, step=8, label="Height")
-        with gr.Row():
-            compare_btn = gr.Button("Generate (LoRA vs base)", variant="primary", elem_id="preview-generate")
-            grid_btn = gr.Button("Strength × seed grid", elem_id="preview-grid")
-        status = gr.Markdown(elem_id="preview-status")
-        with gr.Row():
-            lora_img = gr.Image(label="With the adapter", type="filepath", interactive=False)
-            base_img = gr.Image(label="Base model, same seed", type="filepath", interactive=False)
-        grid_img = gr.Image(label="Strengths 0, 0.5, 1 (columns) × 3 seeds (rows)", type="filepath", interactive=False)
-
-    inputs = [adapter, strength, adapter2, weight2, base, prompt, negative, steps, guidance, seed, width, height]
-
-    def on_base(b: str):
-        size = base_size(b)  # the base's own resolution: a 1024 px SDXL or the 32 px demo base at its best
-        return (gr.update(), gr.update()) if size is None else (size, size)
-
-    base.change(on_base, base, [width, height], api_name="preview_base_size")
-
-    def _settings(p, n, st, g, sd, w, h):
-        return dict(prompt=p or "", negative=n or "", steps=int(st), guidance=float(g), seed=int(sd or 0),
-                    width=int(w) // 8 * 8, height=int(h) // 8 * 8)
-
-    def on_compare(a, s, a2, w2, b, p, n, st, g, sd, w, h, request: gr.Request):
-        try:
-            r = render(outputs, "compare", a, s, a2, w2, b, _settings(p, n, st, g, sd, w, h), user_of(request))
-        except (PreviewError, FileNotFoundError) as err:
-            raise gr.Error(str(err), print_exception=False) from None
-        return r["image"], r["base_image"], status_line(r, f"seed {int(sd or 0)}")
-
-    def on_grid(a, s, a2, w2, b, p, n, st, g, sd, w, h, request: gr.Request):
-        settings = _settings(p, n, st, g, sd, w, h)
-        first = settings.pop("seed")
-        try:
-            r = render(outputs, "grid", a, s, a2, w2, b,
-                       {**settings, "strengths": [0.0, 0.5, 1.0], "seeds": [first, first + 1, first + 2]},
-                       user_of(request))
-        except (PreviewError, FileNotFoundError) as err:
-            raise gr.Error(str(err), print_exception=False) from None
-        return r["image"], status_line(r, f"seeds {first}–{first + 2}")
-
-    def on_pick(value: str, request: gr.Request):
-        try:
-            return resolve(outputs, value, user_of(request))[1] or gr.skip()
-        except (PreviewError, FileNotFoundError):
-            return gr.skip()
-
-    def on_upload(path: str | None, b: str, request: gr.Request):
-        if not path:
-            return gr.skip(), gr.skip(), ""
-        try:
-            value = upload(outputs, path, b, user_of(request))
-        except PreviewError as err:
-            raise gr.Error(str(err), print_exception=False) from None
-        choices = adapter_choices(outputs, user_of(request))
-        return (gr.Dropdown(choices=choices, value=value), gr.Dropdown(choices=[("(none)", "")] + choices),
-                f"Loaded **{value.removeprefix('file:')}**: it fits {b}.")
-
-    compare_btn.click(on_compare, inputs, [lora_img, base_img, status], api_name="preview_compare")
-    grid_btn.click(on_grid, inputs, [grid_img, status], api_name="preview_grid")
-    refresh.click(picker, None, adapter, api_name="preview_adapters").then(picker2, None, adapter2,
-                                                                              api_name="preview_adapters2")
-    adapter.change(on_pick, adapter, base, api_name="preview_base")
-    upload_file.upload(on_upload, [upload_file, base], [adapter, adapter2, status], api_name="preview_upload")
-    return {"adapter": adapter, "adapter2": adapter2, "status": status}
