@@ -8,6 +8,7 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from trainer.concepts import CONCEPT_FILE
 from trainer.data import IMAGE_EXTENSIONS
 from trainer.io import atomic_write_text
 
@@ -59,6 +60,8 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def _check_kind(rel: PurePosixPath) -> None:
+    if rel.name == CONCEPT_FILE:  # a subfolder's trigger/prefix/repeats (trainer/concepts.py), read as TOML only
+        return
     if rel.suffix not in IMAGE_EXTS | CAPTION_EXTS:
         raise UploadError(f"{rel.name}: file type '{rel.suffix or 'none'}' refused "
                           f"(images {', '.join(sorted(IMAGE_EXTS))}, captions .txt, or a .zip of both)")

@@ -40,7 +40,7 @@ def build_tiny_blip(folder: Path) -> Path:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("[DEC]", "[SEP]", "[PAD]")}
     config = BlipConfig(
         text_config=dict(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=37, max_position_embeddings=64,
+                         num_attention_heads=2, intermediate_size=37, max_position_embeddings=128,
                          bos_token_id=ids["[DEC]"], sep_token_id=ids["[SEP]"], eos_token_id=ids["[SEP]"],
                          pad_token_id=ids["[PAD]"], encoder_hidden_size=32),
         vision_config=dict(hidden_size=32, image_size=32, patch_size=8, num_hidden_layers=1, num_attention_heads=2,
@@ -67,7 +67,7 @@ def build_tiny_vision_encoder_decoder(folder: Path) -> Path:
                         intermediate_size=37)
     decoder = BertConfig(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=37, is_decoder=True, add_cross_attention=True,
-                         max_position_embeddings=64)
+                         max_position_embeddings=128)
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     torch.manual_seed(0)
     model = VisionEncoderDecoderModel(config)

@@ -60,22 +60,10 @@ def _emit(json_lines: bool, event: dict) -> None:
     print(f"{where}{status}{': ' + detail if detail else ''}", flush=True)
 
 
-def _edits(args) -> list[tuple[str, object, bool]]:
-    """(undo label, caption -> caption, create a caption for images without one) in the documented order."""
-    edits = []
-    words = [w for w in args.strip.split(",") if w.strip()]
-    if words and not args.model:
-        edits.append((f"strip {args.strip}", partial(ce.strip_words, words=words), False))
-    for tag in args.remove_tag:
-        edits.append((f"remove tag {tag}", partial(ce.remove_tag, tag=tag), False))
-    if args.replace:
-        find, repl = args.replace
-        edits.append((f"replace {find!r} -> {repl!r}", lambda c, f=find, r=repl: ce.replace_text(c, f, r), False))
-    if args.prefix:
-        edits.append((f"prefix {args.prefix}", partial(ce.add_prefix, prefix=args.prefix), True))
-    if args.suffix:
-        edits.append((f"suffix {args.suffix}", partial(ce.add_suffix, suffix=args.suffix), True))
-    return edits
+def _edits(args) -> list:
+    # --strip edits existing captions only without --model; with one it applies to the generated captions
+    return ce.plan_edits("" if args.model else args.strip, args.remove_tag, args.replace, args.prefix or "",
+                         args.suffix or "")
 
 
 def run(args) -> int:
@@ -110,11 +98,8 @@ def run(args) -> int:
         emit({"event": "captioned", "message": f"{len(result['written'])} written, {len(result['kept'])} kept "
               f"(existing), {len(result['bad'])} skipped", **result})
         code = 1 if result["bad"] and not result["written"] and not result["kept"] else 0
-    for label, edit, create in edits:
-        changed, problems = ce.bulk_edit(folder, edit, undo, args.only, create, args.caption_extension)
-        for problem in problems:
-            emit({"event": "problem", "message": problem})
-        emit({"event": "edited", "message": f"{label}: {len(changed)} captions changed", "changed": changed})
+    for message in ce.apply_edits(folder, edits, undo, args.only, args.caption_extension):
+        emit({"event": "edited", "message": message})
     if args.list_tags:
         table = ce.tag_table(folder, args.caption_extension)
         if args.json_progress:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -200,3 +201,34 @@ def tag_table(folder: Path, ext: str = CAPTION_EXT) -> list[tuple[str, int, list
         for tag in dict.fromkeys(split_tags(caption)):
             where.setdefault(tag, []).append(image.relative_to(folder).as_posix())
     return sorted(((tag, len(imgs), imgs) for tag, imgs in where.items()), key=lambda row: (-row[1], row[0]))
+
+
+def plan_edits(strip: str = "", remove_tags: list[str] = (), replace: tuple[str, str] | None = None,
+               prefix: str = "", suffix: str = "") -> list[tuple[str, Callable[[str], str], bool]]:
+    """(label, caption -> caption, create captions for images without one), in the order they apply: strip style
+    words, remove tags, find/replace, prefix, suffix (so a prefix such as the trigger is never stripped)."""
+    edits: list[tuple[str, Callable[[str], str], bool]] = []
+    words = [w.strip() for w in strip.split(",") if w.strip()]
+    if words:
+        edits.append((f"strip {', '.join(words)}", partial(strip_words, words=words), False))
+    for tag in (t for t in remove_tags if t.strip()):
+        edits.append((f"remove tag {tag.strip()}", partial(remove_tag, tag=tag), False))
+    if replace and replace[0]:
+        find, repl = replace
+        edits.append((f"replace {find!r} -> {repl!r}", partial(replace_text, find=find, replacement=repl), False))
+    if prefix.strip():
+        edits.append((f"prefix {prefix.strip()}", partial(add_prefix, prefix=prefix), True))
+    if suffix.strip():
+        edits.append((f"suffix {suffix.strip()}", partial(add_suffix, suffix=suffix), True))
+    return edits
+
+
+def apply_edits(folder: Path, edits: list[tuple[str, Callable[[str], str], bool]], undo: dict,
+                only: list[str] | None = None, ext: str = CAPTION_EXT) -> list[str]:
+    """Run planned edits in order (one undo step when they share `undo`); returns one message per edit/problem."""
+    messages = []
+    for label, edit, create in edits:
+        changed, problems = bulk_edit(folder, edit, undo, only, create, ext)
+        messages += problems
+        messages.append(f"{label}: {len(changed)} captions changed")
+    return messages
