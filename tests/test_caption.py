@@ -180,3 +180,19 @@ def test_empty_captions_are_not_written(tmp_path):
     assert result["bad"] == ["a.png: the model returned an empty caption"] and not captions(root)
     result = caption_folder(root, lambda images: ["painting"] * len(images), ce.start_undo("x"), strip=["painting"])
     assert result["bad"] == ["a.png: nothing left after --strip"] and not captions(root)
+
+
+def test_hub_code_is_never_run(tmp_path):
+    """A model folder that ships its own Python (trust_remote_code) is refused and its code never runs."""
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    marker = tmp_path / "code-ran"
+    (folder / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                                  "from transformers import PretrainedConfig\n"
+                                                  "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil",
+                                                    "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CaptionError, match="trust_remote_code.*refused"):
+        load_captioner(str(folder), "sentence", device="cpu")
+    assert not marker.exists()

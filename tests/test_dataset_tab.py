@@ -149,3 +149,18 @@ def test_ui_captions_with_a_model_and_bulk_edits(server, tmp_path):
 
     summary = client.predict(run=run, preset_name="tiny-test", extra_lines="", api_name="/summary")
     assert "Dataset: 3 images" in summary and "steps per epoch" in summary
+
+
+def test_uploads_accept_concept_files(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "concepts.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(EXAMPLES[0], "2_castles/a.png")
+        zf.writestr("2_castles/concept.toml", 'trigger = "zkcastle"\n')
+        zf.writestr("2_castles/other.toml", "x = 1\n")
+    run = jobs.new_run_dir(tmp_path / "outputs", "zip")
+    stored, problems = uploads.add_files(run, [archive])
+    assert sorted(p.name for p in stored) == ["a.png", "concept.toml"]
+    assert len(problems) == 1 and "other.toml: file type '.toml' refused" in problems[0]
+    assert "| `2_castles` | zkcastle |" in dt.concepts_markdown(run)

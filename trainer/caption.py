@@ -99,6 +99,9 @@ def load_sentence_model(model: str, device: str, prompt: str | None = None, max_
             image_processor, tokenizer = processor, processor.tokenizer
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "trust_remote_code" in str(err):
+            first = ("the repo needs its own Python code (trust_remote_code), which is refused like pickles; "
+                     "use a version converted to transformers' built-in classes")
         raise CaptionError(f"{model}: cannot load an image-to-text model in safetensors: {first}") from None
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     net.to(device, dtype).eval()
