@@ -161,7 +161,8 @@ def test_one_failing_image_does_not_stop_the_batch(tmp_path):
                             progress=seen.append)
     assert result["written"] == ["a.png", "c.png"]
     bad = sorted(result["bad"])
-    assert bad[0].startswith("broken.png: cannot decode image: ") and bad[1] == "sub/b.jpg: model failed on it: odd shape"
+    assert bad[0].startswith("broken.png: cannot decode image: ")
+    assert bad[1] == "sub/b.jpg: model failed on it: odd shape"
     assert captions(root)["a.txt"] == "a house\n"  # 'a watercolor painting of a house' without the style words
     assert [e["done"] for e in seen] == [1, 2, 3, 4, 5] and all(e["total"] == 5 for e in seen)
 

@@ -49,7 +49,8 @@ def test_concept_files_set_trigger_prefix_and_repeats(two_concepts):
     assert problems == []
     # no concept: data.trigger and data.repeats
     assert got["plain.png"].trigger is None and got["plain.png"].repeats == 2
-    assert build_caption(got["plain.png"].caption, cfg, random.Random(0), got["plain.png"].trigger) == "zkstyle, a house"
+    plain = got["plain.png"]
+    assert build_caption(plain.caption, cfg, random.Random(0), plain.trigger) == "zkstyle, a house"
     # the concept's trigger replaces data.trigger; its prefix comes after the trigger; kohya's N_ still counts
     c1 = got["c1.png"]
     assert (c1.trigger, c1.repeats) == ("zkcastle", 3)

@@ -85,7 +85,8 @@ def load_sentence_model(model: str, device: str, prompt: str | None = None, max_
         if config.model_type == "vision-encoder-decoder":
             model_class = transformers.VisionEncoderDecoderModel
         else:  # BLIP, BLIP-2, GIT, Florence-2, LLaVA-style...: the class image-to-text pipelines loaded
-            model_class = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+            model_class = (getattr(transformers, "AutoModelForImageTextToText", None)
+                           or transformers.AutoModelForVision2Seq)
         net = model_class.from_pretrained(model, use_safetensors=True, **common)
         try:
             processor = AutoProcessor.from_pretrained(model, **common)
@@ -149,7 +150,8 @@ def _tagger_files(model: str) -> tuple[Path, Path]:
             csv_path = Path(hf_hub_download(model, TAGS_CSV))
         except Exception as err:  # offline, no such repo, no such file: one line
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise CaptionError(f"{model}: not a local tagger and cannot fetch model.onnx + {TAGS_CSV}: {first}") from None
+            raise CaptionError(f"{model}: not a local tagger and cannot fetch model.onnx + {TAGS_CSV}: "
+                               f"{first}") from None
     if not csv_path.is_file():
         raise CaptionError(f"{model}: {TAGS_CSV} (the tag names) is missing beside {onnx_path.name}")
     return onnx_path, csv_path
