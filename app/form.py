@@ -60,6 +60,8 @@ ADVANCED: list[tuple[str, str, str]] = [
     ("data.max_bucket", "int", "Max bucket side"),
     ("data.upscale", "bool", "Upscale small images"),
     ("data.min_image_size", "int", "Min image size"),
+    ("data.reg_path", "text", "Regularisation folder (on the server)"),
+    ("data.reg_weight", "float", "Regularisation loss weight"),
     ("lora.variant", "choice", "LoRA variant"),
     ("lora.loraplus_ratio", "float", "LoRA+: B/A learning-rate ratio"),
     ("lora.vera_rank", "int", "VeRA: shared projection rank"),

@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import downloads_view, form, jobs, preview, preview_client, report_view, uploads
+from app import dataset_tab, downloads_view, form, jobs, preview, preview_client, report_view, uploads
 from trainer import arch
 from trainer.config import ConfigError
 
@@ -254,6 +254,8 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
                                     interactive=True, static_columns=[0, 1, 3], wrap=True, type="array",
                                     label="Captions (edit the caption column, then Save captions)", elem_id="caption-grid")
                 save_btn = gr.Button("Save captions")
+                # captioning with a model, bulk edits, tag table, concepts, summary (app/dataset_tab.py)
+                tools = dataset_tab.build()
             with gr.Tab("Train", id="train"):
                 preset = gr.Dropdown(choices=form.list_preset_names(), value=form.DEFAULT_PRESET, label="Preset",
                                      info="demo-style: the demo style set on the demo base, ~2 min on a CPU; "
@@ -312,12 +314,14 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         def show_dataset(run: str, min_image_size: int | None, request: gr.Request):
             return _grid(outputs, _run_dir(outputs, run, _user(request)), min_image_size)
 
-        upload.upload(upload_files, [upload, current, run_name, min_size], [current, grid, data_md, upload],
-                      api_name="upload")
-        save_btn.click(save_grid, [current, grid, min_size], [current, grid, data_md], api_name="save_captions")
+        uploaded = upload.upload(upload_files, [upload, current, run_name, min_size], [current, grid, data_md, upload],
+                                 api_name="upload")
+        saved = save_btn.click(save_grid, [current, grid, min_size], [current, grid, data_md], api_name="save_captions")
+        dataset_events = [uploaded, saved, *dataset_tab.wire(outputs, tools, current, grid, data_md, min_size, _grid)]
         new_btn.click(lambda: ("", [], "New dataset: drop images above."), None, [current, grid, data_md],
                       api_name="new_dataset")
-        current.change(show_dataset, [current, min_size], [grid, data_md], api_name="dataset")
+        shown_dataset = current.change(show_dataset, [current, min_size], [grid, data_md], api_name="dataset")
+        dataset_tab.wire_summary(outputs, tools, current, preset, extra, widgets, [*dataset_events, shown_dataset])
 
         # -- train
         ordered = list(widgets)  # field paths, in widget order

@@ -10,6 +10,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from trainer.concepts import CONCEPT_FILE
 from trainer.data import IMAGE_EXTENSIONS, folder_repeats, read_caption_bytes
 from trainer.io import atomic_write_text, describe_os_error
 
@@ -68,6 +69,8 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def _check_kind(rel: PurePosixPath) -> None:
+    if rel.name == CONCEPT_FILE:  # a subfolder's trigger/prefix/repeats (trainer/concepts.py), read as TOML only
+        return
     if rel.suffix not in IMAGE_EXTS | CAPTION_EXTS:
         raise UploadError(f"{rel.name}: file type '{rel.suffix or 'none'}' refused "
                           f"(images {', '.join(sorted(IMAGE_EXTS))}, captions .txt, or a .zip of both)")

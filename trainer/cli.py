@@ -5,6 +5,8 @@
   python -m trainer convert IN.safetensors OUT.safetensors --to kohya|diffusers [--base sd1|sd2|sdxl] [--model BASE]
   python -m trainer build-tiny DIR [--kind sd1|sd2|sdxl]
   python -m trainer preview --base MODEL [--hotswap] [--compile]   (JSON-lines preview worker on stdin/stdout)
+  python -m trainer caption FOLDER --model PATH_OR_HUB_ID [--mode sentence|tags] [--overwrite] [--strip W1,W2]
+                    [--prefix P] [--suffix S] [--replace FIND REPL] [--remove-tag T] [--undo] [--list-tags]
   accelerate launch --num_processes N -m trainer train CONFIG.toml     (data-parallel on N devices)
 """
 
@@ -16,6 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from trainer import caption_cli
 from trainer.config import Config, ConfigError, check_output_dir, load_config
 from trainer.io import describe_os_error
 
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p_prev.add_argument("--hotswap", action="store_true", help="one UNet slot, adapters hot-swapped in place")
     p_prev.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; implies --hotswap)")
     p_prev.add_argument("--max-rank", type=int, default=64, help="hot-swap slot rank (largest adapter or mix rank)")
+    caption_cli.add_parser(sub)
     args = parser.parse_args(argv)
     from trainer.versions import incompatible_versions
 
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = None
     try:
+        if args.command == "caption":
+            return caption_cli.run(args)
         if args.command == "build-tiny":
             from trainer.tiny import build_tiny_sd15
             from trainer.tiny_xl import build_tiny_sd2, build_tiny_sdxl

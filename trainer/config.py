@@ -71,6 +71,9 @@ class DataConfig(Section):
     shuffle_captions: bool = Field(False, description="Shuffle comma-separated caption tags each step.")
     keep_tokens: int = Field(1, ge=0, description="With shuffle: keep the first N tags (after the trigger) in place.")
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of training on an empty caption.")
+    reg_path: str = Field("", description="Optional folder of regularisation images (kohya's reg images: what the "
+                          "base draws for your captions without the style), trained without the trigger word.")
+    reg_weight: float = Field(1.0, ge=0.0, description="Loss weight of regularisation images (style images: 1).")
 
     @model_validator(mode="after")
     def _check_buckets(self) -> "DataConfig":

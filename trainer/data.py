@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, features
 if TYPE_CHECKING:
     import torch
 
+from trainer.concepts import ConceptError, concept_for, load_concepts
 from trainer.config import MAX_REPEATS, DataConfig
 
 # Compared lowercase. GIF and animated WebP train on their first frame (with a warning); AVIF where Pillow reads it.
@@ -47,11 +48,15 @@ class Problem:
 @dataclass
 class Item:
     path: Path  # image file
-    caption: str  # raw caption (stripped) or cfg.default_caption, without the trigger
+    caption: str  # raw caption (stripped) or cfg.default_caption, after its concept's caption_prefix; no trigger
     size: tuple[int, int]  # (w, h) after EXIF orientation
     bucket: tuple[int, int]  # (w, h) the image is resized and cropped to
     repeats: int
     folder: str  # parent folder relative to the dataset root, posix style; "" for the root
+    trigger: str | None = None  # a concept.toml's trigger word; None = data.trigger
+    loss_weight: float = 1.0  # data.reg_weight for regularisation images
+    is_reg: bool = False  # from data.reg_path
+    caption_state: str = "ok"  # "ok" | "missing" (no caption file) | "empty" (blank file) | "unreadable"
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -145,18 +150,34 @@ def folder_repeats(rel_parent: Path | str, default: int) -> tuple[int, str]:
 
 
 def scan_dataset(cfg: DataConfig) -> tuple[list[Item], list[Problem]]:
-    """Find every usable image under cfg.path. Bad files become Problems (skipped, not fatal);
-    raises DatasetError when the folder is missing or nothing usable is left."""
+    """Find every usable image under cfg.path (and cfg.reg_path). Bad files become Problems (skipped, not fatal);
+    raises DatasetError when a folder is missing or nothing usable is left."""
     if not cfg.path:
         raise DatasetError("data.path is not set: point it at a folder of images")
-    root = Path(cfg.path).expanduser()
+    items, problems = _scan_folder(cfg, "data.path", cfg.path)
+    if cfg.reg_path:
+        root, reg_root = Path(cfg.path).expanduser().resolve(), Path(cfg.reg_path).expanduser().resolve()
+        if reg_root.is_relative_to(root) or root.is_relative_to(reg_root):
+            raise DatasetError(f"data.reg_path: '{cfg.reg_path}' and data.path '{cfg.path}' must not contain one "
+                               "another (regularisation images would also train as style images)")
+        reg_items, reg_problems = _scan_folder(cfg, "data.reg_path", cfg.reg_path, reg=True)
+        items, problems = items + reg_items, problems + reg_problems
+    return items, problems
+
+
+def _scan_folder(cfg: DataConfig, setting: str, folder: str, reg: bool = False) -> tuple[list[Item], list[Problem]]:
+    root = Path(folder).expanduser()
     if not root.exists():
-        raise DatasetError(f"data.path: folder '{root}' does not exist")
+        raise DatasetError(f"{setting}: folder '{root}' does not exist")
     if not root.is_dir():
-        raise DatasetError(f"data.path: '{root}' is not a folder")
+        raise DatasetError(f"{setting}: '{root}' is not a folder")
 
     cap_ext = cfg.caption_extension if cfg.caption_extension.startswith(".") else "." + cfg.caption_extension
     files = _list_files(root)
+    try:
+        concepts = load_concepts(root, files)
+    except ConceptError as err:
+        raise DatasetError(f"{setting}: {err}") from None
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     image_stems = {p.with_suffix("") for p in images}
     items, problems = [], []
@@ -174,24 +195,39 @@ def scan_dataset(cfg: DataConfig) -> tuple[list[Item], list[Problem]]:
             continue
         if reason:
             problems.append(Problem(path, reason, skipped=False))
-        caption, cap_path = "", path.with_suffix(cap_ext)
+        caption, cap_path, state = "", path.with_suffix(cap_ext), "missing"
         if cap_path.is_file():
             try:
                 caption = _read_caption(cap_path)
+                state = "ok" if caption else "empty"
             except UnicodeDecodeError as err:
+                state = "unreadable"
                 problems.append(Problem(cap_path, f"caption file is not UTF-8 ({err}); caption ignored, "
                                                   "using the default caption"))
             except CaptionTooLarge as err:
                 problems.append(Problem(cap_path, str(err)))
             except OSError as err:
+                state = "unreadable"
                 problems.append(Problem(cap_path, f"cannot read caption file ({err}); caption ignored"))
+        concept = concept_for(rel_parent, concepts)
+        caption = caption or cfg.default_caption
+        prefix = (concept.caption_prefix or "").strip()
+        if prefix and not caption.startswith(prefix):  # a caption that already starts with it keeps one copy
+            caption = ", ".join(filter(None, [prefix, caption]))
+        rel_folder = "" if rel_parent == Path(".") else rel_parent.as_posix()
         items.append(Item(
             path=path,
-            caption=caption or cfg.default_caption,
+            caption=caption,
             size=size,
             bucket=choose_bucket(size, cfg),
-            repeats=repeats,
-            folder="" if rel_parent == Path(".") else rel_parent.as_posix(),
+            repeats=concept.repeats or repeats,
+            # kohya's tag-frequency key for a regularisation folder is its own name
+            folder="/".join(filter(None, [root.resolve().name, rel_folder])) if reg else rel_folder,
+            # regularisation images teach the base's own idea of the class: no style trigger unless declared
+            trigger=concept.trigger if concept.trigger is not None else ("" if reg else None),
+            loss_weight=cfg.reg_weight if reg else 1.0,
+            is_reg=reg,
+            caption_state=state,
         ))
 
     by_lower = {p.with_suffix("").as_posix().lower(): p for p in images}
@@ -210,12 +246,12 @@ def scan_dataset(cfg: DataConfig) -> tuple[list[Item], list[Problem]]:
             problems.append(Problem(path, f"caption file has no matching image (ignored){hint}"))
 
     if not images:
-        raise DatasetError(f"data.path: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in folder '{root}'")
+        raise DatasetError(f"{setting}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in folder '{root}'")
     if not items:
         lines = [f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
         if len(problems) > MAX_LISTED_PROBLEMS:
             lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
-        raise DatasetError(f"data.path: none of the {len(images)} images in folder '{root}' can be used:\n"
+        raise DatasetError(f"{setting}: none of the {len(images)} images in folder '{root}' can be used:\n"
                            + "\n".join(lines))
     return items, problems
 
@@ -322,15 +358,16 @@ def split_tags(caption: str) -> list[str]:
     return [t.strip() for t in caption.split(",") if t.strip()]
 
 
-def build_caption(raw: str, cfg: DataConfig, rng: random.Random) -> str:
-    """The caption for one training step: trigger first, optional tag shuffle, optional dropout to ""."""
+def build_caption(raw: str, cfg: DataConfig, rng: random.Random, trigger: str | None = None) -> str:
+    """The caption for one training step: trigger first, optional tag shuffle, optional dropout to "".
+    `trigger`: the image's own trigger (Item.trigger, from a concept.toml); None = cfg.trigger."""
     # Always draw the same two numbers, whatever the settings and caption, so the rng stream (and thus every
     # later caption) does not depend on which branches were taken: a resumed run replays it exactly.
     dropout_roll = rng.random()
     shuffle_seed = rng.getrandbits(32)
     if cfg.caption_dropout > 0 and dropout_roll < cfg.caption_dropout:
         return ""  # unconditional step: no trigger either
-    trigger = cfg.trigger.strip()
+    trigger = (cfg.trigger if trigger is None else trigger).strip()
     # The trigger goes first exactly once, even if the caption writer already included it somewhere.
     tags = [t for t in split_tags(raw) if t != trigger]
     if cfg.shuffle_captions:

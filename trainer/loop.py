@@ -23,6 +23,7 @@ from trainer.checkpoint import (check_disk_space, list_checkpoints, load_checkpo
                                 save_checkpoint)
 from trainer.conditioning import encode_text, sdxl_time_ids, unet_kwargs
 from trainer.config import Config, save_config
+from trainer.dataset_summary import format_summary, summarize as summarize_dataset
 from trainer.events import STOP_FILE, EventLog
 from trainer.export import save_adapters, training_metadata
 from trainer.io import atomic_write_text, describe_os_error, seal_jsonl
@@ -190,6 +191,10 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             print(f"skipped/warning: {problem}")
     batches_per_epoch = len(ds.epoch_batches(items, tc.batch_size, tc.seed, 0))
     micro_per_step = tc.grad_accum * accelerator.num_processes
+    if main:  # what is about to train, before minutes of loading (trainer/dataset_summary.py)
+        summary = summarize_dataset(items, problems, cfg, accelerator.num_processes)
+        events.emit("dataset", **summary)
+        print(format_summary(summary, tc.steps, tc.epochs))
     total_steps = math.ceil(tc.epochs * batches_per_epoch / micro_per_step) if tc.epochs else tc.steps
     # Before minutes of loading: refuse when the run's files cannot fit (DiskSpaceError names both sizes).
     disk = check_disk_space(cfg, run_dir, total_steps) if main else {}
@@ -251,7 +256,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     if tc.cache_text_embeddings and not trains_text and ds.caption_is_static(cfg.data):
         with torch.no_grad():
             for i, item in enumerate(items):
-                caption = ds.build_caption(item.caption, cfg.data, random.Random(0))
+                caption = ds.build_caption(item.caption, cfg.data, random.Random(0), item.trigger)
                 hidden, pooled = encode_text(base, text_encoders, [caption], device)
                 text_cache[i] = hidden[0], None if pooled is None else pooled[0]
     # Frozen parts whose every output is now cached leave the GPU until a sample needs them (SDXL's two text
@@ -280,7 +285,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         torch.manual_seed(tc.seed + k)  # LoRA dropout draws from the global generator
         indices = batch_at(k)
         flips = [cfg.data.flip and rng.random() < 0.5 for _ in indices]
-        captions = [ds.build_caption(items[i].caption, cfg.data, rng) for i in indices]
+        captions = [ds.build_caption(items[i].caption, cfg.data, rng, items[i].trigger) for i in indices]
         means, stds = [], []
         for i, flip in zip(indices, flips):
             if (i, flip) in latent_cache:
@@ -316,6 +321,9 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             snr = compute_snr(scheduler, timesteps)
             weight = snr.clamp(max=tc.min_snr_gamma) / (snr + 1 if base.prediction_type == "v_prediction" else snr)
             loss = loss * weight
+        reg_weights = [items[i].loss_weight for i in indices]  # data.reg_weight for regularisation images, else 1
+        if any(w != 1.0 for w in reg_weights):
+            loss = loss * torch.tensor(reg_weights, device=loss.device)
         loss = loss.mean()
         for name in tuners:  # AdaLoRA keeps P and Q near-orthogonal, as in the paper
             loss = loss + lora.adalora_orth_reg * adalora_orth_loss(trained[name])

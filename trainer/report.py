@@ -237,11 +237,11 @@ def write_report(cfg: Config, run_dir: Path) -> dict:
     prompts = report_prompts(cfg, demo)
     if demo and not all(demo_data.parse_caption(p) for p in prompts):
         demo = False  # prompts outside the demo vocabulary: no pixel content check
-    items, _ = ds.scan_dataset(cfg.data)
+    items = [i for i in ds.scan_dataset(cfg.data)[0] if not i.is_reg]  # the style's images, not the reg set
     if not items:
         raise ReportError(f"no training images found in {cfg.data.path}")
     plain = cfg.data.model_copy(update={"caption_dropout": 0.0, "shuffle_captions": False})
-    captions = {ds.build_caption(i.caption, plain, random.Random(0)) for i in items}
+    captions = {ds.build_caption(i.caption, plain, random.Random(0), i.trigger) for i in items}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clip = ClipFeatures(cfg.report.clip_model, device) if cfg.report.clip_model else None
     images = render(cfg, adapters[0], prompts, device)

@@ -1,0 +1,303 @@
+"""Caption a folder of images with a local model: sentences from a transformers image-to-text model (BLIP, GIT,
+Florence-2, VisionEncoderDecoder such as ViT-GPT2), or booru tags from a WD14-style ONNX tagger.
+
+Models load from a local folder or a hub id, as safetensors or ONNX only: pickled weights (.bin, .pt, .ckpt) can
+run code when loaded and are refused, and so is hub code (no trust_remote_code). Captions are written beside
+each image as .txt, atomically, through trainer/caption_edit.py (so the command can be undone); an existing
+caption is kept unless `overwrite`. Images that cannot be decoded are named and skipped.
+
+transformers 5 removed pipeline("image-to-text") (it now maps to "image-text-to-text", which needs a chat
+processor and a prompt), so this calls the processor and `generate` itself: the same three steps that pipeline
+did, for every model it served.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image, ImageOps
+
+from trainer.caption_edit import caption_file, list_images, strip_words, write_captions
+from trainer.data import _to_rgb
+
+SENTENCE, TAGS = "sentence", "tags"
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+TAGS_CSV = "selected_tags.csv"  # WD14 taggers: one row per model output (tag_id,name,category,count)
+RATING, CHARACTER = 9, 4  # WD14 categories; 0 = general
+# Florence-2 generates nothing without a task token; a content description is what a style LoRA wants.
+DEFAULT_PROMPTS = {"florence2": "<DETAILED_CAPTION>"}
+
+Captioner = Callable[[list[Image.Image]], list[str]]
+
+
+class CaptionError(ValueError):
+    """A captioning model or folder that cannot be used; the message names it and says why."""
+
+
+def guess_mode(model: str) -> str:
+    """tags for an ONNX file, a folder holding one, or a hub id that names a tagger; else sentence."""
+    path = Path(model).expanduser()
+    if path.suffix.lower() == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
+        return TAGS
+    return TAGS if not path.exists() and "tagger" in model.lower() else SENTENCE
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """The image upright (EXIF), in RGB, transparency on white; raises with the decoder's reason."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))
+
+
+# ----------------------------------------------------------------------------- sentence models
+
+
+def _check_safetensors_folder(model: str) -> None:
+    path = Path(model).expanduser()
+    if path.is_file():
+        kind = "pickle files can run code when loaded" if path.suffix.lower() in PICKLE_SUFFIXES else "a single file"
+        raise CaptionError(f"{model}: {kind}; give the model's folder (config + .safetensors weights) or a hub id")
+    if not path.is_dir():
+        return  # a hub id: from_pretrained(use_safetensors=True) refuses a repo without safetensors
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        why = (f" (found {', '.join(pickles)}: pickle files can run code when loaded and are refused)" if pickles
+               else "")
+        raise CaptionError(f"{model}: no .safetensors weights in this folder{why}")
+
+
+def load_sentence_model(model: str, device: str, prompt: str | None = None, max_new_tokens: int = 75,
+                        num_beams: int = 3) -> Captioner:
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    _check_safetensors_folder(model)
+    common = {"trust_remote_code": False}
+    try:
+        config = AutoConfig.from_pretrained(model, **common)
+        if config.model_type == "vision-encoder-decoder":
+            model_class = transformers.VisionEncoderDecoderModel
+        else:  # BLIP, BLIP-2, GIT, Florence-2, LLaVA-style...: the class image-to-text pipelines loaded
+            model_class = (getattr(transformers, "AutoModelForImageTextToText", None)
+                           or transformers.AutoModelForVision2Seq)
+        net = model_class.from_pretrained(model, use_safetensors=True, **common)
+        try:
+            processor = AutoProcessor.from_pretrained(model, **common)
+        except (OSError, ValueError, TypeError):
+            processor = None
+        if processor is None or not hasattr(processor, "image_processor"):  # VisionEncoderDecoder repos
+            processor = None
+            image_processor = AutoImageProcessor.from_pretrained(model, **common)
+            tokenizer = AutoTokenizer.from_pretrained(model, **common)
+        else:
+            image_processor, tokenizer = processor, processor.tokenizer
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "trust_remote_code" in str(err):
+            first = ("the repo needs its own Python code (trust_remote_code), which is refused like pickles; "
+                     "use a version converted to transformers' built-in classes")
+        raise CaptionError(f"{model}: cannot load an image-to-text model in safetensors: {first}") from None
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    net.to(device, dtype).eval()
+    prompt = prompt or DEFAULT_PROMPTS.get(config.model_type)
+    if prompt and processor is None:
+        raise CaptionError(f"{model}: --prompt needs a model whose processor takes text (BLIP, GIT, Florence-2)")
+
+    def caption(images: list[Image.Image]) -> list[str]:
+        if prompt:
+            inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
+        else:
+            inputs = image_processor(images=images, return_tensors="pt")
+        inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                  for k, v in inputs.items() if hasattr(v, "to")}
+        with torch.inference_mode():
+            ids = net.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [" ".join(t.split()) for t in texts]
+
+    return caption
+
+
+# ----------------------------------------------------------------------------- WD14 taggers
+
+
+def _tagger_files(model: str) -> tuple[Path, Path]:
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".onnx":
+            raise CaptionError(f"{model}: a tagger must be an .onnx file (pickled or other weights are refused)")
+        onnx_path, csv_path = path, path.parent / TAGS_CSV
+    elif path.is_dir():
+        graphs = sorted(path.glob("*.onnx"))
+        onnx_path = path / "model.onnx" if (path / "model.onnx").is_file() else graphs[0] if len(graphs) == 1 else None
+        if onnx_path is None:
+            found = f"several .onnx files ({', '.join(g.name for g in graphs)}), none named model.onnx" if graphs \
+                else "no .onnx file"
+            raise CaptionError(f"{model}: {found}")
+        csv_path = path / TAGS_CSV
+    else:  # a hub id, e.g. SmilingWolf/wd-swinv2-tagger-v3
+        from huggingface_hub import hf_hub_download
+
+        try:
+            onnx_path = Path(hf_hub_download(model, "model.onnx"))
+            csv_path = Path(hf_hub_download(model, TAGS_CSV))
+        except Exception as err:  # offline, no such repo, no such file: one line
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CaptionError(f"{model}: not a local tagger and cannot fetch model.onnx + {TAGS_CSV}: "
+                               f"{first}") from None
+    if not csv_path.is_file():
+        raise CaptionError(f"{model}: {TAGS_CSV} (the tag names) is missing beside {onnx_path.name}")
+    return onnx_path, csv_path
+
+
+def read_tag_names(csv_path: Path) -> tuple[list[str], list[int]]:
+    """(names, categories) in model-output order. Underscores become spaces except in kaomoji such as '^_^'."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        names = [r["name"] for r in rows]
+        categories = [int(r["category"]) for r in rows]
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error) as err:
+        raise CaptionError(f"{csv_path}: needs 'name' and 'category' columns ({type(err).__name__}: {err})") from None
+    return [n.replace("_", " ") if re.search(r"[A-Za-z]{2}", n) else n for n in names], categories
+
+
+def _tagger_pixels(image: Image.Image, size: int):
+    """WD14 input: padded to a white square, resized, BGR float32 0-255, NHWC."""
+    import numpy as np
+
+    side = max(image.size)
+    square = Image.new("RGB", (side, side), (255, 255, 255))
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    square = square.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(square, dtype=np.float32)[:, :, ::-1]
+
+
+def load_tagger(model: str, threshold: float = 0.35, character_threshold: float = 0.85) -> Captioner:
+    import numpy as np
+    import onnxruntime as ort
+
+    onnx_path, csv_path = _tagger_files(model)
+    names, categories = read_tag_names(csv_path)
+    wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=wanted)
+    except Exception as err:  # onnxruntime raises its own exception types for a bad graph
+        raise CaptionError(f"{onnx_path}: not a loadable ONNX model: {str(err).splitlines()[0]}") from None
+    graph_input = session.get_inputs()[0]
+    shape = graph_input.shape  # WD14: [batch, size, size, 3]
+    if len(shape) != 4 or shape[3] != 3 or not isinstance(shape[1], int):
+        raise CaptionError(f"{onnx_path}: input shape {shape} is not a WD14 tagger's [batch, size, size, 3]")
+    one_at_a_time = shape[0] == 1
+
+    def caption(images: list[Image.Image]) -> list[str]:
+        batch = np.stack([_tagger_pixels(img, shape[1]) for img in images])
+        chunks = [batch[i:i + 1] for i in range(len(batch))] if one_at_a_time else [batch]
+        probs = np.concatenate([session.run(None, {graph_input.name: c})[0] for c in chunks])
+        if probs.shape[-1] != len(names):
+            raise CaptionError(f"{onnx_path}: {probs.shape[-1]} outputs but {len(names)} tags in {csv_path.name}")
+        out = []
+        for row in probs:
+            chars = [(p, n) for p, n, c in zip(row, names, categories) if c == CHARACTER and p >= character_threshold]
+            general = [(p, n) for p, n, c in zip(row, names, categories)
+                       if c not in (CHARACTER, RATING) and p >= threshold]
+            out.append(", ".join(n for _, n in sorted(chars, reverse=True) + sorted(general, reverse=True)))
+        return out
+
+    return caption
+
+
+def load_captioner(model: str, mode: str | None = None, device: str | None = None, prompt: str | None = None,
+                   max_new_tokens: int = 75, threshold: float = 0.35, character_threshold: float = 0.85
+                   ) -> tuple[Captioner, str]:
+    """(captioner, mode). mode None: guessed from the model (guess_mode)."""
+    mode = mode or guess_mode(model)
+    if mode == TAGS:
+        return load_tagger(model, threshold, character_threshold), mode
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_sentence_model(model, device, prompt, max_new_tokens), mode
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _caption_batch(captioner: Captioner, images: list[Image.Image]) -> list[str | Exception]:
+    """Captions for a batch; when the batch fails, each image alone, so one odd image fails alone. When every
+    image fails alone too, the fault is the model's: raise it."""
+    try:
+        return list(captioner(images))
+    except CaptionError:
+        raise
+    except Exception:
+        if len(images) == 1:
+            raise
+    results: list[str | Exception] = []
+    for image in images:
+        try:
+            results.append(captioner([image])[0])
+        except CaptionError:
+            raise
+        except Exception as err:
+            results.append(err)
+    if all(isinstance(r, Exception) for r in results):
+        raise results[0]
+    return results
+
+
+def caption_folder(folder: Path, captioner: Captioner, undo: dict, *, overwrite: bool = False,
+                   strip: list[str] = (), as_tags: bool = False, batch_size: int = 4,
+                   only: list[str] | None = None, ext: str = ".txt",
+                   progress: Callable[[dict], None] = lambda event: None) -> dict[str, list[str]]:
+    """Caption every image of `folder` (or the `only` ones) that has no caption yet (all with `overwrite`).
+    `progress` gets one dict per image: done, total, file, status (written | kept | bad) and caption or reason.
+    Returns {"written": [...], "kept": [...], "bad": ["file: reason", ...]}."""
+    folder = Path(folder)
+    images = list_images(folder, only)
+    result: dict[str, list[str]] = {"written": [], "kept": [], "bad": []}
+    total, todo = len(images), []
+
+    def report(rel: str, status: str, **extra) -> None:
+        result[status].append(rel if status != "bad" else f"{rel}: {extra['reason']}")
+        progress({"done": sum(map(len, result.values())), "total": total, "file": rel, "status": status, **extra})
+
+    for image in images:
+        if caption_file(image, ext).exists() and not overwrite:
+            report(image.relative_to(folder).as_posix(), "kept", reason="caption exists (--overwrite replaces it)")
+        else:
+            todo.append(image)
+    for start in range(0, len(todo), max(1, batch_size)):
+        loaded = []
+        for image in todo[start:start + max(1, batch_size)]:
+            try:
+                loaded.append((image, read_rgb(image)))
+            except Exception as err:  # Pillow raises many types for bad files
+                report(image.relative_to(folder).as_posix(), "bad", reason=f"cannot decode image: {err}")
+        if not loaded:
+            continue
+        texts = _caption_batch(captioner, [img for _, img in loaded])
+        new, done = {}, []
+        for (image, _), text in zip(loaded, texts):
+            if isinstance(text, Exception):
+                report(image.relative_to(folder).as_posix(), "bad", reason=f"model failed on it: {text}")
+                continue
+            text = strip_words(text, list(strip), as_tags) if strip else text
+            if not text.strip():  # an empty caption file would only hide that the image has no caption
+                why = "nothing left after --strip" if strip else "the model returned an empty caption"
+                report(image.relative_to(folder).as_posix(), "bad", reason=why)
+                continue
+            new[caption_file(image, ext)] = text
+            done.append(image)
+        write_captions(folder, new, undo)
+        for image in done:
+            report(image.relative_to(folder).as_posix(), "written", caption=new[caption_file(image, ext)])
+    return result
