@@ -30,14 +30,14 @@ from pathlib import Path
 
 from app.uploads import add_files, sanitize_name
 from trainer.config import Config, save_config
-from trainer.events import STOP_FILE, read_events
+from trainer.events import DONE, ENDS, FAILED, REPORT_ENDS, START, STEP, STOP_FILE, STOPPED, read_events
 from trainer.io import atomic_write_text
 
 OWNER_FILE = ".owner"  # the logged-in user who made the run (absent without login)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOG_TAIL_LINES = 20
-TERMINAL = {"done", "stopped", "failed", "cancelled"}
+TERMINAL = {DONE, STOPPED, FAILED, "cancelled"}
 TRAINER_CMD = [sys.executable, "-m", "trainer", "train"]  # + RUN/config.toml --run-dir RUN (tests swap it)
 
 _LOCK = threading.RLock()
@@ -184,6 +184,30 @@ def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
 
 
+_EVENTS: dict[Path, tuple[int, int, list[dict]]] = {}  # events.jsonl -> (inode, bytes read, events so far)
+_EVENTS_LOCK = threading.Lock()
+
+
+def run_events(path: Path) -> list[dict]:
+    """Every complete event of a run's events.jsonl, read on from the byte where the last call stopped: the UI asks
+    every second, and the file only grows (a new file, e.g. a re-created run, is read from the start)."""
+    key = Path(path).resolve()
+    try:
+        inode, size = os.stat(key).st_ino, os.stat(key).st_size
+    except FileNotFoundError:
+        with _EVENTS_LOCK:
+            _EVENTS.pop(key, None)
+        return []
+    with _EVENTS_LOCK:
+        known_inode, offset, events = _EVENTS.get(key, (inode, 0, []))
+        if known_inode != inode or size < offset:
+            offset, events = 0, []
+        new, offset = read_events(key, offset)
+        events = events + new  # a new list: callers may keep the old one
+        _EVENTS[key] = (inode, offset, events)
+        return events
+
+
 def status(run_dir: Path) -> RunStatus:
     run_dir = Path(run_dir)
     job = read_job(run_dir)
@@ -192,23 +216,23 @@ def status(run_dir: Path) -> RunStatus:
     if job.get("cancelled_at") and not job.get("pid"):
         return RunStatus(run_dir, "cancelled", "cancelled before it started")
     alive = pid_alive(job.get("pid"), run_dir)  # before reading events: a done event precedes the exit
-    events, _ = read_events(run_dir / "events.jsonl")
-    steps = [e for e in events if e.get("type") == "step"]
-    start = next((e for e in events if e.get("type") == "start"), {})
+    events = run_events(run_dir / "events.jsonl")
+    steps = [e for e in events if e.get("type") == STEP]
+    start = next((e for e in events if e.get("type") == START), {})
     st = RunStatus(run_dir, "queued", events=events, step=steps[-1]["step"] if steps else 0,
                    total=steps[-1]["total"] if steps else start.get("total_steps", 0))
     # Only the current attempt's end counts (a resumed run's earlier 'stopped'/'failed' does not).
     since = job.get("launched_at", 0) - 0.01 if job.get("pid") else float("inf")
-    end = next((e for e in reversed(events) if e.get("type") in ("done", "stopped", "failed")
+    end = next((e for e in reversed(events) if e.get("type") in ENDS
                 and e.get("time", float("inf")) >= since), None)
-    if end and end["type"] == "failed":  # the trainer said why in one line (its traceback is in train.log only)
+    if end and end["type"] == FAILED:  # the trainer said why in one line (its traceback is in train.log only)
         hint = f"\n{end['hint']}" if end.get("hint") else ""
-        st.state, st.reason = "failed", f"{end.get('reason', 'trainer failed')}{hint}"
+        st.state, st.reason = FAILED, f"{end.get('reason', 'trainer failed')}{hint}"
     elif end:
         st.state = end["type"]
-        reported = any(e.get("type") in ("report", "report_failed") and e.get("time", 0) >= end.get("time", 0)
+        reported = any(e.get("type") in REPORT_ENDS and e.get("time", 0) >= end.get("time", 0)
                        for e in events)
-        if end["type"] == "done" and alive and not reported:
+        if end["type"] == DONE and alive and not reported:
             st.state = "reporting"  # adapters written; the trainer is measuring the style report (trainer/report.py)
     elif alive:
         st.state = "stopping" if (run_dir / STOP_FILE).exists() or job.get("cancel_requested") else "running"
@@ -219,7 +243,7 @@ def status(run_dir: Path) -> RunStatus:
         how = f"exit code {code}" if code is not None else "process ended"
         if code is not None and code < 0:
             how = f"killed by signal {-code}"
-        st.state, st.reason = "failed", f"trainer {how} without finishing.\n{log_tail(run_dir)}"
+        st.state, st.reason = FAILED, f"trainer {how} without finishing.\n{log_tail(run_dir)}"
     return st
 
 
@@ -281,7 +305,7 @@ def resume(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     with _LOCK:
         st = status(run_dir)
-        if st.state not in ("failed", "stopped"):
+        if st.state not in (FAILED, STOPPED):
             return f"{run_dir.name}: nothing to resume (state {st.state})"
         job = read_job(run_dir)
         past = {k: job.pop(k) for k in ("pid", "started_at", "launched_at", "cmd", "returncode", "cancel_requested")
@@ -317,7 +341,7 @@ def advance(outputs: Path) -> Path | None:
             # The trainer deletes RUN/stop when it starts (a stop belongs to the run it stopped): re-create it.
             if st.state in ("running", "stopping") and job.get("cancel_requested"):
                 (st.run_dir / STOP_FILE).touch()
-            if st.state == "failed" and "returncode" not in job and job.get("pid") in _CHILDREN:
+            if st.state == FAILED and "returncode" not in job and job.get("pid") in _CHILDREN:
                 job["returncode"] = _CHILDREN[job["pid"]].returncode
                 write_job(st.run_dir, job)
         if any(st.state in ("running", "stopping", "reporting") for st in runs):

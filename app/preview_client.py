@@ -32,6 +32,7 @@ from typing import Any
 
 from app import jobs
 from app.uploads import sanitize_name
+from trainer.events import DONE, STOPPED
 from trainer.io import describe_os_error
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ KEEP_IMAGES = 200
 DEFAULT_BASE = "builtin:demo-sd"  # the offline demo base (assets/demo-sd); runs use their own base
 DEMO_FOLDER = Path(__file__).resolve().parent.parent / "assets" / "demo-sd"
 DISPLAY_MIN_PX = 512  # smaller images (the 32 px demo base) are shown enlarged by a whole factor, pixel for pixel
-FINISHED = ("done", "stopped", "reporting")  # states whose adapter file is written (reporting: the report runs)
+FINISHED = (DONE, STOPPED, "reporting")  # states whose adapter file is written (reporting: the report runs)
 NO_ADAPTER = ("**No adapter picked.** Choose a finished run in *Adapter* above (train one on the Train tab), or upload "
               "a `.safetensors` adapter, then Generate.")
 
@@ -212,10 +213,11 @@ def uploads_dir(outputs: Path, user: str | None = None) -> Path:
     return folder / f"user-{digest}"
 
 
-def adapter_choices(outputs: Path, user: str | None = None) -> list[tuple[str, str]]:
-    """(label, value): finished runs (value `run:NAME`) and uploaded files (value `file:NAME`) the user may see."""
+def adapter_choices(outputs: Path, user: str | None = None, runs: list | None = None) -> list[tuple[str, str]]:
+    """(label, value): finished runs (value `run:NAME`) and uploaded files (value `file:NAME`) the user may see.
+    `runs`: jobs.list_runs' answer when the caller has it."""
     choices = []
-    for st in jobs.list_runs(outputs):
+    for st in jobs.list_runs(outputs) if runs is None else runs:
         if st.state in FINISHED and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
             choices.append((f"{st.name} (run, {st.state})", f"run:{st.name}"))
     folder = uploads_dir(outputs, user)
@@ -225,12 +227,12 @@ def adapter_choices(outputs: Path, user: str | None = None) -> list[tuple[str, s
     return choices
 
 
-def newest_run_adapter(outputs: Path, user: str | None = None) -> str | None:
+def newest_run_adapter(outputs: Path, user: str | None = None, runs: list | None = None) -> str | None:
     """The picker value of the run that finished last (its adapter written), or None: preselected after a run."""
     newest = None
-    for st in jobs.list_runs(outputs):
+    for st in jobs.list_runs(outputs) if runs is None else runs:
         if st.state in FINISHED and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
-            ended = max((e.get("time", 0) for e in st.events if e.get("type") in ("done", "stopped")), default=0)
+            ended = max((e.get("time", 0) for e in st.events if e.get("type") in (DONE, STOPPED)), default=0)
             if newest is None or ended > newest[0]:
                 newest = (ended, f"run:{st.name}")
     return newest[1] if newest else None

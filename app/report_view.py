@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.events import DONE, REPORT, REPORT_ENDS, REPORT_FAILED
+
 
 def _by_scale(values: dict, fmt: str = "{:+.3f}") -> str:
     names = {"0.0": "base", "0.5": "LoRA 0.5", "1.0": "LoRA 1.0"}
@@ -14,14 +16,14 @@ def _by_scale(values: dict, fmt: str = "{:+.3f}") -> str:
 def report_markdown(state: str, events: list[dict]) -> str:
     """A short section for the run panel: running, failed (with the reason) or the measured numbers."""
     kinds = [e.get("type") for e in events]
-    done_at = max((i for i, k in enumerate(kinds) if k == "done"), default=-1)
+    done_at = max((i for i, k in enumerate(kinds) if k == DONE), default=-1)
     after = events[done_at + 1:] if done_at >= 0 else []
-    last = next((e for e in reversed(after) if e.get("type") in ("report", "report_failed")), None)
+    last = next((e for e in reversed(after) if e.get("type") in REPORT_ENDS), None)
     if state == "reporting":
         return "**Style report**: running (base vs LoRA on held-out prompts)…"
     if last is None:
         return ""
-    if last["type"] == "report_failed":
+    if last["type"] == REPORT_FAILED:
         return f"**Style report failed** (the adapters are fine): {last.get('reason', 'unknown reason')}"
     lift = last.get("style_lift", {})
     lines = [
@@ -37,4 +39,4 @@ def report_markdown(state: str, events: list[dict]) -> str:
 def report_image(run_dir: Path, events: list[dict]) -> str | None:
     """report.png once the report event says it is written."""
     path = Path(run_dir) / "report.png"
-    return str(path) if any(e.get("type") == "report" for e in events) and path.is_file() else None
+    return str(path) if any(e.get("type") == REPORT for e in events) and path.is_file() else None

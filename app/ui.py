@@ -15,6 +15,7 @@ import gradio as gr
 from app import dataset_tab, downloads_view, form, jobs, preview, preview_client, report_view, uploads
 from trainer import arch
 from trainer.config import ConfigError
+from trainer.events import FAILED, PROBLEM, START, STEP, STOPPED, WARNING
 
 THUMB_PX = 72
 TICK_S = 1.0
@@ -122,9 +123,10 @@ def on_train(outputs: Path, run: str, preset: str, extra: str, values: dict[str,
 # ----------------------------------------------------------------------------- runs tab
 
 
-def _run_choices(outputs: Path, user: str | None = None) -> list[tuple[str, str]]:
-    return [(f"{st.name} ({st.state})", st.name)
-            for st in jobs.list_runs(outputs) if st.state != "draft" and jobs.visible_to(st.run_dir, user)]
+def _run_choices(outputs: Path, user: str | None = None, runs: list | None = None) -> list[tuple[str, str]]:
+    """(label, name) of the user's submitted runs; `runs`: jobs.list_runs' answer when the caller has it."""
+    return [(f"{st.name} ({st.state})", st.name) for st in (jobs.list_runs(outputs) if runs is None else runs)
+            if st.state != "draft" and jobs.visible_to(st.run_dir, user)]
 
 
 def _fmt_s(seconds: float | None) -> str:
@@ -135,7 +137,7 @@ def _fmt_s(seconds: float | None) -> str:
 
 
 def panel_markdown(st: jobs.RunStatus, queue_pos: int | None = None) -> str:
-    steps = [e for e in st.events if e.get("type") == "step"]
+    steps = [e for e in st.events if e.get("type") == STEP]
     last = steps[-1] if steps else {}
     head = f"### {st.name}: {st.state}"
     if st.state == "queued" and queue_pos:
@@ -147,21 +149,21 @@ def panel_markdown(st: jobs.RunStatus, queue_pos: int | None = None) -> str:
              f"ETA {_fmt_s(last.get('eta_s'))}" if st.state == "running" else "",
              f"GPU mem {mem:.2f} GiB" if mem is not None else "GPU mem — (CPU)"]
     lines = [head, " · ".join(f for f in facts if f)]
-    start = next((e for e in st.events if e.get("type") == "start"), None)
+    start = next((e for e in st.events if e.get("type") == START), None)
     if start:
         precision = {"no": "fp32"}.get(start.get("precision"), start.get("precision"))
         base = arch.describe(start["base_kind"], start.get("prediction_type", "")) if start.get("base_kind") else "base"
         lines.append(f"{start.get('images')} images on {start.get('device')} ({precision}); {base}")
-    problems = [e for e in st.events if e.get("type") == "problem"]
+    problems = [e for e in st.events if e.get("type") == PROBLEM]
     if problems:
         lines.append("Skipped or warned: " + "; ".join(f"`{Path(p['path']).name}`: {p['reason']}" for p in problems[:10]))
-    warnings = [e for e in st.events if e.get("type") == "warning"]
+    warnings = [e for e in st.events if e.get("type") == WARNING]
     if warnings:
         lines.append("Warnings: " + "; ".join(w.get("reason", "") for w in warnings[-5:]))
-    if st.state == "failed":
+    if st.state == FAILED:
         first, *rest = st.reason.splitlines() or ["trainer failed"]
         lines.append(f"**Failed**: {first}" + (f"\n```\n" + "\n".join(rest) + "\n```" if rest else ""))
-    if st.state == "stopped":
+    if st.state == STOPPED:
         lines.append("Cancelled: a partial adapter was saved.")
     return "\n\n".join(lines)
 
@@ -185,7 +187,7 @@ def run_panel(outputs: Path, name: str, user: str | None = None) -> dict[str, An
                                                 report_view.report_markdown(st.state, st.events),
                                                 downloads_view.downloads_markdown(jobs.adapter_files(run_dir))])),
         "report_image": report_view.report_image(run_dir, st.events),
-        "loss": [(e["step"], e["loss"]) for e in st.events if e.get("type") == "step" and e.get("loss") is not None],
+        "loss": [(e["step"], e["loss"]) for e in st.events if e.get("type") == STEP and e.get("loss") is not None],
         "samples": [(str(p), p.stem) for p in jobs.sample_images(run_dir)],
         "files": files,
         "config": config.read_text(encoding="utf-8") if config.is_file() else "",
@@ -202,8 +204,8 @@ def _fingerprint(outputs: Path, name: str, user: str | None = None) -> str:
     return f"{name}:{jobs.status(run_dir).state}:{sizes}:{len(jobs.adapter_files(run_dir))}"
 
 
-def _list_fingerprint(outputs: Path, user: str | None = None) -> str:
-    return ",".join(f"{label}" for label, _ in _run_choices(outputs, user))
+def _list_fingerprint(choices: list[tuple[str, str]]) -> str:
+    return ",".join(label for label, _ in choices)
 
 
 def _finished_since(old: str, new: str) -> bool:
@@ -356,16 +358,18 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         def tick(name: str, seen: str, request: gr.Request):
             jobs.advance(outputs)  # the queue thread does this too; cheap and keeps tests deterministic
             user = _user(request)
-            panel_fp, list_fp = _fingerprint(outputs, name, user), _list_fingerprint(outputs, user)
+            statuses = jobs.list_runs(outputs)  # once per tick: the run list, its fingerprint, the preview's adapters
+            run_choices = _run_choices(outputs, user, statuses)
+            panel_fp, list_fp = _fingerprint(outputs, name, user), _list_fingerprint(run_choices)
             old_panel, _, old_list = seen.partition("|")
             skip = gr.skip()
             values = panel(name, request) if panel_fp != old_panel else [skip] * len(panel_outputs)
-            choices = gr.Dropdown(choices=_run_choices(outputs, user)) if list_fp != old_list else skip
+            choices = gr.Dropdown(choices=run_choices) if list_fp != old_list else skip
             adapters = (skip, skip)
             if _finished_since(old_list, list_fp):  # the Preview tab lists the new adapter and preselects it
-                found = preview_client.adapter_choices(outputs, user)
-                adapters = (gr.Dropdown(choices=found, value=preview_client.newest_run_adapter(outputs, user)),
-                            gr.Dropdown(choices=[("(none)", "")] + found))
+                found = preview_client.adapter_choices(outputs, user, statuses)
+                newest = preview_client.newest_run_adapter(outputs, user, statuses)
+                adapters = (gr.Dropdown(choices=found, value=newest), gr.Dropdown(choices=[("(none)", "")] + found))
             return [*values, choices, *adapters, f"{panel_fp}|{list_fp}"]
 
         runs.change(panel, runs, panel_outputs, api_name="panel")

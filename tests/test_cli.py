@@ -93,7 +93,7 @@ def test_accelerate_two_processes(tiny_base, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "tiny-test"
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert events[0]["type"] == "start" and events[0]["processes"] == 2
+    assert [e["type"] for e in events][:2] == ["dataset", "start"] and events[1]["processes"] == 2
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]  # one writer, not two
     assert (run_dir / "checkpoints" / "step-000002" / "state.json").is_file()
     adapter = load_file(run_dir / "tiny-test.diffusers.safetensors")

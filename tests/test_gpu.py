@@ -65,11 +65,11 @@ def test_compiled_preview_hot_swaps_without_recompiling(tiny_base, tmp_path):
 def test_cached_frozen_parts_leave_the_gpu_and_return_for_samples(make_cfg, tmp_path, train_capturing, monkeypatch):
     """With latents and text embeddings cached (frozen TE, static captions), the VAE and text encoder wait on the CPU
     during the steps, come back for the samples, and are on the GPU again when train() returns."""
-    import trainer.loop as loop
+    import trainer.run as run_module
 
     moved = []
-    real = loop.offload
-    monkeypatch.setattr(loop, "offload", lambda modules, device: (moved.append(list(modules)), real(modules, device)))
+    real = run_module.offload
+    monkeypatch.setattr(run_module, "offload", lambda modules, device: (moved.append(list(modules)), real(modules, device)))
     cfg = make_cfg("lora.train_text_encoder=false", "data.shuffle_captions=false", "data.caption_dropout=0.0",
                    "train.steps=4", "sample.every=2", 'sample.prompts=["zkstyle, a red circle"]', "sample.steps=2",
                    "sample.width=64", "sample.height=64")

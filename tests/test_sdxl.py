@@ -94,7 +94,8 @@ def test_sdxl_trains_exports_and_loads_in_diffusers(tiny_sdxl, tmp_path, train_c
     live, final = train_capturing(cfg, run)
     kohya_path = run / "xl.safetensors"
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    assert events[0]["base_kind"] == "sdxl" and events[-1]["type"] == "done"
+    start = next(e for e in events if e["type"] == "start")  # after the dataset summary
+    assert start["base_kind"] == "sdxl" and events[-1]["type"] == "done"
 
     with safe_open(str(kohya_path), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
@@ -168,7 +169,7 @@ def test_sd2_v_prediction_trains_and_exports(tiny_sd2, tmp_path, train_capturing
     run = tmp_path / "run"
     live, final = train_capturing(config(tiny_sd2, tmp_path, "output.name=\"sd2\""), run)
     assert live.prediction_type == "v_prediction"
-    start = json.loads((run / "events.jsonl").read_text().splitlines()[0])
+    start = next(e for e in map(json.loads, (run / "events.jsonl").read_text().splitlines()) if e["type"] == "start")
     assert (start["base_kind"], start["prediction_type"]) == ("sd2", "v_prediction")
     with safe_open(str(run / "sd2.safetensors"), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())

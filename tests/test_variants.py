@@ -108,7 +108,7 @@ def test_variant_trains_and_exports_exact_delta(variant, make_cfg, train_capturi
             assert abs((lost / total) ** 0.5 - report["rel_error"][part]) < 1e-4 + 0.01 * report["rel_error"][part]
 
     if variant == "loradrop":  # the probe dropped the unimportant layers before the real run
-        probe = loop.json.loads((tmp_path / "run" / "loradrop.json").read_text())
+        probe = json.loads((tmp_path / "run" / "loradrop.json").read_text())
         assert 0 < len(probe["kept"]) < len(probe["importance"]) == 40  # 32 UNet + 8 text-encoder layers
         assert len(live) == len(probe["kept"])
     if variant == "deltalora":  # exported as rank 2r: s·[(1+λ)B, −λB_K]·[A; A_K]

@@ -106,6 +106,21 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
     return int(state["step"]), extra
 
 
+def resume_from(resume: str | None, run_dir: Path, modules: dict[str, torch.nn.Module], optimizer,
+                lr_scheduler) -> tuple[int, dict, Path | None]:
+    """train.resume: None (start at 0), "latest" (the run's newest checkpoint; none yet, e.g. killed before the
+    first, starts over) or a checkpoint folder. Restores in place; returns (step, extra state, folder used)."""
+    if not resume:
+        return 0, {}, None
+    if resume == "latest" and not list_checkpoints(run_dir):
+        return 0, {}, None
+    folder = list_checkpoints(run_dir)[-1] if resume == "latest" else Path(resume)
+    if not (folder / STATE_FILE).is_file():
+        raise FileNotFoundError(f"train.resume: no checkpoint at {folder}")
+    step, extra = load_checkpoint(folder, modules, optimizer, lr_scheduler)
+    return step, extra, folder
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     folders = [p for p in (Path(run_dir) / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file()]
     return sorted(folders, key=lambda p: int(p.name.split("-")[1]))

@@ -14,6 +14,22 @@ from typing import Any
 
 STOP_FILE = "stop"  # the UI creates RUN/stop to ask the trainer to save and end early
 
+# The event kinds ("type") of RUN/events.jsonl: written by the trainer, read by app/jobs.py, app/ui.py and the report.
+START = "start"  # the run's size, device, variant, fast path (first event after the dataset's)
+DATASET = "dataset"  # the dataset summary (trainer/dataset_summary.py)
+PROBLEM = "problem"  # a file skipped or warned about, with the reason
+RESUMED = "resumed"  # continued from a checkpoint (or started over: none yet)
+FAST_PATH = "fast_path"  # the compiled path's gradient check and whether it is used
+STEP = "step"  # one optimizer step: loss, lr, speed, memory
+CHECKPOINT = "checkpoint"  # a resumable checkpoint was written
+ADAPTER = "adapter"  # adapter files were written (final or every save_every)
+SAMPLES = "samples"  # sample images were written
+WARNING = "warning"  # an optional step failed; the run goes on
+DONE, STOPPED, FAILED = "done", "stopped", "failed"  # how the training ended (the last of these wins)
+REPORT_STARTED, REPORT, REPORT_FAILED = "report_started", "report", "report_failed"  # the style report after DONE
+ENDS = (DONE, STOPPED, FAILED)
+REPORT_ENDS = (REPORT, REPORT_FAILED)
+
 
 FLUSH_SECONDS = 0.25  # buffered events (per-step progress) reach the file at least this often: 4 writes/s, not 30
 

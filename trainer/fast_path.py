@@ -14,6 +14,7 @@ path and says so in its events. The check costs one extra eager forward+backward
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Callable
@@ -61,3 +62,30 @@ def gradient_error(params: list[torch.nn.Parameter], eager_backward: Callable[[]
     for p in params:
         p.grad = None
     return float((fast - reference).norm() / reference.norm().clamp_min(1e-30)), seconds
+
+
+def enable(eager: dict[str, torch.nn.Module], trained: set[str], params: list[torch.nn.Parameter],
+           device: torch.device, backward: Callable[[dict], None], mean_over_processes: Callable[[float], float],
+           optimizer) -> tuple[dict, dict]:
+    """Compile the trained models and check one micro-batch against the eager path before trusting them.
+    `backward(models)`: one micro-batch's backward through `models` (the same batch each call). Returns (the models to
+    train with: compiled, or eager when the check failed, the fast_path event's fields)."""
+    compiled = compile_models(eager, trained, device)
+
+    def backward_with(models: dict) -> None:
+        if device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        backward(models)
+
+    try:
+        error, seconds = gradient_error(params, lambda: backward_with(eager), lambda: backward_with(compiled))
+        reason = f"compiled gradients differ from the eager path by {error:.1%}"
+    except Exception as err:  # a compiler failure must not end the run: it trains on the eager path
+        error, seconds, reason = float("inf"), 0.0, f"compiling failed: {type(err).__name__}: {str(err)[:300]}"
+        optimizer.zero_grad(set_to_none=True)
+    error = mean_over_processes(error)
+    ok = error <= MAX_GRAD_ERROR
+    return (compiled if ok else eager), {
+        "enabled": ok, "grad_error": round(error, 6) if math.isfinite(error) else None,
+        "compile_s": round(seconds, 1), "backend": backend(),
+        "reason": None if ok else f"{reason}: training on the eager path"}

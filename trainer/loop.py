@@ -1,62 +1,32 @@
-"""The training loop, top to bottom.
+"""The training loop, top to bottom: `train` -> `_train` = prepare (trainer/run.py) -> `fit` (the steps) -> `finish`.
 
-Every random choice of micro-batch k (data order, flip, caption shuffle/dropout, latent sample, noise,
-timestep, LoRA dropout) is drawn from generators seeded by (seed, k). So a run resumed at step s draws exactly
-what the uninterrupted run drew from step s on: resuming once or twice ends at the same weights.
+A micro-batch and its loss are trainer/batch.py's; every random choice of micro-batch k is seeded by (seed, k), so a
+run resumed at step s draws exactly what the uninterrupted run drew from step s on.
 Data-parallel: process p of P takes micro-batch k = (step*accum + a)*P + p.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from trainer import fast_path
 from trainer import data as ds
-from trainer.checkpoint import (check_disk_space, list_checkpoints, load_checkpoint, prune_checkpoints,
-                                save_checkpoint)
-from trainer.conditioning import encode_text, sdxl_time_ids, unet_kwargs
-from trainer.config import Config, save_config
-from trainer.dataset_summary import format_summary, summarize as summarize_dataset
-from trainer.events import STOP_FILE, EventLog
+from trainer.batch import diffusion_loss, make_batch
+from trainer.checkpoint import prune_checkpoints, save_checkpoint
+from trainer.config import Config, LoraConfig
+from trainer.events import ADAPTER, CHECKPOINT, DONE, FAILED, FAST_PATH, SAMPLES, START, STEP, STOP_FILE, STOPPED, \
+    WARNING, EventLog
 from trainer.export import save_adapters, training_metadata
-from trainer.io import atomic_write_text, describe_os_error, seal_jsonl
-from trainer.model import attach_lora, check_qlora_available, load_base, lora_parameters
-from trainer.variants import (DeltaLora, adalora_orth_loss, adalora_state, load_adalora_state,
-                              make_optimizer, measure_layer_importance, needs_conversion, probe_steps,
-                              select_important)
+from trainer.io import describe_os_error
+from trainer.model import check_qlora_available, load_base
+from trainer.run import Run, attach_models, fill_caches, offload, onload, open_run, resume
 from trainer.sampling import render_samples
-
-
-def resolve_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-@torch.no_grad()
-def encode_latent_dist(vae, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dist = vae.encode(image[None].to(vae.device, vae.dtype)).latent_dist
-    return dist.mean[0].float(), dist.std[0].float()
-
-
-def offload(modules: list[torch.nn.Module], device: torch.device) -> None:
-    """Move frozen modules whose outputs are cached off the GPU (nothing to do on the CPU)."""
-    if device.type == "cuda" and modules:
-        for module in modules:
-            module.to("cpu")
-        torch.cuda.empty_cache()
-
-
-def onload(modules: list[torch.nn.Module], device: torch.device) -> None:
-    for module in modules:
-        module.to(device)
+from trainer.variants import adalora_state, measure_layer_importance, needs_conversion, run_loradrop
 
 
 class OutOfMemory(RuntimeError):
@@ -73,32 +43,6 @@ def oom_hint(cfg: Config) -> str:
     return "Hint: " + "; ".join(t for t in tips if t) + "."
 
 
-def report_step(events: EventLog, bar, step: int, total_steps: int, loss: torch.Tensor, lr: float,
-                rate: float) -> None:
-    """The `step` event and progress bar of a finished step. Raises if its loss is not finite."""
-    loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"loss became {loss_value} at step {step}; lower the learning rate")
-    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    events.emit("step", buffered=True, step=step, total=total_steps, loss=loss_value, lr=lr, it_s=round(rate, 3),
-                eta_s=round((total_steps - step) / max(rate, 1e-9), 1), gpu_mem_gib=mem)
-
-
-def optional_step(events: EventLog, what: str, step: int, run) -> bool:
-    """Run an optional end-of-run step (samples, ...) after the adapter is saved. False when it failed, which is
-    recorded as a `warning` event: the run still ends `done` with its files."""
-    try:
-        run()
-        return True
-    except Exception as err:
-        reason = describe_os_error(err) if isinstance(err, OSError) else (
-            str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
-        events.emit("warning", step=step, what=what, reason=f"{what} failed (the adapter is saved): {reason}")
-        print(f"warning: {what} failed (the adapter is saved): {reason}")
-        return False
-
-
 def train(cfg: Config, run_dir: Path, base=None) -> Path:
     """Train the LoRA described by `cfg` into `run_dir`; returns the final adapter path. Any failure is also
     recorded as a `failed` event (message + hint), so the UI shows why without parsing the log.
@@ -106,12 +50,18 @@ def train(cfg: Config, run_dir: Path, base=None) -> Path:
     def failed(**fields) -> None:  # only into an existing run folder (e.g. QLoRA refused on CPU has no run yet)
         if os.environ.get("RANK", "0") == "0" and Path(run_dir).is_dir():
             try:
-                EventLog(Path(run_dir) / "events.jsonl").emit("failed", **fields)
+                EventLog(Path(run_dir) / "events.jsonl").emit(FAILED, **fields)
             except OSError:  # a full disk: the CLI still reports the first error, not this one
                 pass
 
     try:
-        return _train_variant(cfg, Path(run_dir), base)
+        if cfg.lora.variant == "qlora":
+            check_qlora_available()  # refuse up front, before minutes of loading
+        if cfg.lora.variant == "loradrop":
+            if base is not None:
+                raise ValueError("loradrop trains twice (probe + run) and needs model.path, not a preloaded base")
+            return run_loradrop(cfg, Path(run_dir), _train, probe_layer_importance)
+        return _train(cfg, Path(run_dir), base=base)
     except torch.OutOfMemoryError as err:
         first = (str(err).strip().splitlines() or ["out of memory"])[0]
         message = f"out of memory: {first}"
@@ -125,297 +75,96 @@ def train(cfg: Config, run_dir: Path, base=None) -> Path:
         raise
 
 
-def _train_variant(cfg: Config, run_dir: Path, base=None) -> Path:
-    if cfg.lora.variant == "qlora":
-        check_qlora_available()  # refuse up front, before minutes of loading
-    if cfg.lora.variant != "loradrop":
-        return _train(cfg, Path(run_dir), base=base)
-    if base is not None:
-        raise ValueError("loradrop trains twice (probe + run) and needs model.path, not a preloaded base")
-    # LoRA-drop: a short probe run scores every layer by its adapter output ||s·BAx||², then the real run trains
-    # LoRA only on the layers that carry `loradrop_threshold` of the total importance.
-    selection = Path(run_dir) / "loradrop.json"
-    if not selection.is_file():
-        probe_cfg = cfg.model_copy(deep=True)
-        probe_cfg.lora.variant = "lora"
-        probe_cfg.train.steps = probe_steps(cfg.lora, cfg.train.steps)
-        probe_cfg.train.epochs = probe_cfg.train.checkpoint_every = probe_cfg.train.save_every = 0
-        probe_cfg.train.resume = None
-        probe_cfg.sample.prompts = []
-        importance = _train(probe_cfg, Path(run_dir) / "loradrop-probe", measure_importance=True)
-        kept = select_important(importance, cfg.lora.loradrop_threshold)
-        atomic_write_text(selection, json.dumps({"importance": importance, "kept": kept}, indent=1))
-    kept = json.loads(selection.read_text())["kept"]
-    unet_kept = [k.removeprefix("unet.") for k in kept if k.startswith("unet.")]
-    # SDXL: one target list serves both text encoders, so it keeps what either of them needs
-    te_kept = sorted({k.split(".", 1)[1] for k in kept if k.startswith(("text_encoder.", "text_encoder_2."))})
-    lora = cfg.lora.model_copy(update={"unet_targets": unet_kept, "text_encoder_targets": te_kept,
-                                       "train_unet": bool(unet_kept), "train_text_encoder": bool(te_kept)})
-    return _train(cfg, Path(run_dir), lora=lora)
-
-
 def use_fast_path(cfg: Config, measure_importance: bool = False) -> bool:
     # LoRA-drop's probe adds forward hooks after the models are prepared: a compiled graph would not run them.
     return not measure_importance and (cfg.train.fast == "on" or (cfg.train.fast == "auto" and torch.cuda.is_available()))
 
 
-def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = False, base=None):
-    """The loop. `lora` overrides cfg.lora for the model (LoRA-drop's selection) while cfg is what gets saved."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
+def _train(cfg: Config, run_dir: Path, lora: LoraConfig | None = None, base=None) -> Path:
+    """One run. `lora` overrides cfg.lora for the model (LoRA-drop's selection) while cfg is what gets saved."""
+    run = prepare(cfg, run_dir, lora or cfg.lora, base, fast=use_fast_path(cfg))
+    step, stopped = fit(run)
+    return finish(run, step, stopped)
+
+
+def probe_layer_importance(cfg: Config, run_dir: Path) -> dict[str, float]:
+    """LoRA-drop's probe: a short plain-LoRA run, then each layer's importance over one epoch of micro-batches."""
+    run = prepare(cfg, run_dir, cfg.lora, None, fast=use_fast_path(cfg, measure_importance=True))
+    step, _ = fit(run)
+    return measure_layer_importance(run.trained, lambda k: diffusion_loss(run, run.models, make_batch(run, k)),
+                                    first_k=step * run.micro_per_step,
+                                    batches=max(1, run.batches_per_epoch // run.accelerator.num_processes))
+
+
+def prepare(cfg: Config, run_dir: Path, lora: LoraConfig, base, fast: bool) -> Run:
+    run = open_run(cfg, Path(run_dir), lora)
+    base = base or load_base(cfg.model, quantize_bits=lora.qlora_bits if lora.variant == "qlora" else None)
+    attach_models(run, base)
+    resume(run)
+    fill_caches(run)
+    run.fast = fast
+    run.events.emit(START, total_steps=run.total_steps, start_step=run.start_step, images=len(run.items),
+                    trainable_params=sum(p.numel() for p in run.params if p.requires_grad), variant=lora.variant,
+                    fast_path=fast, base_kind=base.kind, prediction_type=base.prediction_type,
+                    problems=len(run.problems), device=str(run.device), precision=run.accelerator.mixed_precision,
+                    processes=run.accelerator.num_processes, run_dir=str(run.run_dir),
+                    disk_needed_bytes=run.disk.get("needed_bytes"), disk_free_bytes=run.disk.get("free_bytes"),
+                    lora_params_estimate=run.disk.get("lora_params"))
+    return run
+
+
+def enable_fast_path(run: Run) -> None:
+    """Compile the trained models and check one micro-batch against the eager path (trainer/fast_path.py)."""
+    first_k = run.start_step * run.micro_per_step + run.accelerator.process_index
+    run.models, check = fast_path.enable(
+        run.models, set(run.trained), run.params, run.device,
+        backward=lambda models: run.accelerator.backward(diffusion_loss(run, models, make_batch(run, first_k))),
+        mean_over_processes=lambda x: run.accelerator.reduce(torch.tensor(x, device=run.device), "mean").item(),
+        optimizer=run.optimizer)
+    run.fast = check["enabled"]
+    run.events.emit(FAST_PATH, **check)
+
+
+def train_step(run: Run, step: int) -> torch.Tensor:
+    """One optimizer step over train.grad_accum micro-batches; returns their mean loss (on the device, unread)."""
+    tc, accelerator = run.cfg.train, run.accelerator
+    loss_sum = 0.0
+    if run.delta:
+        run.delta.begin_step(step)
+    for a in range(tc.grad_accum):
+        k = (step * tc.grad_accum + a) * accelerator.num_processes + accelerator.process_index
+        with accelerator.accumulate(*run.wrapped.values()):
+            if run.fast and run.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
+            loss = diffusion_loss(run, run.models, make_batch(run, k))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and tc.max_grad_norm:
+                accelerator.clip_grad_norm_(run.params, tc.max_grad_norm)
+            run.optimizer.step()
+            if accelerator.sync_gradients:
+                for tuner in run.tuners.values():  # AdaLoRA: sensitivity update and rank masking, before zero_grad
+                    tuner.update_and_allocate(step)
+            run.optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach().float()
+    run.lr_scheduler.step()
+    return loss_sum / tc.grad_accum
+
+
+def fit(run: Run) -> tuple[int, bool]:
+    """The steps, with checkpoints, adapters and samples on their schedules. Returns (last step, stopped early)."""
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
-    fast = use_fast_path(cfg, measure_importance)
-    # cpu=True without CUDA lets accelerate run data-parallel over gloo when launched with several processes.
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.mixed_precision),
-                              gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    events = EventLog(run_dir / "events.jsonl" if main else None)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        seal_jsonl(run_dir / "events.jsonl")  # a line torn by kill -9 must not swallow this run's first event
-        save_config(cfg, run_dir / "config.toml")
-        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
-    device, tc = accelerator.device, cfg.train
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    started_at = time.time()
-
-    # --- data: scan, report problems by file, keep going with the rest
-    items, problems = ds.scan_dataset(cfg.data)
-    for problem in problems:
-        events.emit("problem", path=str(problem.path), reason=problem.reason)
-        if main:
-            print(f"skipped/warning: {problem}")
-    batches_per_epoch = len(ds.epoch_batches(items, tc.batch_size, tc.seed, 0))
-    micro_per_step = tc.grad_accum * accelerator.num_processes
-    if main:  # what is about to train, before minutes of loading (trainer/dataset_summary.py)
-        summary = summarize_dataset(items, problems, cfg, accelerator.num_processes)
-        events.emit("dataset", **summary)
-        print(format_summary(summary, tc.steps, tc.epochs))
-    total_steps = math.ceil(tc.epochs * batches_per_epoch / micro_per_step) if tc.epochs else tc.steps
-    # Before minutes of loading: refuse when the run's files cannot fit (DiskSpaceError names both sizes).
-    disk = check_disk_space(cfg, run_dir, total_steps) if main else {}
-    test_oom_at = int(os.environ.get("STYLE_LORA_TEST_OOM_AT_STEP", "-1"))  # test-only: simulate an OOM
-
-    # --- model: frozen base in weight_dtype, LoRA params in fp32
-    lora = lora or cfg.lora
-    base = base or load_base(cfg.model, quantize_bits=lora.qlora_bits if lora.variant == "qlora" else None)
-    set_seed(tc.seed)  # LoRA init draws from the global generators: same seed, same starting adapter
-    tuners = attach_lora(base, lora, total_steps)
-    unet, vae, text_encoders = base.unet, base.vae, base.text_encoders()
-    unet.to(device) if lora.variant == "qlora" else unet.to(device, dtype=weight_dtype)
-    for text_encoder in text_encoders.values():
-        text_encoder.to(device, dtype=weight_dtype)
-    vae.to(device, dtype=torch.float32)  # fp32 VAE: SD's VAE overflows in fp16, and it runs once per image when cached
-    trained = {name: m for name, m in (("unet", unet), *text_encoders.items()) if lora_parameters(m)}
-    trains_text = any(name.startswith("text_encoder") for name in trained)
-    cast_training_params(list(trained.values()), dtype=torch.float32)
-    if tc.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for name in trained.keys() - {"unet"}:
-            trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    lrs = {"unet": tc.lr_unet, "text_encoder": tc.lr_text_encoder, "text_encoder_2": tc.lr_text_encoder}
-    adamw = dict(betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay)
-    optimizer = make_optimizer(lora, [(m, lrs[n]) for n, m in trained.items()], adamw, fused=device.type == "cuda")
-    delta = DeltaLora(trained, lora.deltalora_lambda, lora.deltalora_start) if lora.variant == "deltalora" else None
-    lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
-                                 num_training_steps=total_steps)
-    # Only trained modules go through prepare (DDP refuses modules without trainable parameters).
-    prepared = accelerator.prepare(*trained.values(), optimizer)
-    wrapped = dict(zip(trained, prepared[:-1]))
-    optimizer = prepared[-1]
-    # What the loss calls: the prepared models (eager path), swapped for compiled ones on the fast path below.
-    eager_fwd = {"unet": wrapped.get("unet", unet), **{n: wrapped.get(n, m) for n, m in text_encoders.items()}}
-    fwd = dict(eager_fwd)
-
-    # --- resume
-    start_step = 0
-    if tc.resume == "latest" and not list_checkpoints(run_dir):
-        events.emit("resumed", step=0, checkpoint=None)  # killed before its first checkpoint: start over
-    elif tc.resume:
-        folder = list_checkpoints(run_dir)[-1] if tc.resume == "latest" else Path(tc.resume)
-        if not (folder / "state.json").is_file():
-            raise FileNotFoundError(f"train.resume: no checkpoint at {folder}")
-        start_step, extra = load_checkpoint(folder, trained, optimizer, lr_scheduler)
-        if delta:
-            delta.load_state(extra)
-        load_adalora_state(tuners, extra)
-        events.emit("resumed", step=start_step, checkpoint=str(folder))
-
-    # --- caches: VAE latents (both orientations when flipping) and text embeddings when the TE is frozen
-    latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
-    if tc.cache_latents:
-        for i, item in enumerate(tqdm(items, desc="caching latents", disable=not main)):
-            for flip in ((False, True) if cfg.data.flip else (False,)):
-                latent_cache[i, flip] = encode_latent_dist(vae, ds.load_image(item.path, item.bucket, flip))
-    text_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    if tc.cache_text_embeddings and not trains_text and ds.caption_is_static(cfg.data):
-        with torch.no_grad():
-            for i, item in enumerate(items):
-                caption = ds.build_caption(item.caption, cfg.data, random.Random(0), item.trigger)
-                hidden, pooled = encode_text(base, text_encoders, [caption], device)
-                text_cache[i] = hidden[0], None if pooled is None else pooled[0]
-    # Frozen parts whose every output is now cached leave the GPU until a sample needs them (SDXL's two text
-    # encoders are 1.6 GB in bf16, the VAE 0.3 GB in fp32), as kohya's cached text-encoder outputs do.
-    idle = [vae] * bool(tc.cache_latents) + list(text_encoders.values()) * bool(text_cache)
-    offload(idle, device)
-
-    epoch_cache: dict[int, list[list[int]]] = {}
-
-    def batch_at(k: int) -> list[int]:
-        epoch = k // batches_per_epoch
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = ds.epoch_batches(items, tc.batch_size, tc.seed, epoch)
-        return epoch_cache[epoch][k % batches_per_epoch]
-
-    scheduler = base.noise_scheduler
-    num_timesteps = scheduler.config.num_train_timesteps
-
-    def micro_batch_loss(k: int) -> torch.Tensor:
-        if k == test_oom_at:
-            raise torch.OutOfMemoryError("CUDA out of memory. (simulated by STYLE_LORA_TEST_OOM_AT_STEP)")
-        rng = random.Random(f"{tc.seed}-{k}")
-        # noise and timesteps: drawn on the GPU when there is one (no host RNG + copy per step), else on the CPU
-        gen = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(tc.seed * 1_000_003 + k)
-        torch.manual_seed(tc.seed + k)  # LoRA dropout draws from the global generator
-        indices = batch_at(k)
-        flips = [cfg.data.flip and rng.random() < 0.5 for _ in indices]
-        captions = [ds.build_caption(items[i].caption, cfg.data, rng, items[i].trigger) for i in indices]
-        means, stds = [], []
-        for i, flip in zip(indices, flips):
-            if (i, flip) in latent_cache:
-                mean, std = latent_cache[i, flip]
-            else:
-                mean, std = encode_latent_dist(vae, ds.load_image(items[i].path, items[i].bucket, flip))
-            means.append(mean)
-            stds.append(std)
-        mean, std = torch.stack(means), torch.stack(stds)
-        def randn(shape) -> torch.Tensor:
-            return torch.randn(shape, generator=gen, device=gen.device).to(device)
-
-        latents = (mean.to(device) + std.to(device) * randn(mean.shape)) * vae.config.scaling_factor
-        noise = randn(latents.shape)
-        if tc.noise_offset:
-            noise += tc.noise_offset * randn((latents.shape[0], latents.shape[1], 1, 1))
-        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen, device=gen.device).to(device)
-        noisy = scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
-        if text_cache:
-            hidden = torch.stack([text_cache[i][0] for i in indices])
-            pooled = None if base.kind != "sdxl" else torch.stack([text_cache[i][1] for i in indices])
-        else:
-            # grad only when training the TE, and never inside a no_grad caller (LoRA-drop's importance pass)
-            with torch.set_grad_enabled(trains_text and torch.is_grad_enabled()):
-                hidden, pooled = encode_text(base, {n: fwd[n] for n in text_encoders}, captions, device)
-        time_ids = None
-        if base.kind == "sdxl":
-            time_ids = torch.stack([sdxl_time_ids(items[i].size, items[i].bucket, f) for i, f in zip(indices, flips)])
-        pred = fwd["unet"](noisy, timesteps, hidden.to(weight_dtype), **unet_kwargs(pooled, time_ids, weight_dtype)).sample.float()
-        target = noise if base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if tc.min_snr_gamma:
-            snr = compute_snr(scheduler, timesteps)
-            weight = snr.clamp(max=tc.min_snr_gamma) / (snr + 1 if base.prediction_type == "v_prediction" else snr)
-            loss = loss * weight
-        reg_weights = [items[i].loss_weight for i in indices]  # data.reg_weight for regularisation images, else 1
-        if any(w != 1.0 for w in reg_weights):
-            loss = loss * torch.tensor(reg_weights, device=loss.device)
-        loss = loss.mean()
-        for name in tuners:  # AdaLoRA keeps P and Q near-orthogonal, as in the paper
-            loss = loss + lora.adalora_orth_reg * adalora_orth_loss(trained[name])
-        return loss
-
-    def save_adapter(step: int, final: bool) -> list[Path]:
-        samples = sorted((run_dir / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)
-        paths = save_adapters(run_dir, cfg, trained,
-                              training_metadata(cfg, base.kind, step, len(items), started_at, base.prediction_type),
-                              base_kind=base.kind,
-                              tag_frequency=ds.tag_frequency(items), cover_png=samples[-1].read_bytes() if samples else None,
-                              step=None if final else step, delta=delta, convert=needs_conversion(lora))
-        events.emit("adapter", step=step, paths=[str(p) for p in paths], final=final)
-        return list(paths)
-
-    def sample(step: int) -> None:
-        if cfg.sample.prompts and main:
-            # the original modules: a compiled graph would recompile for the sampler's shapes
-            onload(idle, device)
-            paths = render_samples(base, unet, text_encoders, cfg, step, run_dir / "samples", weight_dtype)
-            offload(idle, device)
-            events.emit("samples", step=step, paths=[str(p) for p in paths])
-
-    def checkpoint(step: int) -> None:
-        if main:
-            folder = save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", step,
-                                     trained, optimizer,
-                                     lr_scheduler, extra={**(delta.state() if delta else {}),
-                                                          **adalora_state(tuners)})
-            prune_checkpoints(run_dir, tc.keep_checkpoints)
-            events.emit("checkpoint", step=step, path=str(folder))
-        accelerator.wait_for_everyone()
-
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    events.emit("start", total_steps=total_steps, start_step=start_step, images=len(items), trainable_params=trainable,
-                variant=lora.variant, fast_path=fast, base_kind=base.kind, prediction_type=base.prediction_type,
-                problems=len(problems), device=str(device), precision=accelerator.mixed_precision,
-                processes=accelerator.num_processes, run_dir=str(run_dir),
-                disk_needed_bytes=disk.get("needed_bytes"), disk_free_bytes=disk.get("free_bytes"),
-                lora_params_estimate=disk.get("lora_params"))
-    for m in wrapped.values():
+    cfg, tc = run.cfg, run.cfg.train
+    for m in run.wrapped.values():
         m.train()
-    if fast:  # compile, then check one micro-batch against the eager path before trusting it (trainer/fast_path.py)
-        from trainer import fast_path
-
-        first_k = start_step * micro_per_step + accelerator.process_index
-        compiled = fast_path.compile_models(eager_fwd, set(trained), device)
-
-        def backward_with(models: dict) -> None:
-            fwd.update(models)
-            if device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()
-            accelerator.backward(micro_batch_loss(first_k))
-
-        try:
-            error, seconds = fast_path.gradient_error(params, lambda: backward_with(eager_fwd),
-                                                      lambda: backward_with(compiled))
-            reason = f"compiled gradients differ from the eager path by {error:.1%}"
-        except Exception as err:  # a compiler failure must not end the run: it trains on the eager path
-            error, seconds, reason = float("inf"), 0.0, f"compiling failed: {type(err).__name__}: {str(err)[:300]}"
-            optimizer.zero_grad(set_to_none=True)
-        error = accelerator.reduce(torch.tensor(error, device=device), reduction="mean").item()
-        fast = error <= fast_path.MAX_GRAD_ERROR
-        fwd.update(compiled if fast else eager_fwd)
-        events.emit("fast_path", enabled=fast, grad_error=round(error, 6) if math.isfinite(error) else None,
-                    compile_s=round(seconds, 1), backend=fast_path.backend(),
-                    reason=None if fast else f"{reason}: training on the eager path")
-    bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=not main, dynamic_ncols=True)
-    step, stopped, tick, unread = start_step, False, time.time(), None
-    if device.type == "cuda":
+    if run.fast:
+        enable_fast_path(run)
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="training", disable=not run.main, dynamic_ncols=True)
+    step, stopped, tick, unread = run.start_step, False, time.time(), None
+    if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # step events report the training peak, not the VAE caching before it
-    while step < total_steps:
-        loss_sum = 0.0
-        if delta:
-            delta.begin_step(step)
-        for a in range(tc.grad_accum):
-            k = (step * tc.grad_accum + a) * accelerator.num_processes + accelerator.process_index
-            with accelerator.accumulate(*wrapped.values()):
-                if fast and device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
-                loss = micro_batch_loss(k)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    for tuner in tuners.values():  # AdaLoRA: sensitivity update and rank masking, before zero_grad
-                        tuner.update_and_allocate(step)
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
-        lr_scheduler.step()
+    while step < run.total_steps:
+        loss = train_step(run, step)
         step += 1
         now = time.time()
         rate, tick = 1.0 / max(now - tick, 1e-9), now
@@ -423,40 +172,106 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         # The loss is read one step late: reading this step's (.item()) would make the CPU wait until the GPU
         # finished it, so the GPU would idle while the next step is prepared.
         if unread:
-            report_step(events, bar, *unread)
-        unread = (step, total_steps, accelerator.reduce(loss_sum / tc.grad_accum, reduction="mean"),
-                  lr_scheduler.get_last_lr()[0], rate)
-        stopped = (run_dir / STOP_FILE).exists()
-        if step == total_steps or stopped or any(every and step % every == 0 for every in
-                                                 (tc.checkpoint_every, tc.save_every, cfg.sample.every)):
-            report_step(events, bar, *unread)  # before the files and events of this step
+            report_step(run.events, bar, *unread)
+        unread = (step, run.total_steps, run.accelerator.reduce(loss, reduction="mean"),
+                  run.lr_scheduler.get_last_lr()[0], rate)
+        stopped = (run.run_dir / STOP_FILE).exists()
+        ckpt_due, save_due, sample_due = (is_due(step, every) for every in
+                                          (tc.checkpoint_every, tc.save_every, cfg.sample.every))
+        if step == run.total_steps or stopped or ckpt_due or save_due or sample_due:
+            report_step(run.events, bar, *unread)  # before the files and events of this step
             unread = None
-        if step == total_steps or stopped:
+        if step == run.total_steps or stopped:
             break
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-            checkpoint(step)
-        if tc.save_every and step % tc.save_every == 0 and main:
-            save_adapter(step, final=False)
-        if cfg.sample.every and step % cfg.sample.every == 0:
-            sample(step)
+        if ckpt_due:
+            checkpoint(run, step)
+        if save_due and run.main:
+            save_adapter(run, step, final=False)
+        if sample_due:
+            sample(run, step)
     bar.close()
-    onload(idle, device)  # the caller's Base is whole again (samples, reports and benchmarks use it after)
-    idle = []  # and stays so: the final samples (sample() reads `idle`) need no moves
-    if measure_importance:
-        return measure_layer_importance(trained, micro_batch_loss, first_k=step * micro_per_step,
-                                        batches=max(1, batches_per_epoch // accelerator.num_processes))
+    onload(run.idle, run.device)  # the caller's Base is whole again (samples, reports and benchmarks use it after)
+    run.idle = []  # and stays so: the final samples need no moves
+    return step, stopped
 
-    # --- end (finished or stopped): the adapter comes first (checkpoint, final adapter), then what is optional (the
-    # final samples; the style report runs after `done`). An optional step that fails is a warning, not the run's end.
-    if stopped or tc.checkpoint_every:
-        checkpoint(step)
-    final = run_dir / f"{cfg.output.name}.diffusers.safetensors"
-    paths = save_adapter(step, final=True) if main else []
-    if optional_step(events, "final samples", step, lambda: sample(step)) and main and cfg.sample.prompts:
-        optional_step(events, "cover image", step, lambda: save_adapter(step, final=True))  # same files, new cover
-    if main:
-        events.emit("stopped" if stopped else "done", step=step, paths=[str(p) for p in paths],
-                    seconds=round(time.time() - started_at, 1))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+
+def is_due(step: int, every: int) -> bool:
+    """A schedule of `every` steps (0: never) falls on `step`."""
+    return bool(every) and step % every == 0
+
+
+def finish(run: Run, step: int, stopped: bool) -> Path:
+    """The end (finished or stopped): the adapter comes first (checkpoint, final adapter), then what is optional
+    (the final samples; the style report runs after `done`). An optional step that fails is a warning."""
+    cfg = run.cfg
+    if stopped or cfg.train.checkpoint_every:
+        checkpoint(run, step)
+    final = run.run_dir / f"{cfg.output.name}.diffusers.safetensors"
+    paths = save_adapter(run, step, final=True) if run.main else []
+    if optional_step(run.events, "final samples", step, lambda: sample(run, step)) and run.main and cfg.sample.prompts:
+        optional_step(run.events, "cover image", step, lambda: save_adapter(run, step, final=True))  # new cover
+    if run.main:
+        run.events.emit(STOPPED if stopped else DONE, step=step, paths=[str(p) for p in paths],
+                        seconds=round(time.time() - run.started_at, 1))
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
     return final
+
+
+def report_step(events: EventLog, bar, step: int, total_steps: int, loss: torch.Tensor, lr: float,
+                rate: float) -> None:
+    """The `step` event and progress bar of a finished step. Raises if its loss is not finite."""
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss became {loss_value} at step {step}; lower the learning rate")
+    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    events.emit(STEP, buffered=True, step=step, total=total_steps, loss=loss_value, lr=lr, it_s=round(rate, 3),
+                eta_s=round((total_steps - step) / max(rate, 1e-9), 1), gpu_mem_gib=mem)
+
+
+def optional_step(events: EventLog, what: str, step: int, run) -> bool:
+    """Run an optional end-of-run step (samples, ...) after the adapter is saved. False when it failed, which is
+    recorded as a `warning` event: the run still ends `done` with its files."""
+    try:
+        run()
+        return True
+    except Exception as err:
+        reason = describe_os_error(err) if isinstance(err, OSError) else (
+            str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
+        events.emit(WARNING, step=step, what=what, reason=f"{what} failed (the adapter is saved): {reason}")
+        print(f"warning: {what} failed (the adapter is saved): {reason}")
+        return False
+
+
+def save_adapter(run: Run, step: int, final: bool) -> list[Path]:
+    """Both adapter files (kohya/A1111 and diffusers layouts) of the weights as they are at `step`."""
+    samples = sorted((run.run_dir / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)
+    base, cfg = run.base, run.cfg
+    paths = save_adapters(run.run_dir, cfg, run.trained,
+                          training_metadata(cfg, base.kind, step, len(run.items), run.started_at, base.prediction_type),
+                          base_kind=base.kind, tag_frequency=ds.tag_frequency(run.items),
+                          cover_png=samples[-1].read_bytes() if samples else None,
+                          step=None if final else step, delta=run.delta, convert=needs_conversion(run.lora))
+    run.events.emit(ADAPTER, step=step, paths=[str(p) for p in paths], final=final)
+    return list(paths)
+
+
+def sample(run: Run, step: int) -> None:
+    if run.cfg.sample.prompts and run.main:
+        # the original modules: a compiled graph would recompile for the sampler's shapes
+        onload(run.idle, run.device)
+        paths = render_samples(run.base, run.base.unet, run.base.text_encoders(), run.cfg, step,
+                               run.run_dir / "samples", run.weight_dtype)
+        offload(run.idle, run.device)
+        run.events.emit(SAMPLES, step=step, paths=[str(p) for p in paths])
+
+
+def checkpoint(run: Run, step: int) -> None:
+    if run.main:
+        extra = {**(run.delta.state() if run.delta else {}), **adalora_state(run.tuners)}
+        folder = save_checkpoint(run.run_dir / "checkpoints" / f"step-{step:06d}", step, run.trained, run.optimizer,
+                                 run.lr_scheduler, extra=extra)
+        prune_checkpoints(run.run_dir, run.cfg.train.keep_checkpoints)
+        run.events.emit(CHECKPOINT, step=step, path=str(folder))
+    run.accelerator.wait_for_everyone()

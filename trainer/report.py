@@ -269,24 +269,24 @@ def write_report(cfg: Config, run_dir: Path) -> dict:
 def run_report(cfg: Config, run_dir: Path) -> dict | None:
     """The report step after a finished run: `report` event on success; on any failure a `report_failed` event
     with the reason (the adapters stay as they are). Skipped when disabled or when the run was stopped early."""
-    from trainer.events import EventLog, read_events
+    from trainer.events import DONE, ENDS, REPORT, REPORT_FAILED, REPORT_STARTED, EventLog, read_events
 
     run_dir = Path(run_dir)
     events = EventLog(run_dir / "events.jsonl")
-    ends = [e for e in read_events(run_dir / "events.jsonl")[0] if e.get("type") in ("done", "stopped", "failed")]
-    if not cfg.report.enabled or not ends or ends[-1]["type"] != "done":
+    ends = [e for e in read_events(run_dir / "events.jsonl")[0] if e.get("type") in ENDS]
+    if not cfg.report.enabled or not ends or ends[-1]["type"] != DONE:
         return None
-    events.emit("report_started")
+    events.emit(REPORT_STARTED)
     try:
         report = write_report(cfg, run_dir)
     except Exception as err:  # a report must never cost the run: say why and keep the adapters
         reason = str(err) if isinstance(err, (ReportError, ValueError, FileNotFoundError)) else \
             f"{type(err).__name__}: {err}"
-        events.emit("report_failed", reason=reason)
+        events.emit(REPORT_FAILED, reason=reason)
         print(f"style report failed (the adapters are fine): {reason}")
         return None
     keys = ("style_lift", "fidelity", "copying", "held_out", "features", "seconds")
-    events.emit("report", path=str(run_dir / "report.json"), image=str(run_dir / "report.png"),
+    events.emit(REPORT, path=str(run_dir / "report.json"), image=str(run_dir / "report.png"),
                 **{k: report[k] for k in keys})
     print(f"style report: lift {report['style_lift']}, fidelity {report['fidelity']}, copying {report['copying']} "
           f"({report['seconds']} s) -> {run_dir / 'report.json'}")

@@ -7,13 +7,16 @@ and LoRA-drop (arXiv 2402.07721) are written here, small, on peft's LoRA layers.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
-from trainer.config import LoraConfig
+from trainer.config import Config, LoraConfig
 
 ADAPTER = "default"
 
@@ -289,3 +292,30 @@ def measure_layer_importance(modules: dict[str, torch.nn.Module], batch_loss, fi
         for h in handles:
             h.remove()
     return totals
+
+
+def run_loradrop(cfg: Config, run_dir: Path, train: Callable, probe: Callable) -> Path:
+    """LoRA-drop: a short probe run (`probe(cfg, folder) -> {layer: importance}`) scores every layer by its adapter
+    output ||s·BAx||², then the real run (`train(cfg, run_dir, lora)`) trains LoRA only on the layers that carry
+    `loradrop_threshold` of the total importance. The selection is kept in RUN/loradrop.json, so a resumed run
+    trains the same layers without probing again."""
+    from trainer.io import atomic_write_text
+
+    selection = Path(run_dir) / "loradrop.json"
+    if not selection.is_file():
+        probe_cfg = cfg.model_copy(deep=True)
+        probe_cfg.lora.variant = "lora"
+        probe_cfg.train.steps = probe_steps(cfg.lora, cfg.train.steps)
+        probe_cfg.train.epochs = probe_cfg.train.checkpoint_every = probe_cfg.train.save_every = 0
+        probe_cfg.train.resume = None
+        probe_cfg.sample.prompts = []
+        importance = probe(probe_cfg, Path(run_dir) / "loradrop-probe")
+        kept = select_important(importance, cfg.lora.loradrop_threshold)
+        atomic_write_text(selection, json.dumps({"importance": importance, "kept": kept}, indent=1))
+    kept = json.loads(selection.read_text())["kept"]
+    unet_kept = [k.removeprefix("unet.") for k in kept if k.startswith("unet.")]
+    # SDXL: one target list serves both text encoders, so it keeps what either of them needs
+    te_kept = sorted({k.split(".", 1)[1] for k in kept if k.startswith(("text_encoder.", "text_encoder_2."))})
+    lora = cfg.lora.model_copy(update={"unet_targets": unet_kept, "text_encoder_targets": te_kept,
+                                       "train_unet": bool(unet_kept), "train_text_encoder": bool(te_kept)})
+    return train(cfg, Path(run_dir), lora)

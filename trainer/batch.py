@@ -1,0 +1,125 @@
+"""One micro-batch and its loss: `make_batch(run, k)` draws everything random about micro-batch k, and
+`diffusion_loss(run, models, batch)` is the denoising loss of the models on it.
+
+Every random choice of micro-batch k (data order, flip, caption shuffle/dropout, latent sample, noise, timestep,
+LoRA dropout) comes from generators seeded by (seed, k): a run resumed at step s draws exactly what the
+uninterrupted run drew from step s on, so resuming ends at the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer import data as ds
+from trainer.conditioning import encode_text, sdxl_time_ids, unet_kwargs
+from trainer.variants import adalora_orth_loss
+
+TEST_OOM_AT = int(os.environ.get("STYLE_LORA_TEST_OOM_AT_STEP", "-1"))  # test-only: simulate an OOM at micro-batch k
+
+
+@dataclass
+class Batch:
+    indices: list[int]  # positions in run.items
+    flips: list[bool]
+    captions: list[str]
+    latents: torch.Tensor  # scaled VAE latents, float32
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy: torch.Tensor  # latents noised to `timesteps`, in the run's weight dtype
+
+
+@torch.no_grad()
+def encode_latent_dist(vae, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dist = vae.encode(image[None].to(vae.device, vae.dtype)).latent_dist
+    return dist.mean[0].float(), dist.std[0].float()
+
+
+def batch_indices(run, k: int) -> list[int]:
+    """The items of micro-batch k: epoch k // batches_per_epoch, shuffled by (seed, epoch); one epoch kept."""
+    epoch = k // run.batches_per_epoch
+    if epoch not in run.epoch_order:
+        run.epoch_order.clear()
+        run.epoch_order[epoch] = ds.epoch_batches(run.items, run.cfg.train.batch_size, run.cfg.train.seed, epoch)
+    return run.epoch_order[epoch][k % run.batches_per_epoch]
+
+
+def make_batch(run, k: int) -> Batch:
+    if k == TEST_OOM_AT:
+        raise torch.OutOfMemoryError("CUDA out of memory. (simulated by STYLE_LORA_TEST_OOM_AT_STEP)")
+    tc, device = run.cfg.train, run.device
+    rng = random.Random(f"{tc.seed}-{k}")
+    # noise and timesteps: drawn on the GPU when there is one (no host RNG + copy per step), else on the CPU
+    gen = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(tc.seed * 1_000_003 + k)
+    torch.manual_seed(tc.seed + k)  # LoRA dropout draws from the global generator
+    indices = batch_indices(run, k)
+    items = run.items
+    flips = [run.cfg.data.flip and rng.random() < 0.5 for _ in indices]
+    captions = [ds.build_caption(items[i].caption, run.cfg.data, rng, items[i].trigger) for i in indices]
+    means, stds = [], []
+    for i, flip in zip(indices, flips):
+        if (i, flip) in run.latent_cache:
+            mean, std = run.latent_cache[i, flip]
+        else:
+            mean, std = encode_latent_dist(run.base.vae, ds.load_image(items[i].path, items[i].bucket, flip))
+        means.append(mean)
+        stds.append(std)
+    mean, std = torch.stack(means), torch.stack(stds)
+
+    def randn(shape) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=gen.device).to(device)
+
+    latents = (mean.to(device) + std.to(device) * randn(mean.shape)) * run.base.vae.config.scaling_factor
+    noise = randn(latents.shape)
+    if tc.noise_offset:
+        noise += tc.noise_offset * randn((latents.shape[0], latents.shape[1], 1, 1))
+    scheduler = run.base.noise_scheduler
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen,
+                              device=gen.device).to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps).to(run.weight_dtype)
+    return Batch(indices, flips, captions, latents, noise, timesteps, noisy)
+
+
+def text_conditioning(run, models: dict, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, pooled or None) of the batch's captions: from the cache when the text encoder is frozen."""
+    if run.text_cache:
+        hidden = torch.stack([run.text_cache[i][0] for i in batch.indices])
+        pooled = None if run.base.kind != "sdxl" else torch.stack([run.text_cache[i][1] for i in batch.indices])
+        return hidden, pooled
+    encoders = {n: models[n] for n in run.base.text_encoders()}
+    # grad only when training the TE, and never inside a no_grad caller (LoRA-drop's importance pass)
+    with torch.set_grad_enabled(run.trains_text and torch.is_grad_enabled()):
+        return encode_text(run.base, encoders, batch.captions, run.device)
+
+
+def diffusion_loss(run, models: dict, batch: Batch) -> torch.Tensor:
+    """Mean denoising loss of `models` ({"unet", "text_encoder"(_2)}: eager or compiled) on `batch`: MSE to the
+    noise (or to v for v-prediction bases), min-SNR weighted, regularisation images at their weight."""
+    from diffusers.training_utils import compute_snr
+
+    base, tc, dtype = run.base, run.cfg.train, run.weight_dtype
+    hidden, pooled = text_conditioning(run, models, batch)
+    time_ids = None
+    if base.kind == "sdxl":
+        time_ids = torch.stack([sdxl_time_ids(run.items[i].size, run.items[i].bucket, f)
+                                for i, f in zip(batch.indices, batch.flips)])
+    pred = models["unet"](batch.noisy, batch.timesteps, hidden.to(dtype), **unet_kwargs(pooled, time_ids, dtype)).sample
+    scheduler = base.noise_scheduler
+    target = (batch.noise if base.prediction_type == "epsilon"
+              else scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps))
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if tc.min_snr_gamma:
+        snr = compute_snr(scheduler, batch.timesteps)
+        weight = snr.clamp(max=tc.min_snr_gamma) / (snr + 1 if base.prediction_type == "v_prediction" else snr)
+        loss = loss * weight
+    reg_weights = [run.items[i].loss_weight for i in batch.indices]  # data.reg_weight for regularisation images
+    if any(w != 1.0 for w in reg_weights):
+        loss = loss * torch.tensor(reg_weights, device=loss.device)
+    loss = loss.mean()
+    for name in run.tuners:  # AdaLoRA keeps P and Q near-orthogonal, as in the paper
+        loss = loss + run.lora.adalora_orth_reg * adalora_orth_loss(run.trained[name])
+    return loss

@@ -1,0 +1,199 @@
+"""What one training run holds (`Run`) and the set-up steps that fill it, in the order trainer.loop calls them:
+open_run (accelerator, run folder, dataset) -> attach_models (LoRA, optimizer, accelerate) -> resume -> fill_caches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer import data as ds
+from trainer.batch import encode_latent_dist
+from trainer.checkpoint import check_disk_space, resume_from
+from trainer.conditioning import encode_text
+from trainer.config import Config, LoraConfig, save_config
+from trainer.dataset_summary import format_summary, summarize as summarize_dataset
+from trainer.events import DATASET, PROBLEM, RESUMED, STOP_FILE, EventLog
+from trainer.io import seal_jsonl
+from trainer.model import attach_lora, lora_parameters
+from trainer.variants import DeltaLora, load_adalora_state, make_optimizer
+
+
+@dataclass
+class Run:
+    cfg: Config  # what is saved with the run
+    lora: LoraConfig  # what the model gets: cfg.lora, or LoRA-drop's selection of layers
+    run_dir: Path
+    accelerator: Any
+    events: EventLog
+    items: list  # trainer.data.Item, style images then regularisation images
+    problems: list
+    batches_per_epoch: int
+    total_steps: int
+    disk: dict  # check_disk_space's estimate (main process only)
+    started_at: float
+    base: Any = None  # trainer.model.Base
+    trained: dict = field(default_factory=dict)  # "unet"/"text_encoder"(_2) -> module with LoRA parameters
+    wrapped: dict = field(default_factory=dict)  # the same, as accelerate prepared them (DDP on several GPUs)
+    models: dict = field(default_factory=dict)  # what the loss calls: prepared (eager) or compiled modules
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    params: list = field(default_factory=list)
+    tuners: dict = field(default_factory=dict)  # AdaLoRA's peft tuners, which need a call per step
+    delta: DeltaLora | None = None
+    latent_cache: dict = field(default_factory=dict)  # (item, flipped) -> (mean, std) of the VAE's latent
+    text_cache: dict = field(default_factory=dict)  # item -> (hidden, pooled) when the text encoder is frozen
+    idle: list = field(default_factory=list)  # frozen modules waiting on the CPU while their outputs are cached
+    epoch_order: dict = field(default_factory=dict)  # epoch -> its batches (trainer.batch.batch_indices)
+    start_step: int = 0
+    fast: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
+
+    @property
+    def micro_per_step(self) -> int:
+        return self.cfg.train.grad_accum * self.accelerator.num_processes
+
+    @property
+    def trains_text(self) -> bool:
+        return any(name.startswith("text_encoder") for name in self.trained)
+
+
+def resolve_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def open_run(cfg: Config, run_dir: Path, lora: LoraConfig) -> Run:
+    """The accelerator, the run folder (config saved, stale stop request cleared) and the dataset, scanned with its
+    problems reported by file; refuses before any model loads when the run's files cannot fit on the disk."""
+    from accelerate import Accelerator
+
+    tc, started_at = cfg.train, time.time()
+    # cpu=True without CUDA lets accelerate run data-parallel over gloo when launched with several processes.
+    accelerator = Accelerator(mixed_precision=resolve_precision(tc.mixed_precision),
+                              gradient_accumulation_steps=tc.grad_accum, cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    events = EventLog(run_dir / "events.jsonl" if main else None)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        seal_jsonl(run_dir / "events.jsonl")  # a line torn by kill -9 must not swallow this run's first event
+        save_config(cfg, run_dir / "config.toml")
+        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
+    items, problems = ds.scan_dataset(cfg.data)
+    for problem in problems:
+        events.emit(PROBLEM, path=str(problem.path), reason=problem.reason)
+        if main:
+            print(f"skipped/warning: {problem}")
+    batches_per_epoch = len(ds.epoch_batches(items, tc.batch_size, tc.seed, 0))
+    if main:  # what is about to train, before minutes of loading (trainer/dataset_summary.py)
+        summary = summarize_dataset(items, problems, cfg, accelerator.num_processes)
+        events.emit(DATASET, **summary)
+        print(format_summary(summary, tc.steps, tc.epochs))
+    micro_per_step = tc.grad_accum * accelerator.num_processes
+    total_steps = math.ceil(tc.epochs * batches_per_epoch / micro_per_step) if tc.epochs else tc.steps
+    disk = check_disk_space(cfg, run_dir, total_steps) if main else {}  # DiskSpaceError names both sizes
+    return Run(cfg, lora, run_dir, accelerator, events, items, problems, batches_per_epoch, total_steps, disk,
+               started_at)
+
+
+def attach_models(run: Run, base) -> None:
+    """LoRA on the base (frozen, in the weight dtype; LoRA parameters in fp32), the optimizer and scheduler, and
+    accelerate's preparation of the trained modules."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    tc, lora, device, dtype = run.cfg.train, run.lora, run.device, run.weight_dtype
+    run.base = base
+    set_seed(tc.seed)  # LoRA init draws from the global generators: same seed, same starting adapter
+    run.tuners = attach_lora(base, lora, run.total_steps)
+    unet, text_encoders = base.unet, base.text_encoders()
+    unet.to(device) if lora.variant == "qlora" else unet.to(device, dtype=dtype)
+    for text_encoder in text_encoders.values():
+        text_encoder.to(device, dtype=dtype)
+    base.vae.to(device, dtype=torch.float32)  # SD's VAE overflows in fp16, and it runs once per image when cached
+    run.trained = {name: m for name, m in (("unet", unet), *text_encoders.items()) if lora_parameters(m)}
+    cast_training_params(list(run.trained.values()), dtype=torch.float32)
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for name in run.trained.keys() - {"unet"}:
+            run.trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lrs = {"unet": tc.lr_unet, "text_encoder": tc.lr_text_encoder, "text_encoder_2": tc.lr_text_encoder}
+    adamw = dict(betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(lora, [(m, lrs[n]) for n, m in run.trained.items()], adamw,
+                               fused=device.type == "cuda")
+    if lora.variant == "deltalora":
+        run.delta = DeltaLora(run.trained, lora.deltalora_lambda, lora.deltalora_start)
+    run.lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
+                                     num_training_steps=run.total_steps)
+    # Only trained modules go through prepare (DDP refuses modules without trainable parameters).
+    prepared = run.accelerator.prepare(*run.trained.values(), optimizer)
+    run.wrapped = dict(zip(run.trained, prepared[:-1]))
+    run.optimizer = prepared[-1]
+    run.models = {"unet": run.wrapped.get("unet", unet), **{n: run.wrapped.get(n, m) for n, m in text_encoders.items()}}
+    run.params = [p for g in run.optimizer.param_groups for p in g["params"]]
+
+
+def resume(run: Run) -> None:
+    """Continue from train.resume's checkpoint (weights, optimizer, scheduler, RNG, variant state), if any."""
+    resume_setting = run.cfg.train.resume
+    step, extra, folder = resume_from(resume_setting, run.run_dir, run.trained, run.optimizer, run.lr_scheduler)
+    if folder is not None:
+        if run.delta:
+            run.delta.load_state(extra)
+        load_adalora_state(run.tuners, extra)
+    if resume_setting:  # "latest" with no checkpoint yet (killed before the first) starts over, and says so
+        run.events.emit(RESUMED, step=step, checkpoint=str(folder) if folder else None)
+    run.start_step = step
+
+
+def fill_caches(run: Run) -> None:
+    """VAE latents (both orientations when flipping) and, with a frozen text encoder and static captions, text
+    embeddings. Then the frozen parts whose every output is cached wait on the CPU until a sample needs them
+    (SDXL's two text encoders are 1.6 GB in bf16, the VAE 0.3 GB in fp32), as kohya's cached outputs do."""
+    from tqdm.auto import tqdm
+
+    cfg, base = run.cfg, run.base
+    if cfg.train.cache_latents:
+        for i, item in enumerate(tqdm(run.items, desc="caching latents", disable=not run.main)):
+            for flip in ((False, True) if cfg.data.flip else (False,)):
+                run.latent_cache[i, flip] = encode_latent_dist(base.vae, ds.load_image(item.path, item.bucket, flip))
+    if cfg.train.cache_text_embeddings and not run.trains_text and ds.caption_is_static(cfg.data):
+        with torch.no_grad():
+            for i, item in enumerate(run.items):
+                caption = ds.build_caption(item.caption, cfg.data, random.Random(0), item.trigger)
+                hidden, pooled = encode_text(base, base.text_encoders(), [caption], run.device)
+                run.text_cache[i] = hidden[0], None if pooled is None else pooled[0]
+    run.idle = [base.vae] * bool(run.latent_cache) + list(base.text_encoders().values()) * bool(run.text_cache)
+    offload(run.idle, run.device)
+
+
+def offload(modules: list[torch.nn.Module], device: torch.device) -> None:
+    """Move frozen modules whose outputs are cached off the GPU (nothing to do on the CPU)."""
+    if device.type == "cuda" and modules:
+        for module in modules:
+            module.to("cpu")
+        torch.cuda.empty_cache()
+
+
+def onload(modules: list[torch.nn.Module], device: torch.device) -> None:
+    for module in modules:
+        module.to(device)
