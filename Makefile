@@ -30,6 +30,7 @@ demo: install
 	$(PY) -m trainer train presets/demo-style.toml
 
 test: install
+	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: install

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
-# Header entries written by trainer/dora.py (kept equal by a test; importing it would import torch).
+from trainer.io import read_safetensors_header
+
+# Header entries written by trainer/lora_files/dora.py (kept equal by a test; importing it would import torch).
 DORA_SCALE_KEY = "style_lora_dora_scale"
 PLAIN_KEY = "style_lora_plain"
 STEP = re.compile(r"-step\d{6}\.(diffusers\.|plain\.)?safetensors$")
@@ -18,12 +19,8 @@ STEP = re.compile(r"-step\d{6}\.(diffusers\.|plain\.)?safetensors$")
 def read_metadata(path: Path) -> dict[str, str]:
     """The `__metadata__` of a .safetensors file; {} when it cannot be read."""
     try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100_000_000:
-                return {}
-            return dict(json.loads(f.read(size)).get("__metadata__") or {})
-    except (OSError, ValueError, struct.error, AttributeError):
+        return dict(read_safetensors_header(path).get("__metadata__") or {})
+    except (OSError, ValueError, AttributeError):
         return {}
 
 

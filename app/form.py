@@ -215,17 +215,9 @@ def help_markdown(spec: FieldSpec) -> str:
 
 def _single_file_kind(path) -> str:
     """The family of a single-file checkpoint from its tensor names (safetensors header only; no torch)."""
-    import json
-    import struct
+    from trainer.io import read_safetensors_header
 
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError("file too short")
-        (size,) = struct.unpack("<Q", head)
-        if size > 100_000_000:
-            raise ValueError("header too large")
-        return arch.kind_from_checkpoint_keys(json.loads(f.read(size)))
+    return arch.kind_from_checkpoint_keys(read_safetensors_header(path))
 
 
 def describe_base(path: str | None) -> str:

@@ -162,7 +162,7 @@ def panel_markdown(st: jobs.RunStatus, queue_pos: int | None = None) -> str:
         lines.append("Warnings: " + "; ".join(w.get("reason", "") for w in warnings[-5:]))
     if st.state == FAILED:
         first, *rest = st.reason.splitlines() or ["trainer failed"]
-        lines.append(f"**Failed**: {first}" + (f"\n```\n" + "\n".join(rest) + "\n```" if rest else ""))
+        lines.append(f"**Failed**: {first}" + ("\n```\n" + "\n".join(rest) + "\n```" if rest else ""))
     if st.state == STOPPED:
         lines.append("Cancelled: a partial adapter was saved.")
     return "\n\n".join(lines)

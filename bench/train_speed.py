@@ -36,7 +36,7 @@ def random_base(arch: str, tiny: bool, folder: Path, device: str | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from trainer.config import ModelConfig
-    from trainer.kohya_names import CLIP_L, OPENCLIP_BIGG, SD15_UNET, SDXL_UNET
+    from trainer.lora_files.kohya_names import CLIP_L, OPENCLIP_BIGG, SD15_UNET, SDXL_UNET
     from trainer.model import Base, load_base
     from trainer.tiny import build_tiny_sd15, write_tiny_tokenizer
     from trainer.tiny_xl import build_tiny_sdxl
@@ -226,7 +226,7 @@ def main() -> int:
                     output, code = proc.stdout, proc.returncode
                 except subprocess.TimeoutExpired as err:
                     output, code = f"timed out after {args.timeout} s\n{err.stdout or ''}", 124
-                line = next((l for l in output.splitlines() if l.startswith("RESULT ")), None)
+                line = next((text for text in output.splitlines() if text.startswith("RESULT ")), None)
                 if code or line is None:
                     failures += 1
                     tail = ((proc.stderr if code != 124 else "") or output).strip().splitlines()[-3:]

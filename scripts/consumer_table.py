@@ -126,7 +126,7 @@ def measure(base_dir: Path, kind: str, live: dict, files: dict[str, Path]) -> di
     """{consumer: {part: max relative ΔW error}} of one run's files against `live` ({part.module: peft's W'})."""
     from safetensors.torch import load_file
 
-    from trainer.kohya_names import module_names
+    from trainer.lora_files.kohya_names import module_names
     from trainer.model import load_base
     from trainer.config import ModelConfig
 

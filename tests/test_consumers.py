@@ -45,7 +45,7 @@ def peft_changes(modules) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.mark.parametrize("rank", [1, 3, 200])
 def test_plain_lora_from_dora_reports_the_error_every_tool_sees(tiny_base, tmp_path, rank):
-    from trainer.export import save_plain_lora
+    from trainer.lora_files.export import save_plain_lora
 
     modules = tiny_models(tiny_base, "dora", "dora")
     path, report = save_plain_lora(tmp_path / "p.safetensors", modules, {"ss_output_name": "p"}, rank)
@@ -79,9 +79,9 @@ def test_plain_lora_from_dora_reports_the_error_every_tool_sees(tiny_base, tmp_p
 
 def test_downloads_guide_names_the_tool_for_each_file(tiny_base, tmp_path):
     import app.downloads_view as view
-    from trainer import dora
-    from trainer.export import save_diffusers_lora, save_plain_lora
-    from trainer.kohya import save_kohya_lora
+    from trainer.lora_files import dora
+    from trainer.lora_files.export import save_diffusers_lora, save_plain_lora
+    from trainer.lora_files.kohya import save_kohya_lora
 
     assert (view.DORA_SCALE_KEY, view.PLAIN_KEY) == (dora.DORA_SCALE_KEY, dora.PLAIN_KEY)
     run = tmp_path / "run"
@@ -113,7 +113,7 @@ def test_downloads_guide_names_the_tool_for_each_file(tiny_base, tmp_path):
 def test_cli_convert_of_a_dora_file_needs_the_base_and_uses_it(tiny_base, tmp_path):
     """`convert` refuses a DoRA file without --model (its kohya dora_scale is relative to the base weights) and with
     it writes the same peft magnitudes as the live adapter."""
-    from trainer.kohya import save_kohya_lora
+    from trainer.lora_files.kohya import save_kohya_lora
 
     modules = tiny_models(tiny_base, "dora", None)
     kohya = save_kohya_lora(tmp_path / "k.safetensors", modules, {})

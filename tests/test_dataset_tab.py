@@ -3,7 +3,6 @@ edits, undo, tag selection, concepts and the summary; logic functions and end to
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path

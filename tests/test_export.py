@@ -1,4 +1,4 @@
-"""Adapter files: kohya/A1111 layout (trainer.kohya) and its conversion to/from the diffusers/PEFT layout.
+"""Adapter files: kohya/A1111 layout (trainer.lora_files.kohya) and its conversion to/from the diffusers/PEFT layout.
 
 Models are the tiny base's real UNet/CLIP with peft adapters attached in-test and lora_B randomised, so every
 delta weight is non-trivial. Strength must survive exactly: lora_alpha != r, rsLoRA, rank/alpha patterns, DoRA, conv.
@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_save
 
-import trainer.kohya as kohya
-from trainer.kohya import (
+import trainer.lora_files.kohya as kohya
+from trainer.lora_files.kohya import (
     convert_file,
     diffusers_to_kohya,
     kohya_metadata,
@@ -84,7 +84,7 @@ def tiny_models(tiny_base, unet_case, te_case, seed=0):
 
 
 def spec_key(part, name):
-    """The A1111/ComfyUI key of a module, written from the convention (not from trainer.kohya)."""
+    """The A1111/ComfyUI key of a module, written from the convention (not from trainer.lora_files.kohya)."""
     prefix = "lora_unet_" if part == "unet" else "lora_te_text_model_"
     return prefix + name.replace(".", "_")
 
@@ -153,8 +153,8 @@ def test_delta_weights_exact_and_survive_round_trip(tiny_base, tmp_path, case):
     assert last.keys() == state.keys()
     assert_matches_peft(modules, last)
 
-    # a file written by trainer.export (the live peft config as metadata: rsLoRA, patterns, DoRA) converts exactly too
-    from trainer.export import save_diffusers_lora
+    # a file written by trainer.lora_files.export (the live peft config as metadata: rsLoRA, patterns, DoRA) converts exactly too
+    from trainer.lora_files.export import save_diffusers_lora
 
     exported = save_diffusers_lora(tmp_path / "d.safetensors", modules)
     assert_matches_peft(modules, load_file(convert_file(exported, tmp_path / "e.safetensors", "kohya", model=model)))
@@ -211,7 +211,7 @@ def fresh_pipe(tiny_base):
     ("patterns", "patterns", True),
 ])
 def test_files_load_in_diffusers_and_draw_like_the_live_model(tiny_base, tmp_path, unet_case, te_case, direct_kohya):
-    from trainer.export import save_diffusers_lora
+    from trainer.lora_files.export import save_diffusers_lora
 
     pipe = fresh_pipe(tiny_base)
     before = render(pipe)
@@ -407,7 +407,7 @@ def test_per_module_ranks_and_alphas_load_exactly_through_diffusers_at_full_sd15
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig
 
-    from trainer.kohya_names import SD15_UNET
+    from trainer.lora_files.kohya_names import SD15_UNET
     from trainer.variants import lora_factors
 
     torch.manual_seed(0)

@@ -320,7 +320,7 @@ def test_a_name_taken_by_a_folder_is_refused_and_the_batch_goes_on(tmp_path):
     a.write_bytes(_png())
     b.write_bytes(_png())
     stored, problems = uploads.add_files(run, [a, b])
-    assert problems == [f"a.png: a folder of that name already exists in the dataset (from an earlier zip?); rename "
+    assert problems == ["a.png: a folder of that name already exists in the dataset (from an earlier zip?); rename "
                         "the file or start a new dataset"]
     assert stored == [run / "dataset" / "b.png"] and (run / "dataset" / "a.png" / "inside.png").is_file()
 

@@ -20,8 +20,8 @@ def make_adapter(tiny_base: Path, folder: Path, stem: str, seed: int, rank: int 
                  variant: str = "lora") -> tuple[Path, Path]:
     """A LoRA with random non-zero B (alpha != rank, so a lost alpha would show), in both file layouts."""
     from trainer.config import LoraConfig, ModelConfig
-    from trainer.export import save_diffusers_lora
-    from trainer.kohya import save_kohya_lora
+    from trainer.lora_files.export import save_diffusers_lora
+    from trainer.lora_files.kohya import save_kohya_lora
     from trainer.model import attach_lora, load_base
 
     base = load_base(ModelConfig(path=str(tiny_base)))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 from pathlib import Path
 
 import torch
@@ -152,12 +151,9 @@ class DiskSpaceError(ValueError):
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor shapes from a .safetensors header (JSON after an 8-byte length): no tensor is read."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100 * MIB:
-            raise ValueError(f"{path}: implausible safetensors header")
-        header = json.loads(f.read(n))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    from trainer.io import read_safetensors_header
+
+    return {k: v["shape"] for k, v in read_safetensors_header(path).items() if k != "__metadata__"}
 
 
 def _matches(key: str, targets: list[str]) -> bool:

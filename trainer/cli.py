@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from trainer import caption_cli
-from trainer.config import Config, ConfigError, check_output_dir, load_config
+from trainer.config import Config, check_output_dir, load_config
 from trainer.io import describe_os_error
 
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                          max_adapters=args.max_adapters, hotswap=args.hotswap, compile=args.compile,
                          max_rank=args.max_rank)
         if args.command == "convert":
-            from trainer.kohya import convert_file
+            from trainer.lora_files.kohya import convert_file
 
             print(convert_file(Path(args.src), Path(args.dst), args.to, base=args.base, model=args.model))
             return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.adapter_files import AdapterError, _scales
+from trainer.lora_files.adapter_files import AdapterError, lora_scales
 
 SLOT = "hotswap_slot"
 
@@ -54,7 +54,7 @@ class HotSwapSlot:
     def _mix(self, unet: list[tuple[str, dict, dict, float]]) -> tuple[dict, list[str]]:
         pairs: dict[str, list] = {}
         for _, tensors, metadata, weight in unet:
-            for module, scale in _scales("unet", tensors, metadata).items():
+            for module, scale in lora_scales("unet", tensors, metadata).items():
                 down = tensors[f"unet.{module}.lora_A.weight"].float()
                 up = tensors[f"unet.{module}.lora_B.weight"].float() * (weight * scale)
                 pairs.setdefault(module, []).append((down, up))

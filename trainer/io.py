@@ -81,3 +81,29 @@ def describe_os_error(err: OSError, what: str = "", with_file: bool = True) -> s
         errno.EEXIST: "already exists; pick another name",
     }.get(err.errno)
     return f"{where}{advice or (err.strerror or str(err) or type(err).__name__)}"
+
+
+MAX_HEADER_BYTES = 100_000_000  # a real header is kilobytes; more means a broken or hostile file
+
+
+def read_safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a .safetensors file (tensor names, dtypes, shapes and `__metadata__`), without torch and
+    without reading a tensor. Raises ValueError for a file that is not one."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: too short for a .safetensors file")
+        (size,) = struct.unpack("<Q", head)
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: implausible .safetensors header ({size} bytes)")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: unreadable .safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: unreadable .safetensors header")
+    return header
+

@@ -21,7 +21,7 @@ from trainer.checkpoint import prune_checkpoints, save_checkpoint
 from trainer.config import Config, LoraConfig
 from trainer.events import ADAPTER, CHECKPOINT, DONE, FAILED, FAST_PATH, SAMPLES, START, STEP, STOP_FILE, STOPPED, \
     WARNING, EventLog
-from trainer.export import save_adapters, training_metadata
+from trainer.lora_files.export import save_adapters, training_metadata
 from trainer.io import describe_os_error
 from trainer.model import check_qlora_available, load_base
 from trainer.run import Run, attach_models, fill_caches, offload, onload, open_run, resume

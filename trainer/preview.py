@@ -12,7 +12,7 @@
   set_adapters on the text encoder, which is never compiled.
 
 Adapter files: `.safetensors` only (never a pickle), kohya/A1111 or diffusers/PEFT layout. kohya files are converted
-in memory by trainer.kohya against the loaded base, so every module keeps its exact alpha (diffusers' own kohya
+in memory by trainer.lora_files.kohya against the loaded base, so every module keeps its exact alpha (diffusers' own kohya
 loader loses per-module alphas). Every key must name a Linear/Conv2d of the base with fitting shapes, else
 `AdapterError` names the file and the first bad key.
 
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from trainer.config import ModelConfig
-from trainer.adapter_files import AdapterError, _module_table, pipe_kind, pipe_parts, read_adapter
+from trainer.lora_files.adapter_files import AdapterError, module_table, pipe_kind, pipe_parts, read_adapter
 from trainer.hotswap import HotSwapSlot
 from trainer.render import draw
 
@@ -83,7 +83,7 @@ class Previewer:
         self.text_parts = [p for p in pipe_parts(pipeline) if p != "unet"]
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(self.device, self.dtype)
-        self.table = _module_table(self.pipe)
+        self.table = module_table(self.pipe)
         self.adapters: OrderedDict[str, Adapter] = OrderedDict()  # name -> Adapter, least recently used first
         self.active: dict[str, float] = {}
         self.released = False

@@ -80,7 +80,7 @@ def effective_delta(f) -> torch.Tensor:
 def plain_lora_tensors(factors: dict, rank: int, kind: str, layout=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Every layer's effective ΔW as a plain kohya LoRA of one rank (alpha = rank, scale 1), and what the SVD lost:
     {"rank", "rel_error": {part: ‖ΔW − ΔW_k‖/‖ΔW‖ over the part}, "max_layer_rel_error", "worst_layer"}."""
-    from trainer.kohya_names import kohya_name
+    from trainer.lora_files.kohya_names import kohya_name
 
     pieces, lost, total, worst = {}, {}, {}, (0.0, "")
     for full_name, f in factors.items():

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.io import atomic_path
-from trainer.kohya_names import canonical_text_module
+from trainer.lora_files.kohya_names import canonical_text_module
 
 
 def _adapter_config(module: torch.nn.Module) -> dict:
@@ -128,9 +128,9 @@ def save_plain_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: d
                     kind: str = "sd1", delta=None) -> tuple[Path, dict]:
     """Write every adapted layer's effective ΔW (DoRA: the whole re-normalised change) as a plain kohya LoRA of
     `rank`, truncated by SVD; returns (path, report) with the measured relative error, also in the header."""
-    from trainer.dora import PLAIN_KEY, plain_lora_tensors
-    from trainer.kohya import write_kohya
-    from trainer.kohya_names import unet_layout
+    from trainer.lora_files.dora import PLAIN_KEY, plain_lora_tensors
+    from trainer.lora_files.kohya import write_kohya
+    from trainer.lora_files.kohya_names import unet_layout
     from trainer.variants import lora_factors
 
     modules = {p: m for p, m in modules.items() if m is not None and getattr(m, "peft_config", None)}
@@ -146,7 +146,7 @@ def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta:
     """The files of a run: `<name>.safetensors` (kohya/A1111 layout, what A1111/Forge/ComfyUI users drop in),
     `<name>.diffusers.safetensors` (diffusers/PEFT layout) and, for DoRA, `<name>.plain.safetensors` (the DoRA as a
     plain LoRA of rank output.plain_lora_rank, for tools that cannot apply DoRA). `step` names an intermediate save."""
-    from trainer.kohya import kohya_metadata, save_kohya_lora
+    from trainer.lora_files.kohya import kohya_metadata, save_kohya_lora
 
     stem = cfg.output.name + ("" if step is None else f"-step{step:06d}")
     kohya_meta = kohya_metadata(meta, rank=cfg.lora.rank, alpha=cfg.lora.alpha, trigger=cfg.data.trigger,

@@ -187,5 +187,5 @@ def diffusers_file_kind(keys, header: dict) -> str:
 
 
 def peft_key(part: str, module: str) -> str:
-    # The canonical diffusers file spelling keeps CLIP's `text_model.` level (as trainer.export writes it).
+    # The canonical diffusers file spelling keeps CLIP's `text_model.` level (as trainer.lora_files.export writes it).
     return f"{part}.{canonical_text_module(module)}" if part.startswith("text_encoder") else f"{part}.{module}"

@@ -1,6 +1,6 @@
 """Adapter files for the preview: read a kohya or diffusers `.safetensors` LoRA and check it fits a loaded base.
 
-kohya files are converted in memory by trainer.kohya against the loaded base, so every module keeps its exact alpha
+kohya files are converted in memory by trainer.lora_files.kohya against the loaded base, so every module keeps its exact alpha
 (diffusers' own kohya loader loses per-module alphas). Every key must name a Linear/Conv2d of the base with fitting
 shapes, else `AdapterError` names the file and the first bad key.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.kohya import DIFFUSERS_SUFFIXES, _group, _peft_scaling, _read_safetensors, kohya_to_diffusers
+from trainer.lora_files.kohya import DIFFUSERS_SUFFIXES, group_modules, peft_scaling, read_adapter_file, kohya_to_diffusers
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -32,7 +32,7 @@ def pipe_kind(pipe) -> str:
     return kind_from_configs(pipe.unet.config, True, getattr(pipe, "text_encoder_2", None) is not None)
 
 
-def _module_table(pipe) -> dict[str, dict[str, torch.nn.Module]]:
+def module_table(pipe) -> dict[str, dict[str, torch.nn.Module]]:
     """{part: {module path as a diffusers file names it (no `text_model.`): Linear/Conv2d}} of the clean base."""
     table: dict[str, dict[str, torch.nn.Module]] = {}
     for part, model in pipe_parts(pipe).items():
@@ -53,12 +53,12 @@ def read_adapter(path: str | Path, pipe, table: dict | None = None,
     path = Path(path)
     label = path.name
     try:
-        state, header = _read_safetensors(path)
+        state, header = read_adapter_file(path)
     except ValueError as err:
         raise AdapterError(str(err).replace(str(path), label)) from None
     if not state:
         raise AdapterError(f"{label}: holds no tensors")
-    table = table or _module_table(pipe)
+    table = table or module_table(pipe)
     kohya = any(k.startswith("lora_") for k in state)
     try:
         if kohya:
@@ -69,7 +69,7 @@ def read_adapter(path: str | Path, pipe, table: dict | None = None,
             raw = header.get(LORA_ADAPTER_METADATA_KEY)
             metadata = json.loads(raw) if raw else {}
             tensors = state
-        groups = _group(tensors, DIFFUSERS_SUFFIXES)
+        groups = group_modules(tensors, DIFFUSERS_SUFFIXES)
     except (ValueError, json.JSONDecodeError) as err:
         raise AdapterError(f"{label}: not a LoRA for this base: {err}") from None
     parts: dict[str, tuple[dict, dict]] = {}
@@ -106,12 +106,12 @@ def read_adapter(path: str | Path, pipe, table: dict | None = None,
     return parts, ("kohya" if kohya else "diffusers")
 
 
-def _scales(part: str, tensors: dict, metadata: dict) -> dict[str, float]:
+def lora_scales(part: str, tensors: dict, metadata: dict) -> dict[str, float]:
     """{module: alpha/r as peft applies it} for the modules of one part (1.0 when the file has no metadata)."""
     config = {k.removeprefix(part + "."): v for k, v in metadata.items()}
     out = {}
     for key, down in tensors.items():
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix(part + ".").removesuffix(".lora_A.weight").removeprefix("text_model.")
-            out[module] = _peft_scaling(config, part, module, down.shape[0]) if "r" in config else 1.0
+            out[module] = peft_scaling(config, part, module, down.shape[0]) if "r" in config else 1.0
     return out

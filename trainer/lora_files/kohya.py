@@ -1,6 +1,6 @@
 """kohya/A1111 LoRA files (what A1111/Forge and ComfyUI load) and conversion to/from the diffusers/PEFT layout.
 
-Keys (trainer.kohya_names, per base family): `lora_unet_<module>` and `lora_te_text_model_<path>` (SD1.x/SD2.x),
+Keys (trainer.lora_files.kohya_names, per base family): `lora_unet_<module>` and `lora_te_text_model_<path>` (SD1.x/SD2.x),
 SGM UNet names and `lora_te1_`/`lora_te2_` (SDXL), each with `.lora_down.weight` [r, in(, kh, kw)],
 `.lora_up.weight` [out, r(, 1, 1)] and `.alpha` (0-dim fp32). Readers apply up·down·(alpha/r)·multiplier, but not
 all of them per module: diffusers' kohya loader keeps one alpha per model part (its alpha_pattern keys miss the
@@ -12,9 +12,9 @@ diffusers' convert_state_dict_to_kohya writes alpha = rank without folding, whic
 whenever lora_alpha != r, so it is not used here.
 
 DoRA: `.dora_scale` [out, 1(, 1, 1)] (output axis) is written for ComfyUI/Forge's formula, which divides by the
-norm of the ORIGINAL weight (trainer.dora): s = m·(‖W‖ + eps)/‖W + ΔW‖, so ComfyUI gives peft's DoRA weight. A1111
+norm of the ORIGINAL weight (trainer.lora_files.dora): s = m·(‖W‖ + eps)/‖W + ΔW‖, so ComfyUI gives peft's DoRA weight. A1111
 (input axis only), kohya's merge_lora.py and diffusers' kohya loader cannot apply it; those get the plain-LoRA
-export (trainer.dora.plain_lora_tensors). Reading such a file back needs the base weights (`model_modules`).
+export (trainer.lora_files.dora.plain_lora_tensors). Reading such a file back needs the base weights (`model_modules`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trainer.dora import DORA_SCALE_KEY, DORA_SCALE_NOTE, comfy_dora_scale, magnitude_from_comfy_scale
+from trainer.lora_files.dora import DORA_SCALE_KEY, DORA_SCALE_NOTE, comfy_dora_scale, magnitude_from_comfy_scale
 from trainer.io import atomic_path
-from trainer.kohya_meta import addnet_hashes, kohya_metadata  # noqa: F401 (kohya_metadata: part of this API)
-from trainer.kohya_names import (PREFIXES, diffusers_file_kind, kohya_file_kind, kohya_name, module_names, peft_key,
+from trainer.lora_files.kohya_meta import addnet_hashes, kohya_metadata  # noqa: F401 (kohya_metadata: part of this API)
+from trainer.lora_files.kohya_names import (PREFIXES, diffusers_file_kind, kohya_file_kind, kohya_name, module_names, peft_key,
                                  reference_names, unet_layout)
 
 ADAPTER = "default"
@@ -98,7 +98,7 @@ def base_weight(models: dict[str, torch.nn.Module], part: str, module: str) -> t
 
 def kohya_state_dict(modules: dict[str, torch.nn.Module], delta=None, kind: str = "sd1") -> dict[str, torch.Tensor]:
     """The kohya tensors of the 'default' adapter of each module ({"unet": ..., "text_encoder"(_2): ...}) of a
-    `kind` base (sd1 | sd2 | sdxl: key names differ, see trainer.kohya_names).
+    `kind` base (sd1 | sd2 | sdxl: key names differ, see trainer.lora_files.kohya_names).
 
     Any variant: trainer.variants.lora_factors gives the exact plain-LoRA factors (VeRA, AdaLoRA, Delta-LoRA
     via `delta`), written at one rank with alpha = rank (uniform_module), so every loader applies the trained ΔW.
@@ -174,7 +174,7 @@ def _lora_config(modules: dict[str, tuple[int, float, bool]]) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
 
 
-def _group(state: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+def group_modules(state: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         suffix = next((s for s in suffixes if key.endswith("." + s)), None)
@@ -206,7 +206,7 @@ def kohya_to_diffusers(
     tensors: dict[str, torch.Tensor] = {}
     per_part: dict[str, dict[str, tuple[int, float, bool]]] = {}
     unknown = []
-    for name, group in sorted(_group(state, KOHYA_SUFFIXES).items()):
+    for name, group in sorted(group_modules(state, KOHYA_SUFFIXES).items()):
         # SD1/SD2 files sometimes spell the one text encoder lora_te1_; files written before the fix spell SDXL's
         # projection lora_te2_text_model_text_projection (ComfyUI's key map knows lora_te2_text_projection only)
         lookup = "lora_te_" + name.removeprefix("lora_te1_") if file_kind != "sdxl" and name.startswith("lora_te1_") else name
@@ -245,7 +245,7 @@ def kohya_to_diffusers(
     return tensors, metadata
 
 
-def _peft_scaling(config: dict, part: str, module: str, rank: int) -> float:
+def peft_scaling(config: dict, part: str, module: str, rank: int) -> float:
     """The scaling peft gives `module` under `config` (a LoraConfig dict), as LoraLayer.update_layer computes it."""
     from peft.utils.other import get_pattern_key
 
@@ -276,14 +276,14 @@ def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict, k
     }
     modules = []
     guessed = set()
-    for name, group in sorted(_group(state, DIFFUSERS_SUFFIXES).items()):
+    for name, group in sorted(group_modules(state, DIFFUSERS_SUFFIXES).items()):
         part, _, module = name.partition(".")
         if part not in prefixes:
             raise ValueError(f"{name}: a {kind} LoRA has kohya keys only for {', '.join(prefixes)}")
         module = module.removeprefix("text_model.") if part.startswith("text_encoder") else module
         down, up = group["lora_A.weight"].float(), group["lora_B.weight"].float()
         if "r" in configs[part]:
-            scaling = _peft_scaling(configs[part], part, module, down.shape[0])
+            scaling = peft_scaling(configs[part], part, module, down.shape[0])
         else:
             scaling = 1.0
             guessed.add(part)
@@ -308,7 +308,7 @@ def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict, k
     return tensors
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_adapter_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of a .safetensors file; anything else is refused (pickles can run code)."""
     from safetensors import SafetensorError, safe_open
 
@@ -357,7 +357,7 @@ def convert_file(src: Path, dst: Path, to: str, base: str | None = None, model=N
     folder = next((p for p in dst.parents if p.exists()), Path("."))
     if not folder.is_dir():
         raise ValueError(f"{dst}: '{folder}' is a file, not a folder; pick another output path")
-    state, header = _read_safetensors(src)
+    state, header = read_adapter_file(src)
     is_kohya = any(k.startswith("lora_") for k in state)
     dora = any(k.endswith(("dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight")) for k in state)
     if dora and model is None and (to == "kohya" or DORA_SCALE_KEY in header):
