@@ -10,12 +10,8 @@ from typing import Any, Callable
 import gradio as gr
 
 from app import dataset_tools as dt
-from app import form
+from app import form, jobs
 from trainer.config import ConfigError
-
-
-def _user(request: gr.Request | None) -> str | None:
-    return getattr(request, "username", None) or None
 
 
 def build() -> dict[str, Any]:
@@ -81,7 +77,7 @@ def build() -> dict[str, Any]:
 
 def _editable(outputs: Path, run: str, request) -> Path:
     try:
-        run_dir, forked = dt.editable_dataset(outputs, run, _user(request))
+        run_dir, forked = dt.editable_dataset(outputs, run, jobs.user_of(request))
     except FileNotFoundError as err:
         raise gr.Error(str(err), print_exception=False) from None
     if forked:
@@ -142,7 +138,7 @@ def _wire_tags_and_concepts(outputs: Path, c: dict[str, Any], current):
     """Tag clicks select images; the tools follow the current dataset; concepts are saved. Returns the
     save-concept event."""
     def select_tag(run: str, tag: str, request: gr.Request):
-        run_dir = dt.readable_run(outputs, run, _user(request))
+        run_dir = dt.readable_run(outputs, run, jobs.user_of(request))
         return gr.CheckboxGroup(value=dt.images_with_tag(run_dir, tag) if run_dir and tag else [])
 
     def clicked_tag(run: str, evt: gr.SelectData, request: gr.Request):
@@ -150,7 +146,7 @@ def _wire_tags_and_concepts(outputs: Path, c: dict[str, Any], current):
         return select_tag(run, str(row[0]) if row else str(evt.value), request)
 
     def tools(run: str, request: gr.Request):
-        run_dir = dt.readable_run(outputs, run, _user(request))
+        run_dir = dt.readable_run(outputs, run, jobs.user_of(request))
         folders = dt.concept_folders(run_dir)
         return (dt.tag_rows(run_dir), gr.CheckboxGroup(choices=dt.image_names(run_dir), value=[]),
                 gr.Dropdown(choices=folders, value=folders[0] if folders else None), dt.concepts_markdown(run_dir))
@@ -187,7 +183,7 @@ def wire_summary(outputs: Path, c: dict, current, preset, extra, widgets: dict, 
             cfg = form.values_to_config(preset_name, values, extra_lines)
         except ConfigError as err:
             return f"⚠️ {str(err).splitlines()[0]}"
-        return dt.summary_markdown(dt.readable_run(outputs, run, _user(request)), cfg)
+        return dt.summary_markdown(dt.readable_run(outputs, run, jobs.user_of(request)), cfg)
 
     kwargs = dict(inputs_kwargs={"run": current, "preset_name": preset, "extra_lines": extra,
                                  **{s.key: widgets[s.path] for s in form.ALL_SPECS}}, outputs=c["summary_md"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainer import arch
-from trainer.config import Config, ConfigError, apply_override, load_config, parse_override, PRESETS_DIR
+from trainer.config import PRESETS_DIR, Config, ConfigError, apply_override, list_presets, load_config, parse_override
 
 DEFAULT_PRESET = "demo-style"  # trains on BUILTIN_BASE: the whole flow works offline and shows a real result
 BUILTIN_BASE = "builtin:demo-sd"
@@ -163,13 +163,9 @@ def preset_values(preset: str) -> dict[str, Any]:
 
 
 def load_preset_config(preset: str | None) -> Config:
-    if preset and preset not in list_preset_names():
+    if preset and preset not in list_presets():
         raise ConfigError(f"unknown preset {preset!r}")
     return load_config(PRESETS_DIR / f"{preset}.toml" if preset else None)
-
-
-def list_preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
 
 def _coerce(spec: FieldSpec, value: Any) -> Any:
@@ -204,7 +200,7 @@ def values_to_config(preset: str | None, values: dict[str, Any], extra_lines: st
     for line in overrides:
         parse_override(line)  # raises a clear ConfigError for a malformed line
     path = PRESETS_DIR / f"{preset}.toml" if preset else None
-    if preset and preset not in list_preset_names():
+    if preset and preset not in list_presets():
         raise ConfigError(f"unknown preset {preset!r}")
     return load_config(path, overrides, extra=ui)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from app.uploads import add_files, sanitize_name
 from trainer.config import Config, save_config
 from trainer.events import DONE, ENDS, FAILED, REPORT_ENDS, START, STEP, STOP_FILE, STOPPED, read_events
-from trainer.io import atomic_write_text
+from trainer.io import atomic_write_text, make_unique_dir
 
 OWNER_FILE = ".owner"  # the logged-in user who made the run (absent without login)
 
@@ -67,19 +67,26 @@ def new_run_dir(outputs: Path, name: str, owner: str | None = None) -> Path:
     With an `owner` (a logged-in user) the folder is outputs/<name>-<random hex> and records its owner: other
     users neither list it nor can guess its path (Gradio serves any file under outputs/ to a logged-in user).
     """
-    outputs.mkdir(parents=True, exist_ok=True)
     base = sanitize_name(name or "style-lora", 60).replace(".", "-")
-    n = 1
-    while True:
-        candidate = outputs / (base if n == 1 and owner is None else f"{base}-{secrets.token_hex(8)}" if owner
-                               else f"{base}-{n}")
-        try:
-            candidate.mkdir()
-            if owner is not None:
-                atomic_write_text(candidate / OWNER_FILE, owner)
-            return candidate
-        except FileExistsError:
-            n += 1
+    run_dir = make_unique_dir(outputs, base, suffix=(lambda n: secrets.token_hex(8)) if owner is not None else None)
+    if owner is not None:
+        atomic_write_text(run_dir / OWNER_FILE, owner)
+    return run_dir
+
+
+def child_env(outputs: Path) -> dict[str, str]:
+    """The environment of the trainer and preview children: unbuffered output, this checkout first on the path, and
+    built-in models written inside outputs/ (nothing is written elsewhere)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("STYLE_LORA_BUILTIN_DIR", str(Path(outputs) / ".builtin"))
+    pythonpath = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + pythonpath if pythonpath else "")
+    return env
+
+
+def user_of(request) -> str | None:
+    """The logged-in user (server started with --auth), else None: a local single-user server."""
+    return getattr(request, "username", None) or None
 
 
 def owner_of(run_dir: Path) -> str | None:
@@ -267,10 +274,7 @@ def start(run_dir: Path) -> int:
     if job.get("resume"):
         cmd += ["--set", 'train.resume="latest"']
     launched_at = time.time()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("STYLE_LORA_BUILTIN_DIR", str(run_dir.parent / ".builtin"))  # stay inside outputs/
-    pythonpath = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + pythonpath if pythonpath else "")
+    env = child_env(run_dir.parent)
     with open(run_dir / "train.log", "ab") as log:
         # New session: the run outlives a server restart, and the UI reattaches by pid.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gradio as gr  # handlers' `request: gr.Request` annotations are resolved against this module
 
+from app.jobs import user_of
 from app.preview_client import (DEFAULT_BASE, NO_ADAPTER, PreviewError, adapter_choices, base_size,
                                 newest_run_adapter, render, resolve, status_line, upload)
 
@@ -24,10 +25,6 @@ def image_settings(f: dict) -> dict:
     return dict(prompt=f["prompt"] or "", negative=f["negative"] or "", steps=int(f["steps"]),
                 guidance=float(f["guidance"]), seed=int(f["seed"] or 0), width=int(f["width"]) // 8 * 8,
                 height=int(f["height"]) // 8 * 8)
-
-
-def user_of(request) -> str | None:
-    return getattr(request, "username", None) or None
 
 
 # ----------------------------------------------------------------------------- the tab

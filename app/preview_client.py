@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +77,7 @@ class Worker:
         folder = preview_dir(self.outputs)
         folder.mkdir(parents=True, exist_ok=True)
         self.log_path = folder / "worker.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.setdefault("STYLE_LORA_BUILTIN_DIR", str(self.outputs / ".builtin"))  # stay inside outputs/
-        pythonpath = env.get("PYTHONPATH", "")
-        env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + pythonpath if pythonpath else "")
+        env = jobs.child_env(self.outputs)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([*WORKER_CMD, "--base", base, *(args or [])], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=log, env=env, cwd=Path.cwd(),
@@ -183,11 +179,13 @@ def shutdown() -> None:
 
 
 def _run_base(run_dir: Path) -> str | None:
+    """The base a run trained on, from its saved config (None when it has none or it no longer reads)."""
+    from trainer.config import ConfigError, load_config
+
     try:
-        model = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")).get("model", {})
-    except (OSError, tomllib.TOMLDecodeError):
+        return load_config(run_dir / "config.toml").model.path
+    except (OSError, ConfigError):
         return None
-    return model.get("path")
 
 
 def _run_adapter(run_dir: Path) -> Path | None:

@@ -14,7 +14,7 @@ import gradio as gr
 
 from app import dataset_tab, downloads_view, form, jobs, preview, preview_client, report_view, uploads
 from trainer import arch
-from trainer.config import ConfigError
+from trainer.config import ConfigError, list_presets
 from trainer.events import FAILED, PROBLEM, START, STEP, STOPPED, WARNING
 
 THUMB_PX = 72
@@ -22,11 +22,6 @@ TICK_S = 1.0
 
 
 # ----------------------------------------------------------------------------- dataset tab
-
-
-def _user(request: gr.Request | None) -> str | None:
-    """The logged-in user (server started with --auth), else None: a local single-user server."""
-    return getattr(request, "username", None) or None
 
 
 def _run_dir(outputs: Path, name: str | None, user: str | None = None) -> Path | None:
@@ -259,7 +254,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
                 # captioning with a model, bulk edits, tag table, concepts, summary (app/dataset_tab.py)
                 tools = dataset_tab.build()
             with gr.Tab("Train", id="train"):
-                preset = gr.Dropdown(choices=form.list_preset_names(), value=form.DEFAULT_PRESET, label="Preset",
+                preset = gr.Dropdown(choices=list_presets(), value=form.DEFAULT_PRESET, label="Preset",
                                      info="demo-style: the demo style set on the demo base, ~2 min on a CPU; "
                                      "tiny-test: seconds, random base; sd15-style: real SD1.5 training")
                 widgets: dict[str, Any] = {}
@@ -308,13 +303,13 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         # Every handler takes the request: with --auth, a user sees and touches only their own runs.
         def upload_files(files: list[str] | None, run: str, name: str, min_image_size: int | None,
                          request: gr.Request):
-            return on_upload(outputs, files, run, name, min_image_size, _user(request))
+            return on_upload(outputs, files, run, name, min_image_size, jobs.user_of(request))
 
         def save_grid(run: str, table: Any, min_image_size: int | None, request: gr.Request):
-            return on_save_captions(outputs, run, table, min_image_size, _user(request))
+            return on_save_captions(outputs, run, table, min_image_size, jobs.user_of(request))
 
         def show_dataset(run: str, min_image_size: int | None, request: gr.Request):
-            return _grid(outputs, _run_dir(outputs, run, _user(request)), min_image_size)
+            return _grid(outputs, _run_dir(outputs, run, jobs.user_of(request)), min_image_size)
 
         uploaded = upload.upload(upload_files, [upload, current, run_name, min_size], [current, grid, data_md, upload],
                                  api_name="upload")
@@ -336,7 +331,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
 
         def train(run: str, preset_name: str, extra_lines: str, request: gr.Request, **fields: Any):
             values = {spec.path: fields[spec.key] for spec in form.ALL_SPECS}
-            user = _user(request)
+            user = jobs.user_of(request)
             name, text = on_train(outputs, run, preset_name, extra_lines, values, user)
             return text, gr.Dropdown(choices=_run_choices(outputs, user), value=name), gr.Tabs(selected="runs")
 
@@ -348,7 +343,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         panel_outputs = [panel_md, loss_plot, samples, files, config_code, log_box, report_img]
 
         def panel(name: str, request: gr.Request):
-            p = run_panel(outputs, name, _user(request))
+            p = run_panel(outputs, name, jobs.user_of(request))
             import pandas as pd  # gradio depends on pandas; LinePlot wants a DataFrame
 
             # Typed columns even when empty: an untyped (object) frame makes the plot treat loss as categories.
@@ -357,7 +352,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
 
         def tick(name: str, seen: str, request: gr.Request):
             jobs.advance(outputs)  # the queue thread does this too; cheap and keeps tests deterministic
-            user = _user(request)
+            user = jobs.user_of(request)
             statuses = jobs.list_runs(outputs)  # once per tick: the run list, its fingerprint, the preview's adapters
             run_choices = _run_choices(outputs, user, statuses)
             panel_fp, list_fp = _fingerprint(outputs, name, user), _list_fingerprint(run_choices)
@@ -374,14 +369,14 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
 
         runs.change(panel, runs, panel_outputs, api_name="panel")
         def list_runs(request: gr.Request):
-            return gr.Dropdown(choices=_run_choices(outputs, _user(request)))
+            return gr.Dropdown(choices=_run_choices(outputs, jobs.user_of(request)))
 
         refresh_btn.click(list_runs, None, runs, api_name="list_runs")
         timer.tick(tick, [runs, shown], [*panel_outputs, runs, preview_tab["adapter"], preview_tab["adapter2"], shown],
                    api_name="tick", show_progress="hidden")
 
         def cancel(name: str, request: gr.Request) -> str:
-            run_dir = _run_dir(outputs, name, _user(request))
+            run_dir = _run_dir(outputs, name, jobs.user_of(request))
             if run_dir is None:
                 raise gr.Error("Pick a run to cancel.", print_exception=False)
             msg = jobs.cancel(run_dir)
@@ -391,7 +386,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         cancel_btn.click(cancel, runs, panel_md, api_name="cancel")
 
         def status_json(name: str, request: gr.Request) -> dict:
-            run_dir = _run_dir(outputs, name, _user(request))
+            run_dir = _run_dir(outputs, name, jobs.user_of(request))
             if run_dir is None:
                 return {"state": "unknown", "name": name}
             st = jobs.status(run_dir)
@@ -403,7 +398,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         gr.Button(visible=False).click(status_json, runs, status_out, api_name="status")
 
         def on_load(request: gr.Request):
-            user = _user(request)
+            user = jobs.user_of(request)
             draft = _latest_draft(outputs, user)
             choices = _run_choices(outputs, user)
             active = next((c[1] for c in choices if c[0].endswith(("(running)", "(stopping)", "(reporting)"))), None)

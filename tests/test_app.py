@@ -113,7 +113,7 @@ def test_run_names_stay_inside_outputs(tmp_path):
 
 
 def test_form_round_trip_and_errors():
-    for preset in form.list_preset_names():
+    for preset in form.list_presets():
         values = form.preset_values(preset)
         assert form.values_to_config(preset, values) == form.load_preset_config(preset)
     values = form.preset_values("tiny-test")

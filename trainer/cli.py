@@ -26,16 +26,9 @@ from trainer.io import describe_os_error
 def new_run_dir(cfg: Config) -> Path:
     """outputs/<name>, or outputs/<name>-2, -3 ...: created here, exclusively (mkdir fails when the folder exists), so
     an earlier run is never overwritten and two runs started at once with one name never share a folder."""
-    root = Path(cfg.output.dir)
-    root.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while True:
-        candidate = root / (cfg.output.name if n == 1 else f"{cfg.output.name}-{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            n += 1
+    from trainer.io import make_unique_dir
+
+    return make_unique_dir(Path(cfg.output.dir), cfg.output.name)
 
 
 def _is_main_process() -> bool:

@@ -107,3 +107,18 @@ def read_safetensors_header(path: str | Path) -> dict:
         raise ValueError(f"{path}: unreadable .safetensors header")
     return header
 
+
+def make_unique_dir(root: Path, name: str, suffix=None) -> Path:
+    """root/<name>, else root/<name>-2, -3 ... (or -<suffix(n)>): created here, exclusively (mkdir fails when the
+    folder exists), so an earlier run is never overwritten and two runs started at once never share a folder."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = root / (name if n == 1 and suffix is None else f"{name}-{suffix(n) if suffix else n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+
