@@ -130,10 +130,18 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation: batches per optimizer step.")
     lr_unet: float = Field(1e-4, ge=0, description="Learning rate of the UNet LoRA.")
     lr_text_encoder: float = Field(5e-5, ge=0, description="Learning rate of the text-encoder LoRA.")
-    optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (fused on CUDA).")
-    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion"] = Field(
+        "adamw", description="Optimizer. adamw: AdamW (fused on CUDA). adamw8bit: bitsandbytes' 8-bit AdamW, less "
+        "memory (CUDA only). prodigy: learning-rate free (prodigyopt), set both learning rates to 1.0 (the lr "
+        "multiplies its estimate); UNet and text encoder must share one lr. adafactor: transformers' Adafactor with a "
+        "fixed learning rate (relative step off, as kohya presets use it). lion: sign-based (lion-pytorch), use a "
+        "3-10x lower learning rate than AdamW.")
+    weight_decay: float = Field(1e-2, ge=0, description="Weight decay (decoupled for AdamW, Prodigy and Lion).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="β1 of AdamW, Prodigy and Lion.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="β2 of AdamW and Prodigy.")
+    prodigy_d_coef: float = Field(1.0, gt=0, description="Prodigy: multiplier of its step-size estimate d "
+                                  "(recipes use 0.5-2; lower = gentler).")
+    lion_beta2: float = Field(0.99, ge=0, lt=1, description="Lion: β2 (paper: 0.99).")
     adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = Field(
@@ -203,6 +211,20 @@ class Config(Section):
     sample: SampleConfig = SampleConfig()
     report: ReportConfig = ReportConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> "Config":
+        tc, lc = self.train, self.lora
+        if tc.optimizer != "adamw" and lc.variant == "lorafa":
+            raise ValueError(f"lora.variant = lorafa has its own AdamW update; it cannot use train.optimizer = {tc.optimizer}")
+        if tc.optimizer == "prodigy":
+            if lc.variant == "loraplus":
+                raise ValueError("train.optimizer = prodigy needs one learning rate for every parameter group; "
+                                 "lora.variant = loraplus gives B its own")
+            if lc.train_text_encoder and lc.train_unet and tc.lr_text_encoder != tc.lr_unet:
+                raise ValueError(f"train.optimizer = prodigy needs one learning rate: set train.lr_text_encoder "
+                                 f"({tc.lr_text_encoder}) = train.lr_unet ({tc.lr_unet}), usually 1.0")
+        return self
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

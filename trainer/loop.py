@@ -26,9 +26,10 @@ from trainer.config import Config, save_config
 from trainer.events import STOP_FILE, EventLog
 from trainer.export import save_adapters, training_metadata
 from trainer.io import atomic_write_text, seal_jsonl
+from trainer.optimizers import build_optimizer, check_optimizer_available
 from trainer.model import attach_lora, check_qlora_available, load_base, lora_parameters
 from trainer.variants import (DeltaLora, adalora_orth_loss, adalora_state, load_adalora_state,
-                              make_optimizer, measure_layer_importance, needs_conversion, probe_steps,
+                              measure_layer_importance, needs_conversion, probe_steps,
                               select_important)
 from trainer.sampling import render_samples
 
@@ -108,6 +109,7 @@ def train(cfg: Config, run_dir: Path, base=None) -> Path:
 def _train_variant(cfg: Config, run_dir: Path, base=None) -> Path:
     if cfg.lora.variant == "qlora":
         check_qlora_available()  # refuse up front, before minutes of loading
+    check_optimizer_available(cfg.train)
     if cfg.lora.variant != "loradrop":
         return _train(cfg, Path(run_dir), base=base)
     if base is not None:
@@ -195,8 +197,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     lrs = {"unet": tc.lr_unet, "text_encoder": tc.lr_text_encoder, "text_encoder_2": tc.lr_text_encoder}
-    adamw = dict(betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay)
-    optimizer = make_optimizer(lora, [(m, lrs[n]) for n, m in trained.items()], adamw, fused=device.type == "cuda")
+    optimizer = build_optimizer(tc, lora, [(m, lrs[n]) for n, m in trained.items()], fused=device.type == "cuda")
     delta = DeltaLora(trained, lora.deltalora_lambda, lora.deltalora_start) if lora.variant == "deltalora" else None
     lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
                                  num_training_steps=total_steps)
