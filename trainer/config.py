@@ -83,15 +83,26 @@ class LoraConfig(Section):
     text_encoder_targets: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "out_proj"], description="Text-encoder module names that get LoRA."
     )
-    variant: Literal["lora", "dora", "loraplus", "lorafa", "vera", "adalora", "loradrop", "deltalora", "qlora"] = Field(
+    variant: Literal["lora", "dora", "loraplus", "lorafa", "vera", "adalora", "loradrop", "deltalora", "qlora",
+                     "loha", "lokr"] = Field(
         "lora",
         description="LoRA family member. lora: low-rank update B·A. dora: LoRA plus a learned per-column magnitude. "
         "loraplus: B learns loraplus_ratio× faster than A. lorafa: A frozen after init, only B trains (less memory). "
         "vera: one frozen random A/B shared by all layers, only two scaling vectors per layer train (tiny files). "
         "adalora: SVD-form LoRA whose rank budget moves to the layers that need it. loradrop: a short probe run "
         "scores each layer, then only the important layers train. deltalora: the frozen weight also follows the "
-        "change of B·A (scaled by deltalora_lambda). qlora: base UNet quantized to 4/8 bit (CUDA only).",
+        "change of B·A (scaled by deltalora_lambda). qlora: base UNet quantized to 4/8 bit (CUDA only). "
+        "loha (LyCORIS): Hadamard product of two rank-r updates, ΔW of rank up to r² for the same size. "
+        "lokr (LyCORIS): Kronecker product of two small factors (tiny files). LoHa/LoKr files use LyCORIS keys "
+        "(A1111/Forge, ComfyUI); diffusers gets the exact ΔW as a plain LoRA.",
     )
+    conv_rank: int = Field(0, ge=0, le=1024, description="LoCon: also train the UNet's resnet and down/upsampler "
+                           "layers (kohya's conv_dim), the 3×3 convolutions at this rank (the 1×1 shortcuts and "
+                           "time embeddings at lora.rank). 0 = off. With lora/dora/loraplus, loha and lokr.")
+    conv_alpha: float = Field(1.0, gt=0, description="LoCon: alpha of the 3×3 convolutions (kohya's conv_alpha): "
+                              "their update is scaled by conv_alpha/conv_rank.")
+    lokr_factor: int = Field(-1, description="LoKr: split each dimension into factors near this size "
+                             "(-1 = near the square root, LyCORIS' default).")
     loraplus_ratio: float = Field(16.0, gt=0, description="LoRA+: learning-rate ratio of B to A (paper: 2^4).")
     vera_rank: int = Field(256, ge=1, description="VeRA: rank of the shared frozen random projections.")
     vera_d_initial: float = Field(0.1, gt=0, description="VeRA: initial value of the d scaling vector.")
@@ -118,6 +129,13 @@ class LoraConfig(Section):
             raise ValueError("deltalora needs dropout = 0 (the frozen-weight update assumes the LoRA path has no dropout)")
         if self.variant == "adalora" and self.adalora_init_rank < self.rank:
             raise ValueError(f"adalora_init_rank ({self.adalora_init_rank}) must be >= rank ({self.rank}), the final budget")
+        if self.conv_rank and self.variant not in ("lora", "dora", "loraplus", "loha", "lokr"):
+            raise ValueError(f"conv_rank (LoCon) works with variants lora, dora, loraplus, loha and lokr, "
+                             f"not {self.variant}")
+        if self.conv_rank and not self.train_unet:
+            raise ValueError("conv_rank (LoCon) adds UNet layers: it needs train_unet = true")
+        if self.rslora and self.variant in ("loha", "lokr"):
+            raise ValueError(f"rslora is a LoRA scaling; {self.variant} scales by alpha/rank")
         if self.variant == "adalora" and self.adalora_tinit + self.adalora_tfinal >= 1:
             raise ValueError("adalora_tinit + adalora_tfinal must leave some steps for re-allocation (sum < 1)")
         return self

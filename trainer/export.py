@@ -152,7 +152,12 @@ def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta:
     kohya_meta = kohya_metadata(meta, rank=cfg.lora.rank, alpha=cfg.lora.alpha, trigger=cfg.data.trigger,
                                 tag_frequency=tag_frequency, base_kind=base_kind, cover_png=cover_png,
                                 rslora=cfg.lora.rslora)
-    kohya = save_kohya_lora(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, delta=delta, kind=base_kind)
+    if cfg.lora.variant in ("loha", "lokr"):  # LyCORIS keys, what A1111/Forge and ComfyUI read (trainer/lycoris.py)
+        from trainer.lycoris import save_lycoris_kohya
+
+        kohya = save_lycoris_kohya(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, cfg.lora, base_kind)
+    else:
+        kohya = save_kohya_lora(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, delta=delta, kind=base_kind)
     diffusers = save_diffusers_lora(Path(run_dir) / f"{stem}.diffusers.safetensors", modules, meta, delta=delta,
                                     convert=convert)
     if cfg.lora.variant != "dora":
