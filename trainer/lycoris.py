@@ -145,14 +145,12 @@ def _low_rank(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def lycoris_factors(layer):
     """The layer's exact ΔW as plain-LoRA trainer.variants.Factors (scale 1): the closed form, or the full-rank SVD
     when that is smaller. Used for the diffusers file and anything else that needs a plain LoRA."""
-    from trainer.dora import truncated_lora
     from trainer.variants import Factors
 
     delta, up, down = _low_rank(layer)
-    full_rank = min(delta.shape[0], delta[0].numel())
-    if up.shape[1] >= full_rank:  # every rank up to min(out, in): the SVD is exact and no larger
-        up, down, _, _ = truncated_lora(delta, full_rank)
-        return Factors(up=up.float(), down=down.float(), scale=1.0)
+    if up.shape[1] >= min(delta.shape[0], delta[0].numel()):  # full rank: the SVD (float64) is exact and no larger
+        u, s, vh = torch.linalg.svd(delta.flatten(1), full_matrices=False)
+        up, down = u * s.sqrt(), s.sqrt()[:, None] * vh
     if delta.dim() == 4:
         up, down = up[:, :, None, None], down.reshape(-1, *delta.shape[1:])
     return Factors(up=up.float().contiguous(), down=down.float().contiguous(), scale=1.0)
