@@ -181,6 +181,13 @@ class TrainConfig(Section):
     )
     min_snr_gamma: float = Field(5.0, ge=0, description="Min-SNR-γ loss weighting (0 = off).")
     noise_offset: float = Field(0.0, ge=0, description="Noise offset (helps very dark/bright images; 0.05 typical).")
+    ema: bool = Field(False, description="Keep an exponential moving average (EMA) of the adapter weights: the saved "
+                      "adapter, samples and validation use the averaged weights (smoother, often better styles); "
+                      "checkpoints keep the raw ones too, so resuming is exact.")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA: the largest decay (closer to 1 = longer memory; "
+                             "0.999 ≈ the last 1000 steps).")
+    ema_warmup: bool = Field(True, description="EMA: ramp the decay up as 1 − (1 + step)^−2/3 so early weights do not "
+                             "dominate the average (diffusers' EMA warmup).")
     seed: int = Field(42, description="Seed for data order, augmentation, noise and timesteps.")
     save_every: int = Field(0, ge=0, description="Write an adapter file every N steps (0 = only at the end).")
     checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0 = off).")

@@ -26,6 +26,7 @@ from trainer.config import Config, save_config
 from trainer.events import STOP_FILE, EventLog
 from trainer.export import save_adapters, training_metadata
 from trainer.io import atomic_write_text, seal_jsonl
+from trainer.ema import ema_state, ema_weights, load_ema_state, make_ema, update_ema
 from trainer.optimizers import build_optimizer, check_optimizer_available
 from trainer.model import attach_lora, check_qlora_available, load_base, lora_parameters
 from trainer.variants import (DeltaLora, adalora_orth_loss, adalora_state, load_adalora_state,
@@ -209,6 +210,8 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     eager_fwd = {"unet": wrapped.get("unet", unet), **{n: wrapped.get(n, m) for n, m in text_encoders.items()}}
     fwd = dict(eager_fwd)
 
+    ema = make_ema(tc, trained)  # EMA of the adapter weights (trainer/ema.py), None when off
+
     # --- resume
     start_step = 0
     if tc.resume == "latest" and not list_checkpoints(run_dir):
@@ -221,6 +224,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         if delta:
             delta.load_state(extra)
         load_adalora_state(tuners, extra)
+        load_ema_state(ema, extra)
         events.emit("resumed", step=start_step, checkpoint=str(folder))
 
     # --- caches: VAE latents (both orientations when flipping) and text embeddings when the TE is frozen
@@ -305,11 +309,12 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
 
     def save_adapter(step: int, final: bool) -> list[Path]:
         samples = sorted((run_dir / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)
-        paths = save_adapters(run_dir, cfg, trained,
-                              training_metadata(cfg, base.kind, step, len(items), started_at, base.prediction_type),
-                              base_kind=base.kind,
-                              tag_frequency=ds.tag_frequency(items), cover_png=samples[-1].read_bytes() if samples else None,
-                              step=None if final else step, delta=delta, convert=needs_conversion(lora))
+        with ema_weights(ema):
+            paths = save_adapters(run_dir, cfg, trained,
+                                  training_metadata(cfg, base.kind, step, len(items), started_at, base.prediction_type),
+                                  base_kind=base.kind,
+                                  tag_frequency=ds.tag_frequency(items), cover_png=samples[-1].read_bytes() if samples else None,
+                                  step=None if final else step, delta=delta, convert=needs_conversion(lora))
         events.emit("adapter", step=step, paths=[str(p) for p in paths], final=final)
         return list(paths)
 
@@ -317,7 +322,8 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         if cfg.sample.prompts and main:
             # the original modules: a compiled graph would recompile for the sampler's shapes
             onload(idle, device)
-            paths = render_samples(base, unet, text_encoders, cfg, step, run_dir / "samples", weight_dtype)
+            with ema_weights(ema):
+                paths = render_samples(base, unet, text_encoders, cfg, step, run_dir / "samples", weight_dtype)
             offload(idle, device)
             events.emit("samples", step=step, paths=[str(p) for p in paths])
 
@@ -326,7 +332,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             folder = save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", step,
                                      trained, optimizer,
                                      lr_scheduler, extra={**(delta.state() if delta else {}),
-                                                          **adalora_state(tuners)})
+                                                          **adalora_state(tuners), **ema_state(ema)})
             prune_checkpoints(run_dir, tc.keep_checkpoints)
             events.emit("checkpoint", step=step, path=str(folder))
         accelerator.wait_for_everyone()
@@ -390,6 +396,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach().float()
         lr_scheduler.step()
+        update_ema(ema)
         step += 1
         now = time.time()
         rate, tick = 1.0 / max(now - tick, 1e-9), now
