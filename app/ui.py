@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import downloads_view, form, jobs, preview, report_view, uploads
+from app import downloads_view, form, jobs, loss_view, preview, report_view, uploads
 from trainer import arch
 from trainer.config import ConfigError
 
@@ -143,6 +143,7 @@ def panel_markdown(st: jobs.RunStatus, queue_pos: int | None = None) -> str:
     mem = last.get("gpu_mem_gib")
     facts = [f"step **{st.step}/{st.total or '?'}**",
              f"loss {last['loss']:.4f}" if "loss" in last else "loss —",
+             loss_view.last_validation(st.events),
              f"{last['it_s']:.2f} it/s" if last.get("it_s") else "— it/s",
              f"ETA {_fmt_s(last.get('eta_s'))}" if st.state == "running" else "",
              f"GPU mem {mem:.2f} GiB" if mem is not None else "GPU mem — (CPU)"]
@@ -181,7 +182,7 @@ def run_panel(outputs: Path, name: str, user: str | None = None) -> dict[str, An
                                                 report_view.report_markdown(st.state, st.events),
                                                 downloads_view.downloads_markdown(jobs.adapter_files(run_dir))])),
         "report_image": report_view.report_image(run_dir, st.events),
-        "loss": [(e["step"], e["loss"]) for e in st.events if e.get("type") == "step" and e.get("loss") is not None],
+        "loss": loss_view.loss_rows(st.events),  # training and validation loss, one series each
         "samples": [(str(p), p.stem) for p in jobs.sample_images(run_dir)],
         "files": files,
         "config": config.read_text(encoding="utf-8") if config.is_file() else "",
@@ -272,7 +273,8 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
                 panel_md = gr.Markdown(elem_id="run-status")
                 with gr.Row():
                     # y from 0: short, stable axis labels while points stream in
-                    loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", x_title="step", y_title="loss",
+                    loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", x_title="step",
+                                            y_title="loss",
                                             y_lim=[0, None], height=260, scale=1)
                     samples = gr.Gallery(label="Samples", columns=4, height=260, scale=1)
                 report_img = gr.Image(label="Style report: rows base / LoRA 0.5 / LoRA 1.0, held-out prompts",
@@ -336,7 +338,8 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
             import pandas as pd  # gradio depends on pandas; LinePlot wants a DataFrame
 
             # Typed columns even when empty: an untyped (object) frame makes the plot treat loss as categories.
-            loss = pd.DataFrame(p["loss"], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
+            loss = pd.DataFrame(p["loss"], columns=["step", "loss", "series"]).astype(
+                {"step": "int64", "loss": "float64", "series": "string"})
             return p["markdown"], loss, p["samples"], p["files"] or None, p["config"], p["log"], p["report_image"]
 
         def tick(name: str, seen: str, request: gr.Request):

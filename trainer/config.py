@@ -60,6 +60,10 @@ class DataConfig(Section):
     shuffle_captions: bool = Field(False, description="Shuffle comma-separated caption tags each step.")
     keep_tokens: int = Field(1, ge=0, description="With shuffle: keep the first N tags (after the trigger) in place.")
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of training on an empty caption.")
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0, description="Hold out this fraction of the images (seeded "
+                                    "pick, at least one) for the validation loss; they do not train. 0 = none.")
+    validation_path: str = Field("", description="A separate folder of held-out images and captions for the "
+                                 "validation loss (instead of validation_split).")
 
     @model_validator(mode="after")
     def _check_buckets(self) -> "DataConfig":
@@ -188,6 +192,13 @@ class TrainConfig(Section):
                              "0.999 ≈ the last 1000 steps).")
     ema_warmup: bool = Field(True, description="EMA: ramp the decay up as 1 − (1 + step)^−2/3 so early weights do not "
                              "dominate the average (diffusers' EMA warmup).")
+    validation_every: int = Field(0, ge=0, description="Validation loss on the held-out images every N steps (and at "
+                                  "the end): fixed timesteps and noise, so it compares across steps and runs. "
+                                  "0 = only at the end (when there is a held-out set).")
+    validation_timesteps: int = Field(4, ge=1, le=100, description="Validation: fixed timesteps per image, evenly "
+                                      "spread over the noise schedule.")
+    keep_best: bool = Field(False, description="Keep the adapter with the lowest validation loss as "
+                            "<name>-best.safetensors (and its .diffusers file). Needs a held-out set.")
     seed: int = Field(42, description="Seed for data order, augmentation, noise and timesteps.")
     save_every: int = Field(0, ge=0, description="Write an adapter file every N steps (0 = only at the end).")
     checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0 = off).")
@@ -239,7 +250,13 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> "Config":
-        tc, lc = self.train, self.lora
+        tc, lc, dc = self.train, self.lora, self.data
+        if dc.validation_split and dc.validation_path:
+            raise ValueError("set data.validation_split or data.validation_path, not both")
+        held_out = bool(dc.validation_split or dc.validation_path)
+        for name, on in (("train.validation_every", tc.validation_every), ("train.keep_best", tc.keep_best)):
+            if on and not held_out:
+                raise ValueError(f"{name} needs held-out images: set data.validation_split or data.validation_path")
         if tc.optimizer != "adamw" and lc.variant == "lorafa":
             raise ValueError(f"lora.variant = lorafa has its own AdamW update; it cannot use train.optimizer = {tc.optimizer}")
         if tc.optimizer == "prodigy":

@@ -33,6 +33,8 @@ from trainer.variants import (DeltaLora, adalora_orth_loss, adalora_state, load_
                               measure_layer_importance, needs_conversion, probe_steps,
                               select_important)
 from trainer.sampling import render_samples
+from trainer.validation import (load_validation_state, make_validator, split_validation, validation_due,
+                                validation_state)
 
 
 def resolve_precision(choice: str) -> str:
@@ -172,6 +174,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         events.emit("problem", path=str(problem.path), reason=problem.reason)
         if main:
             print(f"skipped/warning: {problem}")
+    items, validation_items = split_validation(items, cfg, events)  # held-out images (trainer/validation.py)
     batches_per_epoch = len(ds.epoch_batches(items, tc.batch_size, tc.seed, 0))
     micro_per_step = tc.grad_accum * accelerator.num_processes
     total_steps = math.ceil(tc.epochs * batches_per_epoch / micro_per_step) if tc.epochs else tc.steps
@@ -211,6 +214,8 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     fwd = dict(eager_fwd)
 
     ema = make_ema(tc, trained)  # EMA of the adapter weights (trainer/ema.py), None when off
+    validator = make_validator(cfg, base, validation_items, device, weight_dtype, trains_text,
+                               main and not measure_importance)
 
     # --- resume
     start_step = 0
@@ -225,6 +230,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             delta.load_state(extra)
         load_adalora_state(tuners, extra)
         load_ema_state(ema, extra)
+        load_validation_state(validator, extra)
         events.emit("resumed", step=start_step, checkpoint=str(folder))
 
     # --- caches: VAE latents (both orientations when flipping) and text embeddings when the TE is frozen
@@ -307,14 +313,15 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             loss = loss + lora.adalora_orth_reg * adalora_orth_loss(trained[name])
         return loss
 
-    def save_adapter(step: int, final: bool) -> list[Path]:
+    def save_adapter(step: int, final: bool, best: bool = False) -> list[Path]:
         samples = sorted((run_dir / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)
         with ema_weights(ema):
             paths = save_adapters(run_dir, cfg, trained,
                                   training_metadata(cfg, base.kind, step, len(items), started_at, base.prediction_type),
                                   base_kind=base.kind,
                                   tag_frequency=ds.tag_frequency(items), cover_png=samples[-1].read_bytes() if samples else None,
-                                  step=None if final else step, delta=delta, convert=needs_conversion(lora))
+                                  step=None if final else step, delta=delta, convert=needs_conversion(lora),
+                                  best=best)
         events.emit("adapter", step=step, paths=[str(p) for p in paths], final=final)
         return list(paths)
 
@@ -332,7 +339,8 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             folder = save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", step,
                                      trained, optimizer,
                                      lr_scheduler, extra={**(delta.state() if delta else {}),
-                                                          **adalora_state(tuners), **ema_state(ema)})
+                                                          **adalora_state(tuners), **ema_state(ema),
+                                                          **validation_state(validator)})
             prune_checkpoints(run_dir, tc.keep_checkpoints)
             events.emit("checkpoint", step=step, path=str(folder))
         accelerator.wait_for_everyone()
@@ -409,9 +417,12 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
                   lr_scheduler.get_last_lr()[0], rate)
         stopped = (run_dir / STOP_FILE).exists()
         if step == total_steps or stopped or any(every and step % every == 0 for every in
-                                                 (tc.checkpoint_every, tc.save_every, cfg.sample.every)):
+                                                 (tc.checkpoint_every, tc.save_every, cfg.sample.every,
+                                                  tc.validation_every)):
             report_step(events, bar, *unread)  # before the files and events of this step
             unread = None
+        if validation_due(cfg, step, total_steps, validator):
+            validator.run(step, unet, text_encoders, events, ema, lambda: save_adapter(step, final=False, best=True))
         if step == total_steps or stopped:
             break
         if tc.checkpoint_every and step % tc.checkpoint_every == 0:
