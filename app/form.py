@@ -58,6 +58,7 @@ ADVANCED: list[tuple[str, str, str]] = [
     ("train.validation_every", "int", "Validation loss every N steps"),
     ("train.validation_timesteps", "int", "Validation: timesteps per image"),
     ("train.keep_best", "bool", "Keep the best adapter (lowest validation loss)"),
+    ("train.log_with", "choice", "Also log to"),
     ("train.save_every", "int", "Save adapter every N steps"),
     ("train.checkpoint_every", "int", "Checkpoint every N steps"),
     ("data.repeats", "int", "Repeats"),

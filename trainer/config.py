@@ -199,6 +199,9 @@ class TrainConfig(Section):
                                       "spread over the noise schedule.")
     keep_best: bool = Field(False, description="Keep the adapter with the lowest validation loss as "
                             "<name>-best.safetensors (and its .diffusers file). Needs a held-out set.")
+    log_with: Literal["none", "tensorboard"] = Field(
+        "none", description="Also log the training loss, learning rate and validation loss to TensorBoard "
+        "(accelerate's tracker) in RUN/tensorboard/: `tensorboard --logdir outputs`. events.jsonl stays the UI's source.")
     seed: int = Field(42, description="Seed for data order, augmentation, noise and timesteps.")
     save_every: int = Field(0, ge=0, description="Write an adapter file every N steps (0 = only at the end).")
     checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0 = off).")

@@ -26,12 +26,15 @@ _last_write: dict[Path, float] = {}
 class EventLog:
     def __init__(self, path: Path | None):
         self.path = Path(path) if path else None
+        self.listeners: list = []  # fn(kind, fields) called for every event written (e.g. trainer.tracking)
 
     def emit(self, kind: str, buffered: bool = False, **fields: Any) -> None:
         """Append one event. `buffered`: a frequent event (a training step) that may wait up to FLUSH_SECONDS
         for the next write, so a fast run does not open the file 30 times a second."""
         if self.path is None:
             return
+        for listener in self.listeners:
+            listener(kind, fields)
         now = time.time()
         lines = _buffered.setdefault(self.path, [])
         lines.append(json.dumps({"time": round(now, 3), "type": kind, **fields}, default=str))

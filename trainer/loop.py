@@ -33,6 +33,7 @@ from trainer.variants import (DeltaLora, adalora_orth_loss, adalora_state, load_
                               measure_layer_importance, needs_conversion, probe_steps,
                               select_important)
 from trainer.sampling import render_samples
+from trainer.tracking import start_trackers, tracker_args
 from trainer.validation import (load_validation_state, make_validator, split_validation, validation_due,
                                 validation_state)
 
@@ -156,7 +157,8 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
     fast = use_fast_path(cfg, measure_importance)
     # cpu=True without CUDA lets accelerate run data-parallel over gloo when launched with several processes.
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.mixed_precision),
-                              gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available())
+                              gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available(),
+                              **tracker_args(cfg, run_dir))
     main = accelerator.is_main_process
     events = EventLog(run_dir / "events.jsonl" if main else None)
     if main:
@@ -164,6 +166,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         seal_jsonl(run_dir / "events.jsonl")  # a line torn by kill -9 must not swallow this run's first event
         save_config(cfg, run_dir / "config.toml")
         (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
+        start_trackers(accelerator, cfg, events)  # TensorBoard follows the events (trainer/tracking.py)
     device, tc = accelerator.device, cfg.train
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     started_at = time.time()
