@@ -53,6 +53,7 @@ ADVANCED: list[tuple[str, str, str]] = [
     ("train.ema_decay", "float", "EMA: decay"),
     ("train.ema_warmup", "bool", "EMA: warmup"),
     ("train.seed", "int", "Seed"),
+    ("data.masked_loss", "bool", "Masked loss (name.mask.png or alpha)"),
     ("data.validation_split", "float", "Validation: held-out fraction"),
     ("data.validation_path", "text", "Validation: held-out folder"),
     ("train.validation_every", "int", "Validation loss every N steps"),

@@ -60,6 +60,9 @@ class DataConfig(Section):
     shuffle_captions: bool = Field(False, description="Shuffle comma-separated caption tags each step.")
     keep_tokens: int = Field(1, ge=0, description="With shuffle: keep the first N tags (after the trigger) in place.")
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of training on an empty caption.")
+    masked_loss: bool = Field(False, description="Weight the loss by a per-image mask, as kohya's --masked_loss: "
+                              "name.mask.png beside the image (white trains, black is ignored) or else the image's "
+                              "alpha channel. Images with neither train on their whole area.")
     validation_split: float = Field(0.0, ge=0.0, lt=1.0, description="Hold out this fraction of the images (seeded "
                                     "pick, at least one) for the validation loss; they do not train. 0 = none.")
     validation_path: str = Field("", description="A separate folder of held-out images and captions for the "

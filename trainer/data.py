@@ -139,6 +139,9 @@ def scan_dataset(cfg: DataConfig) -> tuple[list[Item], list[Problem]]:
     cap_ext = cfg.caption_extension if cfg.caption_extension.startswith(".") else "." + cfg.caption_extension
     files = _list_files(root)
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    # `name.mask.png` beside `name.png` is that image's loss mask (trainer/masks.py, data.masked_loss), not an image
+    stems = {p.with_suffix("") for p in images}
+    images = [p for p in images if not (p.stem.endswith(".mask") and p.parent / p.stem[: -len(".mask")] in stems)]
     image_stems = {p.with_suffix("") for p in images}
     items, problems = [], []
 

@@ -28,6 +28,7 @@ from trainer.export import save_adapters, training_metadata
 from trainer.io import atomic_write_text, seal_jsonl
 from trainer.ema import ema_state, ema_weights, load_ema_state, make_ema, update_ema
 from trainer.optimizers import build_optimizer, check_optimizer_available
+from trainer.masks import batch_masks, make_masks
 from trainer.model import attach_lora, check_qlora_available, load_base, lora_parameters
 from trainer.variants import (DeltaLora, adalora_orth_loss, adalora_state, load_adalora_state,
                               measure_layer_importance, needs_conversion, probe_steps,
@@ -178,6 +179,7 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
         if main:
             print(f"skipped/warning: {problem}")
     items, validation_items = split_validation(items, cfg, events)  # held-out images (trainer/validation.py)
+    masks = make_masks(cfg, items, events)  # data.masked_loss (trainer/masks.py), None when off
     batches_per_epoch = len(ds.epoch_batches(items, tc.batch_size, tc.seed, 0))
     micro_per_step = tc.grad_accum * accelerator.num_processes
     total_steps = math.ceil(tc.epochs * batches_per_epoch / micro_per_step) if tc.epochs else tc.steps
@@ -306,7 +308,8 @@ def _train(cfg: Config, run_dir: Path, lora=None, measure_importance: bool = Fal
             time_ids = torch.stack([sdxl_time_ids(items[i].size, items[i].bucket, f) for i, f in zip(indices, flips)])
         pred = fwd["unet"](noisy, timesteps, hidden.to(weight_dtype), **unet_kwargs(pooled, time_ids, weight_dtype)).sample.float()
         target = noise if base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weight_map = batch_masks(masks, indices, flips, pred)  # masked loss: 0 where the mask is 0; else 1.0
+        loss = (F.mse_loss(pred, target.float(), reduction="none") * weight_map).mean(dim=(1, 2, 3))
         if tc.min_snr_gamma:
             snr = compute_snr(scheduler, timesteps)
             weight = snr.clamp(max=tc.min_snr_gamma) / (snr + 1 if base.prediction_type == "v_prediction" else snr)
