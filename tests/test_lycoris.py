@@ -165,3 +165,48 @@ def test_downloads_guide_sends_lycoris_files_to_a1111_and_comfyui(make_cfg, tmp_
     loop.train(make_cfg("train.steps=1", 'lora.variant="loha"'), tmp_path / "run")
     line = view.file_use(tmp_path / "run" / "tiny-test.safetensors")
     assert "A1111/Forge and ComfyUI (LyCORIS keys) — exact" in line and ".diffusers.safetensors" in line
+
+
+def test_sdxl_loha_with_locon_uses_sgm_names_and_stays_exact(tmp_path, train_capturing):
+    """SDXL: LyCORIS keys carry kohya's SGM UNet names and lora_te1_/lora_te2_ (trainer.kohya_names, the table the
+    SDXL tests check against diffusers' own SGM mapping); every one is exact in ComfyUI's formula."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from tests.test_sdxl import config
+    from trainer.kohya_names import module_names
+    from trainer.tiny_xl import build_tiny_sdxl
+
+    base_dir = build_tiny_sdxl(tmp_path / "tiny-sdxl")
+    cfg = config(base_dir, tmp_path, 'lora.variant="loha"', "lora.rank=2", "lora.conv_rank=2",
+                 "train.cache_text_embeddings=false", 'output.name="xl"')
+    live_base, final = train_capturing(cfg, tmp_path / "run")
+    parts = {"unet": live_base.unet, **live_base.text_encoders()}
+    table = module_names(parts, "sdxl")
+    kohya = load_file(tmp_path / "run" / "xl.safetensors")
+    groups: dict[str, dict] = {}
+    for key, tensor in kohya.items():
+        name, _, suffix = key.partition(".")
+        groups.setdefault(name, {})[suffix] = tensor.double()
+    assert any(n.startswith("lora_unet_input_blocks_") and n.endswith("_in_layers_2") for n in groups)  # resnet conv1
+    assert {n.split("_")[1] for n in groups} == {"unet", "te1", "te2"}
+    live = {}
+    for part, model in parts.items():
+        for name, layer in lora_layers(model).items():
+            layer = copy.deepcopy(layer).double()
+            weight = layer.get_base_layer().weight.detach().clone()
+            layer.merge(adapter_names=["default"])
+            live[(part, name.removeprefix("text_model."))] = (weight, layer.get_base_layer().weight.detach() - weight)
+    assert len(groups) == len(live)
+    for name, g in groups.items():
+        weight, want = live[table[name]]
+        assert relative(comfyui_lycoris(weight, g) - weight, want) < 1e-5, name
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    pipe.load_lora_weights(str(final), adapter_name="exported")
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        for name, layer in lora_layers(getattr(pipe, part)).items():
+            layer = copy.deepcopy(layer).double()
+            weight = layer.get_base_layer().weight.detach().clone()
+            layer.merge(adapter_names=["exported"])
+            got = layer.get_base_layer().weight.detach() - weight
+            assert relative(got, live[(part, name.removeprefix("text_model."))][1]) < 1e-5, (part, name)
