@@ -43,7 +43,7 @@ screenshots: install
 # Re-resolve every dependency to the newest versions pyproject.toml allows, in a clean venv, and rewrite the lock.
 # Then run `make test` before committing it.
 lock:
-	rm -rf .venv-lock
+	rm -rf .venv-lock build  # build/: what `pip install .` leaves behind
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip
 	.venv-lock/bin/python -m pip install -q "$(TORCH)"
@@ -54,7 +54,7 @@ lock:
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|style-lora-studio)[ =@]'; \
 	} > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
-	rm -rf .venv-lock
+	rm -rf .venv-lock build
 
 # Drift check for maintainers: the newest allowed versions (not the lock) in a separate venv, fast tests only.
 test-latest:

@@ -13,6 +13,7 @@ from trainer.io import read_safetensors_header
 # Header entries written by trainer/lora_files/dora.py (kept equal by a test; importing it would import torch).
 DORA_SCALE_KEY = "style_lora_dora_scale"
 PLAIN_KEY = "style_lora_plain"
+LYCORIS_KEY = "style_lora_lycoris"  # trainer/lycoris.py
 STEP = re.compile(r"-step\d{6}\.(diffusers\.|plain\.)?safetensors$")
 
 
@@ -39,6 +40,9 @@ def file_use(path: Path) -> str:
             return f"`{name}`: a plain LoRA made from the DoRA: loads in every tool (error not readable)."
         return (f"`{name}`: the DoRA as a plain LoRA of rank {plain.get('rank')} — loads the same in A1111/Forge, "
                 f"ComfyUI, kohya `merge_lora.py` and diffusers; relative error of the weight change: {errors}.")
+    if LYCORIS_KEY in meta:
+        return (f"`{name}`: A1111/Forge and ComfyUI (LyCORIS keys) — exact. kohya `merge_lora.py` and diffusers do not "
+                "read LyCORIS keys: in diffusers use the `.diffusers.safetensors` file (the same ΔW as a plain LoRA).")
     if DORA_SCALE_KEY in meta:
         return (f"`{name}`: ComfyUI and Forge — exact (DoRA). A1111, kohya `merge_lora.py` and diffusers' kohya loader "
                 "cannot apply this DoRA: use the `.plain.safetensors` file there.")

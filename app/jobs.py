@@ -30,7 +30,7 @@ from pathlib import Path
 
 from app.uploads import add_files, sanitize_name
 from trainer.config import Config, save_config
-from trainer.events import DONE, ENDS, FAILED, REPORT_ENDS, START, STEP, STOP_FILE, STOPPED, read_events
+from trainer.events import DONE, ENDS, FAILED, REPORT_ENDS, START, STEP, STOP_FILE, STOPPED, run_events
 from trainer.io import atomic_write_text, make_unique_dir
 
 OWNER_FILE = ".owner"  # the logged-in user who made the run (absent without login)
@@ -189,30 +189,6 @@ def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
         text = f.read().decode("utf-8", errors="replace")
     # tqdm redraws with \r; keep the last state of each line
     return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
-
-
-_EVENTS: dict[Path, tuple[int, int, list[dict]]] = {}  # events.jsonl -> (inode, bytes read, events so far)
-_EVENTS_LOCK = threading.Lock()
-
-
-def run_events(path: Path) -> list[dict]:
-    """Every complete event of a run's events.jsonl, read on from the byte where the last call stopped: the UI asks
-    every second, and the file only grows (a new file, e.g. a re-created run, is read from the start)."""
-    key = Path(path).resolve()
-    try:
-        inode, size = os.stat(key).st_ino, os.stat(key).st_size
-    except FileNotFoundError:
-        with _EVENTS_LOCK:
-            _EVENTS.pop(key, None)
-        return []
-    with _EVENTS_LOCK:
-        known_inode, offset, events = _EVENTS.get(key, (inode, 0, []))
-        if known_inode != inode or size < offset:
-            offset, events = 0, []
-        new, offset = read_events(key, offset)
-        events = events + new  # a new list: callers may keep the old one
-        _EVENTS[key] = (inode, offset, events)
-        return events
 
 
 def status(run_dir: Path) -> RunStatus:

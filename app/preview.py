@@ -30,16 +30,8 @@ def image_settings(f: dict) -> dict:
 # ----------------------------------------------------------------------------- the tab
 
 
-def build_tab(outputs: Path):
-    """The Preview tab; call inside the app's `gr.Tabs()`. Every event has an api_name."""
-    outputs = Path(outputs)
-
-    def picker(request: gr.Request):
-        return gr.Dropdown(choices=adapter_choices(outputs, user_of(request)))
-
-    def picker2(request: gr.Request):
-        return gr.Dropdown(choices=[("(none)", "")] + adapter_choices(outputs, user_of(request)))
-
+def tab_layout() -> tuple:
+    """The tab's components, in the order build_tab unpacks them."""
     with gr.Tab("Preview", id="preview") as tab:
         gr.Markdown("Generate with a trained adapter beside the base model at the same seed. The base stays loaded in "
                     "a preview worker; switching adapters takes milliseconds.")
@@ -74,7 +66,22 @@ def build_tab(outputs: Path):
             lora_img = gr.Image(label="With the adapter", type="filepath", interactive=False)
             base_img = gr.Image(label="Base model, same seed", type="filepath", interactive=False)
         grid_img = gr.Image(label="Strengths 0, 0.5, 1 (columns) × 3 seeds (rows)", type="filepath", interactive=False)
+    return (tab, adapter, strength, refresh, adapter2, weight2, upload_file, base, prompt, negative, steps, guidance,
+            seed, width, height, compare_btn, grid_btn, status, lora_img, base_img, grid_img)
 
+
+def build_tab(outputs: Path):
+    """The Preview tab; call inside the app's `gr.Tabs()`. Every event has an api_name."""
+    outputs = Path(outputs)
+
+    def picker(request: gr.Request):
+        return gr.Dropdown(choices=adapter_choices(outputs, user_of(request)))
+
+    def picker2(request: gr.Request):
+        return gr.Dropdown(choices=[("(none)", "")] + adapter_choices(outputs, user_of(request)))
+
+    (tab, adapter, strength, refresh, adapter2, weight2, upload_file, base, prompt, negative, steps, guidance,
+     seed, width, height, compare_btn, grid_btn, status, lora_img, base_img, grid_img) = tab_layout()
     inputs = [adapter, strength, adapter2, weight2, base, prompt, negative, steps, guidance, seed, width, height]
 
     def on_base(b: str):

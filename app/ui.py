@@ -8,29 +8,21 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
 
-from app import dataset_tab, downloads_view, form, jobs, preview, preview_client, report_view, uploads
-from trainer import arch
+from app import dataset_tab, form, jobs, preview, preview_client, uploads
+from app.runs_view import (finished_since, fingerprint, list_fingerprint, panel_markdown,  # noqa: F401 (tests)
+                           run_choices, run_dir_of, run_panel)
 from trainer.config import ConfigError, list_presets
-from trainer.events import FAILED, PROBLEM, START, STEP, STOPPED, WARNING
 
 THUMB_PX = 72
 TICK_S = 1.0
 
 
 # ----------------------------------------------------------------------------- dataset tab
-
-
-def _run_dir(outputs: Path, name: str | None, user: str | None = None) -> Path | None:
-    """The run's folder, or None when there is no such run or it belongs to another logged-in user."""
-    try:
-        run_dir = jobs.run_path(outputs, name) if name else None
-    except FileNotFoundError:
-        return None
-    return run_dir if run_dir is not None and jobs.visible_to(run_dir, user) else None
 
 
 def _grid(outputs: Path, run_dir: Path | None, min_size: int | None) -> tuple[list[list[str]], str]:
@@ -54,9 +46,9 @@ def _latest_draft(outputs: Path, user: str | None = None) -> str:
 
 def on_upload(outputs: Path, files: list[str] | None, run: str, name: str, min_size: int | None,
               user: str | None = None):
-    run_dir = _run_dir(outputs, run, user)
+    run_dir = run_dir_of(outputs, run, user)
     if run_dir is None or jobs.read_job(run_dir):  # a submitted run's dataset is frozen: start a new one
-        run_dir = jobs.new_run_dir(outputs, name or "style-lora", owner=user)
+        run_dir = jobs.newrun_dir_of(outputs, name or "style-lora", owner=user)
     paths = [str(f) for f in (files or [])]
     _, problems = uploads.add_files(run_dir, paths, [Path(p).name for p in paths])
     for problem in problems[:5]:
@@ -68,7 +60,7 @@ def on_upload(outputs: Path, files: list[str] | None, run: str, name: str, min_s
 
 
 def on_save_captions(outputs: Path, run: str, table: Any, min_size: int | None, user: str | None = None):
-    run_dir = _run_dir(outputs, run, user)
+    run_dir = run_dir_of(outputs, run, user)
     if run_dir is None:
         gr.Warning("No dataset to save captions for")
         return "", [], "No dataset."
@@ -97,7 +89,7 @@ def on_preset(preset: str) -> dict:
 def on_train(outputs: Path, run: str, preset: str, extra: str, values: dict[str, Any],
              user: str | None = None) -> tuple[str, str]:
     """Validate the form, write the run config and queue it. Returns (run name or "", status markdown)."""
-    run_dir = _run_dir(outputs, run, user)
+    run_dir = run_dir_of(outputs, run, user)
     if run_dir is None:
         raise gr.Error("Add images on the Dataset tab first.", print_exception=False)
     rows, error = uploads.dataset_items(run_dir, int(values.get("data.min_image_size") or 64))
@@ -113,100 +105,6 @@ def on_train(outputs: Path, run: str, preset: str, extra: str, values: dict[str,
     jobs.advance(outputs)
     state = jobs.status(run_dir).state
     return run_dir.name, f"Run **{run_dir.name}** {state}. Follow it on the Runs tab."
-
-
-# ----------------------------------------------------------------------------- runs tab
-
-
-def _run_choices(outputs: Path, user: str | None = None, runs: list | None = None) -> list[tuple[str, str]]:
-    """(label, name) of the user's submitted runs; `runs`: jobs.list_runs' answer when the caller has it."""
-    return [(f"{st.name} ({st.state})", st.name) for st in (jobs.list_runs(outputs) if runs is None else runs)
-            if st.state != "draft" and jobs.visible_to(st.run_dir, user)]
-
-
-def _fmt_s(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def panel_markdown(st: jobs.RunStatus, queue_pos: int | None = None) -> str:
-    steps = [e for e in st.events if e.get("type") == STEP]
-    last = steps[-1] if steps else {}
-    head = f"### {st.name}: {st.state}"
-    if st.state == "queued" and queue_pos:
-        head += f" (position {queue_pos} in the queue)"
-    mem = last.get("gpu_mem_gib")
-    facts = [f"step **{st.step}/{st.total or '?'}**",
-             f"loss {last['loss']:.4f}" if "loss" in last else "loss —",
-             f"{last['it_s']:.2f} it/s" if last.get("it_s") else "— it/s",
-             f"ETA {_fmt_s(last.get('eta_s'))}" if st.state == "running" else "",
-             f"GPU mem {mem:.2f} GiB" if mem is not None else "GPU mem — (CPU)"]
-    lines = [head, " · ".join(f for f in facts if f)]
-    start = next((e for e in st.events if e.get("type") == START), None)
-    if start:
-        precision = {"no": "fp32"}.get(start.get("precision"), start.get("precision"))
-        base = arch.describe(start["base_kind"], start.get("prediction_type", "")) if start.get("base_kind") else "base"
-        lines.append(f"{start.get('images')} images on {start.get('device')} ({precision}); {base}")
-    problems = [e for e in st.events if e.get("type") == PROBLEM]
-    if problems:
-        lines.append("Skipped or warned: " + "; ".join(f"`{Path(p['path']).name}`: {p['reason']}" for p in problems[:10]))
-    warnings = [e for e in st.events if e.get("type") == WARNING]
-    if warnings:
-        lines.append("Warnings: " + "; ".join(w.get("reason", "") for w in warnings[-5:]))
-    if st.state == FAILED:
-        first, *rest = st.reason.splitlines() or ["trainer failed"]
-        lines.append(f"**Failed**: {first}" + ("\n```\n" + "\n".join(rest) + "\n```" if rest else ""))
-    if st.state == STOPPED:
-        lines.append("Cancelled: a partial adapter was saved.")
-    return "\n\n".join(lines)
-
-
-def run_panel(outputs: Path, name: str, user: str | None = None) -> dict[str, Any]:
-    """Everything the live panel shows for one run, as plain values."""
-    run_dir = _run_dir(outputs, name, user)
-    if run_dir is None:
-        return {"markdown": "Pick a run.", "loss": [], "samples": [], "files": [], "config": "", "log": "",
-                "state": "", "report_image": None}
-    st = jobs.status(run_dir)
-    queued = sorted((s for s in jobs.list_runs(outputs) if s.state == "queued"),
-                    key=lambda s: jobs.read_job(s.run_dir).get("queued_at", 0))
-    pos = next((i + 1 for i, s in enumerate(queued) if s.name == name), None)
-    files = [str(p) for p in jobs.adapter_files(run_dir)]
-    if st.state in jobs.TERMINAL:
-        files.append(str(jobs.run_zip(run_dir)))
-    config = run_dir / "config.toml"
-    return {
-        "markdown": "\n\n".join(filter(None, [panel_markdown(st, pos),
-                                                report_view.report_markdown(st.state, st.events),
-                                                downloads_view.downloads_markdown(jobs.adapter_files(run_dir))])),
-        "report_image": report_view.report_image(run_dir, st.events),
-        "loss": [(e["step"], e["loss"]) for e in st.events if e.get("type") == STEP and e.get("loss") is not None],
-        "samples": [(str(p), p.stem) for p in jobs.sample_images(run_dir)],
-        "files": files,
-        "config": config.read_text(encoding="utf-8") if config.is_file() else "",
-        "log": jobs.log_tail(run_dir, 40),
-        "state": st.state,
-    }
-
-
-def _fingerprint(outputs: Path, name: str, user: str | None = None) -> str:
-    run_dir = _run_dir(outputs, name, user)
-    if run_dir is None:
-        return f"none:{name}"
-    sizes = [(run_dir / f).stat().st_size if (run_dir / f).exists() else -1 for f in ("events.jsonl", "train.log")]
-    return f"{name}:{jobs.status(run_dir).state}:{sizes}:{len(jobs.adapter_files(run_dir))}"
-
-
-def _list_fingerprint(choices: list[tuple[str, str]]) -> str:
-    return ",".join(label for label, _ in choices)
-
-
-def _finished_since(old: str, new: str) -> bool:
-    """Did a run write its final adapter between two list fingerprints ("name (state)" labels)?"""
-    ended = set(new.split(",")) - set(old.split(","))
-    return any(label.endswith(tuple(f"({s})" for s in preview_client.FINISHED)) for label in ended)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -229,6 +127,72 @@ def _widget(spec: form.FieldSpec, value: Any):
     return gr.Textbox(value=value, label=spec.label, info=info)
 
 
+def dataset_layout() -> SimpleNamespace:
+    with gr.Tab("Dataset", id="dataset"):
+        with gr.Row():
+            run_name = gr.Textbox(value="my-style", label="Name for a new dataset/run", scale=1)
+            new_btn = gr.Button("New dataset", scale=0)
+        # No file_types: gradio would refuse a whole drop for one bad file; uploads.add_files names each refusal.
+        upload = gr.File(file_count="multiple", type="filepath",
+                         label="Drop images, .txt captions or a .zip of both", elem_id="upload")
+        data_md = gr.Markdown(elem_id="dataset-status")
+        grid = gr.Dataframe(headers=["image", "file", "caption", "status"], datatype=["html", "str", "str", "str"],
+                            interactive=True, static_columns=[0, 1, 3], wrap=True, type="array",
+                            label="Captions (edit the caption column, then Save captions)", elem_id="caption-grid")
+        save_btn = gr.Button("Save captions")
+        tools = dataset_tab.build()  # captioning with a model, bulk edits, tag table, concepts, summary
+    return SimpleNamespace(run_name=run_name, new_btn=new_btn, upload=upload, data_md=data_md, grid=grid,
+                           save_btn=save_btn, tools=tools)
+
+
+def train_layout(defaults: dict[str, Any]) -> SimpleNamespace:
+    with gr.Tab("Train", id="train"):
+        preset = gr.Dropdown(choices=list_presets(), value=form.DEFAULT_PRESET, label="Preset",
+                             info="demo-style: the demo style set on the demo base, ~2 min on a CPU; "
+                             "tiny-test: seconds, random base; sd15-style: real SD1.5 training")
+        widgets: dict[str, Any] = {}
+        with gr.Row():
+            for spec in form.BASIC_SPECS[:2]:
+                widgets[spec.path] = _widget(spec, defaults[spec.path])
+        base_md = gr.Markdown(form.describe_base(defaults["model.path"]), elem_id="base-kind")
+        with gr.Row():
+            for spec in form.BASIC_SPECS[2:]:
+                widgets[spec.path] = _widget(spec, defaults[spec.path])
+        with gr.Accordion("Advanced", open=False):
+            with gr.Row():
+                for spec in form.ADVANCED_SPECS:
+                    widgets[spec.path] = _widget(spec, defaults[spec.path])
+            extra = gr.Textbox(label=form.EXTRA_LABEL, info=form.EXTRA_HELP, lines=3)
+        train_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
+        train_md = gr.Markdown(elem_id="train-status")
+    return SimpleNamespace(preset=preset, widgets=widgets, base_md=base_md, extra=extra, train_btn=train_btn,
+                           train_md=train_md)
+
+
+def runs_layout() -> SimpleNamespace:
+    with gr.Tab("Runs", id="runs"):
+        with gr.Row():
+            runs = gr.Dropdown(choices=[], label="Run", scale=3, elem_id="run-select", allow_custom_value=True)
+            refresh_btn = gr.Button("Refresh", scale=0)
+            cancel_btn = gr.Button("Cancel run", variant="stop", scale=0, elem_id="cancel-btn")
+        panel_md = gr.Markdown(elem_id="run-status")
+        with gr.Row():
+            # y from 0: short, stable axis labels while points stream in
+            loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", x_title="step", y_title="loss",
+                                    y_lim=[0, None], height=260, scale=1)
+            samples = gr.Gallery(label="Samples", columns=4, height=260, scale=1)
+        report_img = gr.Image(label="Style report: rows base / LoRA 0.5 / LoRA 1.0, held-out prompts",
+                              interactive=False, height=260, elem_id="style-report")
+        files = gr.File(label="Downloads: adapters and a zip of the run (which file for which tool: see above)",
+                        file_count="multiple", interactive=False, elem_id="downloads")
+        with gr.Accordion("Config and log", open=False):
+            config_code = gr.Code(label="config.toml", language=None, interactive=False)
+            log_box = gr.Textbox(label="train.log (end)", lines=12, max_lines=12, interactive=False)
+    return SimpleNamespace(runs=runs, refresh_btn=refresh_btn, cancel_btn=cancel_btn, panel_md=panel_md,
+                           loss_plot=loss_plot, samples=samples, report_img=report_img, files=files,
+                           config_code=config_code, log_box=log_box)
+
+
 def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
     outputs = Path(outputs).resolve()
     outputs.mkdir(parents=True, exist_ok=True)
@@ -238,175 +202,133 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         gr.Markdown("# Style-LoRA Studio\nDrop images → check captions → pick settings → Train.")
         current = gr.Textbox(label="Current dataset (run folder)", interactive=False, elem_id="current-run")
         with gr.Tabs(selected="dataset") as tabs:
-            with gr.Tab("Dataset", id="dataset"):
-                with gr.Row():
-                    run_name = gr.Textbox(value="my-style", label="Name for a new dataset/run", scale=1)
-                    new_btn = gr.Button("New dataset", scale=0)
-                # No file_types: gradio would refuse a whole drop for one bad file;
-                # uploads.add_files names each refusal instead.
-                upload = gr.File(file_count="multiple", type="filepath",
-                                 label="Drop images, .txt captions or a .zip of both", elem_id="upload")
-                data_md = gr.Markdown(elem_id="dataset-status")
-                grid = gr.Dataframe(headers=["image", "file", "caption", "status"], datatype=["html", "str", "str", "str"],
-                                    interactive=True, static_columns=[0, 1, 3], wrap=True, type="array",
-                                    label="Captions (edit the caption column, then Save captions)", elem_id="caption-grid")
-                save_btn = gr.Button("Save captions")
-                # captioning with a model, bulk edits, tag table, concepts, summary (app/dataset_tab.py)
-                tools = dataset_tab.build()
-            with gr.Tab("Train", id="train"):
-                preset = gr.Dropdown(choices=list_presets(), value=form.DEFAULT_PRESET, label="Preset",
-                                     info="demo-style: the demo style set on the demo base, ~2 min on a CPU; "
-                                     "tiny-test: seconds, random base; sd15-style: real SD1.5 training")
-                widgets: dict[str, Any] = {}
-                with gr.Row():
-                    for spec in form.BASIC_SPECS[:2]:
-                        widgets[spec.path] = _widget(spec, defaults[spec.path])
-                base_md = gr.Markdown(form.describe_base(defaults["model.path"]), elem_id="base-kind")
-                with gr.Row():
-                    for spec in form.BASIC_SPECS[2:]:
-                        widgets[spec.path] = _widget(spec, defaults[spec.path])
-                with gr.Accordion("Advanced", open=False):
-                    with gr.Row():
-                        for spec in form.ADVANCED_SPECS:
-                            widgets[spec.path] = _widget(spec, defaults[spec.path])
-                    extra = gr.Textbox(label=form.EXTRA_LABEL, info=form.EXTRA_HELP, lines=3)
-                train_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
-                train_md = gr.Markdown(elem_id="train-status")
-            with gr.Tab("Runs", id="runs"):
-                with gr.Row():
-                    runs = gr.Dropdown(choices=[], label="Run", scale=3, elem_id="run-select",
-                                       allow_custom_value=True)
-                    refresh_btn = gr.Button("Refresh", scale=0)
-                    cancel_btn = gr.Button("Cancel run", variant="stop", scale=0, elem_id="cancel-btn")
-                panel_md = gr.Markdown(elem_id="run-status")
-                with gr.Row():
-                    # y from 0: short, stable axis labels while points stream in
-                    loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", x_title="step", y_title="loss",
-                                            y_lim=[0, None], height=260, scale=1)
-                    samples = gr.Gallery(label="Samples", columns=4, height=260, scale=1)
-                report_img = gr.Image(label="Style report: rows base / LoRA 0.5 / LoRA 1.0, held-out prompts",
-                                      interactive=False, height=260, elem_id="style-report")
-                files = gr.File(label="Downloads: adapters and a zip of the run (which file for which tool: see above)",
-                                file_count="multiple", interactive=False, elem_id="downloads")
-                with gr.Accordion("Config and log", open=False):
-                    config_code = gr.Code(label="config.toml", language=None, interactive=False)
-                    log_box = gr.Textbox(label="train.log (end)", lines=12, max_lines=12, interactive=False)
+            ds, tr, rn = dataset_layout(), train_layout(defaults), runs_layout()
             preview_tab = preview.build_tab(outputs)  # app/preview.py: LoRA vs base, grids, mixing (own worker)
-        timer = gr.Timer(TICK_S)
-        shown = gr.State("")  # fingerprint of what the panel shows, to skip redundant refreshes
-
-        widgets["model.path"].change(form.describe_base, widgets["model.path"], base_md, api_name="describe_base")
-
-        # -- dataset
-        min_size = widgets["data.min_image_size"]
-
-        # Every handler takes the request: with --auth, a user sees and touches only their own runs.
-        def upload_files(files: list[str] | None, run: str, name: str, min_image_size: int | None,
-                         request: gr.Request):
-            return on_upload(outputs, files, run, name, min_image_size, jobs.user_of(request))
-
-        def save_grid(run: str, table: Any, min_image_size: int | None, request: gr.Request):
-            return on_save_captions(outputs, run, table, min_image_size, jobs.user_of(request))
-
-        def show_dataset(run: str, min_image_size: int | None, request: gr.Request):
-            return _grid(outputs, _run_dir(outputs, run, jobs.user_of(request)), min_image_size)
-
-        uploaded = upload.upload(upload_files, [upload, current, run_name, min_size], [current, grid, data_md, upload],
-                                 api_name="upload")
-        saved = save_btn.click(save_grid, [current, grid, min_size], [current, grid, data_md], api_name="save_captions")
-        dataset_events = [uploaded, saved, *dataset_tab.wire(outputs, tools, current, grid, data_md, min_size, _grid)]
-        new_btn.click(lambda: ("", [], "New dataset: drop images above."), None, [current, grid, data_md],
-                      api_name="new_dataset")
-        shown_dataset = current.change(show_dataset, [current, min_size], [grid, data_md], api_name="dataset")
-        dataset_tab.wire_summary(outputs, tools, current, preset, extra, widgets, [*dataset_events, shown_dataset])
-
-        # -- train
-        ordered = list(widgets)  # field paths, in widget order
-        def apply_preset(preset_name: str):
-            values = on_preset(preset_name)
-            return [values.get(k, gr.skip()) for k in ordered]
-
-        preset.change(apply_preset, preset,
-                      [widgets[k] for k in ordered], api_name="preset")
-
-        def train(run: str, preset_name: str, extra_lines: str, request: gr.Request, **fields: Any):
-            values = {spec.path: fields[spec.key] for spec in form.ALL_SPECS}
-            user = jobs.user_of(request)
-            name, text = on_train(outputs, run, preset_name, extra_lines, values, user)
-            return text, gr.Dropdown(choices=_run_choices(outputs, user), value=name), gr.Tabs(selected="runs")
-
-        train_btn.click(train, inputs_kwargs={"run": current, "preset_name": preset, "extra_lines": extra,
-                                              **{s.key: widgets[s.path] for s in form.ALL_SPECS}},
-                        outputs=[train_md, runs, tabs], api_name="train")
-
-        # -- runs: live panel
-        panel_outputs = [panel_md, loss_plot, samples, files, config_code, log_box, report_img]
-
-        def panel(name: str, request: gr.Request):
-            p = run_panel(outputs, name, jobs.user_of(request))
-            import pandas as pd  # gradio depends on pandas; LinePlot wants a DataFrame
-
-            # Typed columns even when empty: an untyped (object) frame makes the plot treat loss as categories.
-            loss = pd.DataFrame(p["loss"], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
-            return p["markdown"], loss, p["samples"], p["files"] or None, p["config"], p["log"], p["report_image"]
-
-        def tick(name: str, seen: str, request: gr.Request):
-            jobs.advance(outputs)  # the queue thread does this too; cheap and keeps tests deterministic
-            user = jobs.user_of(request)
-            statuses = jobs.list_runs(outputs)  # once per tick: the run list, its fingerprint, the preview's adapters
-            run_choices = _run_choices(outputs, user, statuses)
-            panel_fp, list_fp = _fingerprint(outputs, name, user), _list_fingerprint(run_choices)
-            old_panel, _, old_list = seen.partition("|")
-            skip = gr.skip()
-            values = panel(name, request) if panel_fp != old_panel else [skip] * len(panel_outputs)
-            choices = gr.Dropdown(choices=run_choices) if list_fp != old_list else skip
-            adapters = (skip, skip)
-            if _finished_since(old_list, list_fp):  # the Preview tab lists the new adapter and preselects it
-                found = preview_client.adapter_choices(outputs, user, statuses)
-                newest = preview_client.newest_run_adapter(outputs, user, statuses)
-                adapters = (gr.Dropdown(choices=found, value=newest), gr.Dropdown(choices=[("(none)", "")] + found))
-            return [*values, choices, *adapters, f"{panel_fp}|{list_fp}"]
-
-        runs.change(panel, runs, panel_outputs, api_name="panel")
-        def list_runs(request: gr.Request):
-            return gr.Dropdown(choices=_run_choices(outputs, jobs.user_of(request)))
-
-        refresh_btn.click(list_runs, None, runs, api_name="list_runs")
-        timer.tick(tick, [runs, shown], [*panel_outputs, runs, preview_tab["adapter"], preview_tab["adapter2"], shown],
-                   api_name="tick", show_progress="hidden")
-
-        def cancel(name: str, request: gr.Request) -> str:
-            run_dir = _run_dir(outputs, name, jobs.user_of(request))
-            if run_dir is None:
-                raise gr.Error("Pick a run to cancel.", print_exception=False)
-            msg = jobs.cancel(run_dir)
-            gr.Info(msg)
-            return msg
-
-        cancel_btn.click(cancel, runs, panel_md, api_name="cancel")
-
-        def status_json(name: str, request: gr.Request) -> dict:
-            run_dir = _run_dir(outputs, name, jobs.user_of(request))
-            if run_dir is None:
-                return {"state": "unknown", "name": name}
-            st = jobs.status(run_dir)
-            return {"name": st.name, "state": st.state, "step": st.step, "total": st.total, "reason": st.reason,
-                    "adapters": [p.name for p in jobs.adapter_files(run_dir)],
-                    "samples": [p.name for p in jobs.sample_images(run_dir)]}
-
-        status_out = gr.JSON(visible=False)
-        gr.Button(visible=False).click(status_json, runs, status_out, api_name="status")
-
-        def on_load(request: gr.Request):
-            user = jobs.user_of(request)
-            draft = _latest_draft(outputs, user)
-            choices = _run_choices(outputs, user)
-            active = next((c[1] for c in choices if c[0].endswith(("(running)", "(stopping)", "(reporting)"))), None)
-            pick = active or (choices[0][1] if choices else None)
-            adapters = preview_client.adapter_choices(outputs, user)
-            return (draft, gr.Dropdown(choices=choices, value=pick),
-                    gr.Dropdown(choices=adapters, value=preview_client.newest_run_adapter(outputs, user)),
-                    gr.Dropdown(choices=[("(none)", "")] + adapters))
-
-        demo.load(on_load, None, [current, runs, preview_tab["adapter"], preview_tab["adapter2"]], api_name="restore")
+        tr.widgets["model.path"].change(form.describe_base, tr.widgets["model.path"], tr.base_md,
+                                        api_name="describe_base")
+        wire_dataset(outputs, current, ds, tr)
+        wire_train(outputs, current, tr, rn, tabs)
+        wire_runs(outputs, demo, current, rn, preview_tab)
     return demo
+
+
+def wire_dataset(outputs: Path, current, ds: SimpleNamespace, tr: SimpleNamespace) -> None:
+    min_size = tr.widgets["data.min_image_size"]
+
+    # Every handler takes the request: with --auth, a user sees and touches only their own runs.
+    def upload_files(files: list[str] | None, run: str, name: str, min_image_size: int | None,
+                     request: gr.Request):
+        return on_upload(outputs, files, run, name, min_image_size, jobs.user_of(request))
+
+    def save_grid(run: str, table: Any, min_image_size: int | None, request: gr.Request):
+        return on_save_captions(outputs, run, table, min_image_size, jobs.user_of(request))
+
+    def show_dataset(run: str, min_image_size: int | None, request: gr.Request):
+        return _grid(outputs, run_dir_of(outputs, run, jobs.user_of(request)), min_image_size)
+
+    shown = [current, ds.grid, ds.data_md]
+    uploaded = ds.upload.upload(upload_files, [ds.upload, current, ds.run_name, min_size], [*shown, ds.upload],
+                                api_name="upload")
+    saved = ds.save_btn.click(save_grid, [current, ds.grid, min_size], shown, api_name="save_captions")
+    dataset_events = [uploaded, saved,
+                      *dataset_tab.wire(outputs, ds.tools, current, ds.grid, ds.data_md, min_size, _grid)]
+    ds.new_btn.click(lambda: ("", [], "New dataset: drop images above."), None, shown, api_name="new_dataset")
+    shown_dataset = current.change(show_dataset, [current, min_size], [ds.grid, ds.data_md], api_name="dataset")
+    dataset_tab.wire_summary(outputs, ds.tools, current, tr.preset, tr.extra, tr.widgets,
+                             [*dataset_events, shown_dataset])
+
+
+def wire_train(outputs: Path, current, tr: SimpleNamespace, rn: SimpleNamespace, tabs) -> None:
+    ordered = list(tr.widgets)  # field paths, in widget order
+
+    def apply_preset(preset_name: str):
+        values = on_preset(preset_name)
+        return [values.get(k, gr.skip()) for k in ordered]
+
+    tr.preset.change(apply_preset, tr.preset, [tr.widgets[k] for k in ordered], api_name="preset")
+
+    def train(run: str, preset_name: str, extra_lines: str, request: gr.Request, **fields: Any):
+        values = {spec.path: fields[spec.key] for spec in form.ALL_SPECS}
+        user = jobs.user_of(request)
+        name, text = on_train(outputs, run, preset_name, extra_lines, values, user)
+        return text, gr.Dropdown(choices=run_choices(outputs, user), value=name), gr.Tabs(selected="runs")
+
+    tr.train_btn.click(train, inputs_kwargs={"run": current, "preset_name": tr.preset, "extra_lines": tr.extra,
+                                             **{s.key: tr.widgets[s.path] for s in form.ALL_SPECS}},
+                       outputs=[tr.train_md, rn.runs, tabs], api_name="train")
+
+
+def wire_runs(outputs: Path, demo, current, rn: SimpleNamespace, preview_tab: dict) -> None:
+    timer = gr.Timer(TICK_S)
+    shown = gr.State("")  # fingerprint of what the panel shows, to skip redundant refreshes
+    panel_outputs = [rn.panel_md, rn.loss_plot, rn.samples, rn.files, rn.config_code, rn.log_box, rn.report_img]
+
+    def panel(name: str, request: gr.Request):
+        p = run_panel(outputs, name, jobs.user_of(request))
+        import pandas as pd  # gradio depends on pandas; LinePlot wants a DataFrame
+
+        # Typed columns even when empty: an untyped (object) frame makes the plot treat loss as categories.
+        loss = pd.DataFrame(p["loss"], columns=["step", "loss", "series"]).astype(
+            {"step": "int64", "loss": "float64", "series": "string"})
+        return p["markdown"], loss, p["samples"], p["files"] or None, p["config"], p["log"], p["report_image"]
+
+    def tick(name: str, seen: str, request: gr.Request):
+        jobs.advance(outputs)  # the queue thread does this too; cheap and keeps tests deterministic
+        user = jobs.user_of(request)
+        statuses = jobs.list_runs(outputs)  # once per tick: the run list, its fingerprint, the preview's adapters
+        listed = run_choices(outputs, user, statuses)
+        panel_fp, list_fp = fingerprint(outputs, name, user), list_fingerprint(listed)
+        old_panel, _, old_list = seen.partition("|")
+        skip = gr.skip()
+        values = panel(name, request) if panel_fp != old_panel else [skip] * len(panel_outputs)
+        choices = gr.Dropdown(choices=listed) if list_fp != old_list else skip
+        adapters = (skip, skip)
+        if finished_since(old_list, list_fp):  # the Preview tab lists the new adapter and preselects it
+            found = preview_client.adapter_choices(outputs, user, statuses)
+            newest = preview_client.newest_run_adapter(outputs, user, statuses)
+            adapters = (gr.Dropdown(choices=found, value=newest), gr.Dropdown(choices=[("(none)", "")] + found))
+        return [*values, choices, *adapters, f"{panel_fp}|{list_fp}"]
+
+    rn.runs.change(panel, rn.runs, panel_outputs, api_name="panel")
+
+    def list_runs(request: gr.Request):
+        return gr.Dropdown(choices=run_choices(outputs, jobs.user_of(request)))
+
+    rn.refresh_btn.click(list_runs, None, rn.runs, api_name="list_runs")
+    timer.tick(tick, [rn.runs, shown], [*panel_outputs, rn.runs, preview_tab["adapter"], preview_tab["adapter2"], shown],
+               api_name="tick", show_progress="hidden")
+
+    def cancel(name: str, request: gr.Request) -> str:
+        run_dir = run_dir_of(outputs, name, jobs.user_of(request))
+        if run_dir is None:
+            raise gr.Error("Pick a run to cancel.", print_exception=False)
+        msg = jobs.cancel(run_dir)
+        gr.Info(msg)
+        return msg
+
+    rn.cancel_btn.click(cancel, rn.runs, rn.panel_md, api_name="cancel")
+
+    def status_json(name: str, request: gr.Request) -> dict:
+        run_dir = run_dir_of(outputs, name, jobs.user_of(request))
+        if run_dir is None:
+            return {"state": "unknown", "name": name}
+        st = jobs.status(run_dir)
+        return {"name": st.name, "state": st.state, "step": st.step, "total": st.total, "reason": st.reason,
+                "adapters": [p.name for p in jobs.adapter_files(run_dir)],
+                "samples": [p.name for p in jobs.sample_images(run_dir)]}
+
+    status_out = gr.JSON(visible=False)
+    gr.Button(visible=False).click(status_json, rn.runs, status_out, api_name="status")
+
+    def on_load(request: gr.Request):
+        user = jobs.user_of(request)
+        draft = _latest_draft(outputs, user)
+        choices = run_choices(outputs, user)
+        active = next((c[1] for c in choices if c[0].endswith(("(running)", "(stopping)", "(reporting)"))), None)
+        pick = active or (choices[0][1] if choices else None)
+        adapters = preview_client.adapter_choices(outputs, user)
+        return (draft, gr.Dropdown(choices=choices, value=pick),
+                gr.Dropdown(choices=adapters, value=preview_client.newest_run_adapter(outputs, user)),
+                gr.Dropdown(choices=[("(none)", "")] + adapters))
+
+    demo.load(on_load, None, [current, rn.runs, preview_tab["adapter"], preview_tab["adapter2"]], api_name="restore")

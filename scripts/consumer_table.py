@@ -18,6 +18,10 @@ Formulas (file: up [out, r(, 1, 1)], down [r, in(, kh, kw)], alpha, dora_scale s
 - kohya sd-scripts `networks/merge_lora.py` (`merge_to_sd_model`): W + up·down·alpha/dim on modules inside its LoRA
   target classes (attention/transformer/resnet/up-downsamplers, CLIPAttention/CLIPMLP); dora_scale ignored.
 - diffusers 0.42: `pipe.load_lora_weights(file)`, the kohya file through its own kohya converter.
+- LyCORIS keys (LoHa `hada_w1_a`…, LoKr `lokr_w1`/`lokr_w2`…): ComfyUI (comfy/weight_adapter/loha.py, lokr.py) and A1111
+  (network_hada.py, network_lokr.py): LoHa ΔW = (w1_a·w1_b)∘(w2_a·w2_b)·alpha/r, r = rows of hada_w1_b; LoKr ΔW =
+  kron(w1, w2)·alpha/r with r the rank of a decomposed factor, 1.0 when both are full. kohya's merge_lora.py reads
+  only lora_down/lora_up keys.
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ RUNS = {  # row: (base, variant, extra settings)
         "lora.adalora_delta_t=1"]),
     "loradrop": ("sd1", "loradrop", ["lora.loradrop_probe_steps=2", "lora.loradrop_threshold=0.6"]),
     "deltalora": ("sd1", "deltalora", ["lora.deltalora_start=2"]),
+    "loha (r4, α2)": ("sd1", "loha", ["lora.rank=4", "lora.alpha=2.0"]),
+    "lokr (r4, α2)": ("sd1", "lokr", ["lora.rank=4", "lora.alpha=2.0"]),
+    "locon: lora + resnet convs (conv r4, α2)": ("sd1", "lora", ["lora.conv_rank=4", "lora.conv_alpha=2.0"]),
+    "loha + locon (conv r4, α2)": ("sd1", "loha", ["lora.rank=4", "lora.conv_rank=4", "lora.conv_alpha=2.0"]),
+    "lokr + locon (conv r4, α2)": ("sd1", "lokr", ["lora.rank=4", "lora.conv_rank=4", "lora.conv_alpha=2.0"]),
     "SDXL lora, te2 text_projection too": ("sdxl", "lora", [
         'lora.text_encoder_targets=["q_proj", "k_proj", "v_proj", "out_proj", "text_projection"]']),
 }
@@ -63,7 +72,29 @@ def file_delta(weight: torch.Tensor, g: dict) -> torch.Tensor:
     return (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * alpha
 
 
+def lycoris_delta(weight: torch.Tensor, g: dict) -> torch.Tensor:
+    """ΔW of LyCORIS keys as ComfyUI and A1111 compute it (the same formula in both, see the docstring)."""
+    g = {k: v.double() for k, v in g.items()}
+    if "hada_w1_a" in g:
+        diff = (g["hada_w1_a"] @ g["hada_w1_b"]) * (g["hada_w2_a"] @ g["hada_w2_b"])
+        return diff.reshape(weight.shape) * (float(g["alpha"]) / g["hada_w1_b"].shape[0] if "alpha" in g else 1.0)
+    dim, w1, w2 = None, g.get("lokr_w1"), g.get("lokr_w2")
+    if w1 is None:
+        dim, w1 = g["lokr_w1_b"].shape[0], g["lokr_w1_a"] @ g["lokr_w1_b"]
+    if w2 is None:
+        dim, w2 = g["lokr_w2_b"].shape[0], g["lokr_w2_a"] @ g["lokr_w2_b"]
+    w1 = w1[:, :, None, None] if w2.dim() == 4 else w1
+    scale = float(g["alpha"]) / dim if "alpha" in g and dim is not None else 1.0
+    return torch.kron(w1, w2).reshape(weight.shape) * scale
+
+
+def is_lycoris(g: dict) -> bool:
+    return any(k.startswith(("hada_", "lokr_")) for k in g)
+
+
 def comfyui(weight: torch.Tensor, g: dict, module: str) -> torch.Tensor:
+    if is_lycoris(g):
+        return weight + lycoris_delta(weight, g)
     delta = file_delta(weight, g)
     if "dora_scale" not in g:
         return weight + delta
@@ -78,6 +109,8 @@ def comfyui(weight: torch.Tensor, g: dict, module: str) -> torch.Tensor:
 
 
 def a1111(weight: torch.Tensor, g: dict, module: str) -> torch.Tensor:
+    if is_lycoris(g):
+        return weight + lycoris_delta(weight, g)
     delta = file_delta(weight, g)
     if "dora_scale" not in g:
         return weight + delta
@@ -89,8 +122,8 @@ def a1111(weight: torch.Tensor, g: dict, module: str) -> torch.Tensor:
 
 
 def kohya_merge(weight: torch.Tensor, g: dict, module: str) -> torch.Tensor:
-    if not any(part in module.split(".") for part in KOHYA_TARGETS):
-        return weight  # "no module found for LoRA weight"
+    if not any(part in module.split(".") for part in KOHYA_TARGETS) or is_lycoris(g):
+        return weight  # "no module found for LoRA weight"; LyCORIS keys: it reads lora_down/lora_up keys only
     return weight + file_delta(weight, g)
 
 
@@ -104,7 +137,9 @@ def effective_weights(models: dict, adapter: str) -> dict[str, torch.Tensor]:
     for part, model in models.items():
         model.eval()
         for name, layer in lora_layers(model).items():
-            if adapter not in {*getattr(layer, "lora_A", {}), *getattr(layer, "vera_lambda_b", {})}:
+            if adapter not in {*getattr(layer, "lora_A", {}), *getattr(layer, "vera_lambda_b", {}),
+                               *getattr(layer, "hada_w1_a", {}), *getattr(layer, "lokr_w2", {}),
+                               *getattr(layer, "lokr_w2_a", {})}:
                 continue
             layer = copy.deepcopy(layer).double()
             base = layer.get_base_layer()
@@ -287,6 +322,14 @@ NOTES = """## Reading the table
   `clip_g.transformer.text_projection`; diffusers loads it too. kohya's `sdxl_merge_lora.py` only patches modules
   inside its target classes (not the projection). The A1111 cell of that row assumes A1111 resolves the key to the
   projection, which was not checked in A1111's code; the projection is not a default target.
+- **LoHa / LoKr** (LyCORIS): the kohya file has LyCORIS keys, which A1111's built-in Lora extension and ComfyUI/Forge
+  apply exactly (LoHa with peft's alpha per module; LoKr with both factors stored full and the scale folded into
+  `lokr_w1`, because both tools ignore alpha for full factors and A1111 1.10 fails on decomposed ones). kohya's
+  `merge_lora.py` and diffusers read no LyCORIS keys: diffusers users take the `.diffusers.safetensors` file, the
+  exact ΔW as a plain LoRA (closed-form rank r² for LoHa, the product of the factor ranks for LoKr, or the full-rank
+  SVD where that is smaller).
+- **LoCon** (`lora.conv_rank`): the resnet 3×3 convolutions are ordinary conv LoRA modules (`lora_down` [r, in, 3, 3],
+  `lora_up` [out, r, 1, 1]) in every loader.
 - Conversions (`python -m trainer convert`) write the same layout; DoRA files need `--model BASE`, because the kohya
   `dora_scale` is relative to the base weights.
 """

@@ -19,13 +19,11 @@ from trainer.data import (
     Item,
     build_caption,
     caption_is_static,
-    choose_bucket,
     epoch_batches,
-    load_image,
-    make_buckets,
     scan_dataset,
     tag_frequency,
 )
+from trainer.images import choose_bucket, load_image, make_buckets
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-style"
 

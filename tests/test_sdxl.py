@@ -73,7 +73,7 @@ def test_base_family_is_detected_from_the_model(tiny_sdxl, tiny_sd2, tiny_base):
 
 def test_sdxl_time_ids_follow_the_crop():
     from trainer.conditioning import sdxl_time_ids
-    from trainer.data import crop_box
+    from trainer.images import crop_box
 
     # 300x200 (w x h) into a 128x64 bucket: resized to 128x85, cropped 10 px from the top (rounding: (85-64)//2).
     assert crop_box((300, 200), (128, 64)) == (0, 10, 128, 85)

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer import data as ds
+from trainer.images import load_image
 from trainer.conditioning import encode_text, sdxl_time_ids, unet_kwargs
+from trainer.masks import batch_masks
 from trainer.variants import adalora_orth_loss
 
 TEST_OOM_AT = int(os.environ.get("STYLE_LORA_TEST_OOM_AT_STEP", "-1"))  # test-only: simulate an OOM at micro-batch k
@@ -65,7 +67,7 @@ def make_batch(run, k: int) -> Batch:
         if (i, flip) in run.latent_cache:
             mean, std = run.latent_cache[i, flip]
         else:
-            mean, std = encode_latent_dist(run.base.vae, ds.load_image(items[i].path, items[i].bucket, flip))
+            mean, std = encode_latent_dist(run.base.vae, load_image(items[i].path, items[i].bucket, flip))
         means.append(mean)
         stds.append(std)
     mean, std = torch.stack(means), torch.stack(stds)
@@ -107,11 +109,13 @@ def diffusion_loss(run, models: dict, batch: Batch) -> torch.Tensor:
     if base.kind == "sdxl":
         time_ids = torch.stack([sdxl_time_ids(run.items[i].size, run.items[i].bucket, f)
                                 for i, f in zip(batch.indices, batch.flips)])
-    pred = models["unet"](batch.noisy, batch.timesteps, hidden.to(dtype), **unet_kwargs(pooled, time_ids, dtype)).sample
+    pred = models["unet"](batch.noisy, batch.timesteps, hidden.to(dtype),
+                          **unet_kwargs(pooled, time_ids, dtype)).sample.float()
     scheduler = base.noise_scheduler
     target = (batch.noise if base.prediction_type == "epsilon"
               else scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps))
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    weight_map = batch_masks(run.masks, batch.indices, batch.flips, pred)  # masked loss: 0 where masked out, else 1
+    loss = (F.mse_loss(pred, target.float(), reduction="none") * weight_map).mean(dim=(1, 2, 3))
     if tc.min_snr_gamma:
         snr = compute_snr(scheduler, batch.timesteps)
         weight = snr.clamp(max=tc.min_snr_gamma) / (snr + 1 if base.prediction_type == "v_prediction" else snr)

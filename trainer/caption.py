@@ -22,7 +22,7 @@ from typing import Callable
 from PIL import Image, ImageOps
 
 from trainer.caption_edit import caption_file, list_images, strip_words, write_captions
-from trainer.data import _to_rgb
+from trainer.images import to_rgb
 
 SENTENCE, TAGS = "sentence", "tags"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
@@ -52,7 +52,7 @@ def read_rgb(path: Path) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return to_rgb(ImageOps.exif_transpose(img))
 
 
 # ----------------------------------------------------------------------------- sentence models

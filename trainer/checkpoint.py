@@ -45,12 +45,16 @@ def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, plain
 
 
-def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict, live_groups: list[dict]) -> dict:
     state = {int(idx): dict(slots) for idx, slots in plain["state"].items()}
     for name, value in tensors.items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": plain["param_groups"]}
+    # JSON has no tuples: give back the tuples (betas, eps pairs) the optimizer was built with, so the restored
+    # param groups equal the saved ones exactly.
+    groups = [{k: tuple(v) if isinstance(live.get(k), tuple) and isinstance(v, list) else v for k, v in saved.items()}
+              for saved, live in zip(plain["param_groups"], live_groups)]
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler,
@@ -98,7 +102,8 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name].to(p.dtype))
-    optimizer.load_state_dict(_join_optimizer(load_file(folder / "optimizer.safetensors"), state["optimizer"]))
+    optimizer.load_state_dict(_join_optimizer(load_file(folder / "optimizer.safetensors"), state["optimizer"],
+                                              optimizer.param_groups))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     torch.set_rng_state(load_file(folder / "rng.safetensors")["torch_cpu"])
     extra = load_file(folder / "extra.safetensors") if (folder / "extra.safetensors").is_file() else {}

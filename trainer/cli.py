@@ -19,8 +19,26 @@ import traceback
 from pathlib import Path
 
 from trainer import caption_cli
-from trainer.config import Config, check_output_dir, load_config
+from trainer.config import Config, ConfigError, load_config
 from trainer.io import describe_os_error
+
+
+def check_output_dir(cfg: Config, run_dir: str | Path | None = None) -> None:
+    """Before any model loads: output.dir (and an explicit run folder) must be a folder this process can write, or
+    one it can create. Raises ConfigError naming the setting and what to do."""
+    for setting, path in (("output.dir", cfg.output.dir), ("--run-dir", run_dir)):
+        if path is None:
+            continue
+        path = Path(path).expanduser()
+        existing = next((p for p in (path, *path.parents) if os.path.exists(p)), Path("."))
+        if existing == path and not path.is_dir():
+            raise ConfigError(f"{setting} '{path}' is a file, not a folder: pick a folder (it is created if missing)")
+        if not existing.is_dir():
+            raise ConfigError(f"{setting} '{path}': '{existing}' is a file, so no folder can be made inside it: "
+                              "pick another folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{setting} '{path}': no permission to write in '{existing}': pick a folder you can "
+                              "write to")
 
 
 def new_run_dir(cfg: Config) -> Path:

@@ -7,7 +7,6 @@ UI help text.
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -74,6 +73,13 @@ class DataConfig(Section):
     reg_path: str = Field("", description="Optional folder of regularisation images (kohya's reg images: what the "
                           "base draws for your captions without the style), trained without the trigger word.")
     reg_weight: float = Field(1.0, ge=0.0, description="Loss weight of regularisation images (style images: 1).")
+    masked_loss: bool = Field(False, description="Weight the loss by a per-image mask, as kohya's --masked_loss: "
+                              "name.mask.png beside the image (white trains, black is ignored) or else the image's "
+                              "alpha channel. Images with neither train on their whole area.")
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0, description="Hold out this fraction of the images (seeded "
+                                    "pick, at least one) for the validation loss; they do not train. 0 = none.")
+    validation_path: str = Field("", description="A separate folder of held-out images and captions for the "
+                                 "validation loss (instead of validation_split).")
 
     @model_validator(mode="after")
     def _check_buckets(self) -> "DataConfig":
@@ -97,15 +103,26 @@ class LoraConfig(Section):
     text_encoder_targets: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "out_proj"], description="Text-encoder module names that get LoRA."
     )
-    variant: Literal["lora", "dora", "loraplus", "lorafa", "vera", "adalora", "loradrop", "deltalora", "qlora"] = Field(
+    variant: Literal["lora", "dora", "loraplus", "lorafa", "vera", "adalora", "loradrop", "deltalora", "qlora",
+                     "loha", "lokr"] = Field(
         "lora",
         description="LoRA family member. lora: low-rank update B·A. dora: LoRA plus a learned per-column magnitude. "
         "loraplus: B learns loraplus_ratio× faster than A. lorafa: A frozen after init, only B trains (less memory). "
         "vera: one frozen random A/B shared by all layers, only two scaling vectors per layer train (tiny files). "
         "adalora: SVD-form LoRA whose rank budget moves to the layers that need it. loradrop: a short probe run "
         "scores each layer, then only the important layers train. deltalora: the frozen weight also follows the "
-        "change of B·A (scaled by deltalora_lambda). qlora: base UNet quantized to 4/8 bit (CUDA only).",
+        "change of B·A (scaled by deltalora_lambda). qlora: base UNet quantized to 4/8 bit (CUDA only). "
+        "loha (LyCORIS): Hadamard product of two rank-r updates, ΔW of rank up to r² for the same size. "
+        "lokr (LyCORIS): Kronecker product of two small factors (tiny files). LoHa/LoKr files use LyCORIS keys "
+        "(A1111/Forge, ComfyUI); diffusers gets the exact ΔW as a plain LoRA.",
     )
+    conv_rank: int = Field(0, ge=0, le=1024, description="LoCon: also train the UNet's resnet and down/upsampler "
+                           "layers (kohya's conv_dim), the 3×3 convolutions at this rank (the 1×1 shortcuts and "
+                           "time embeddings at lora.rank). 0 = off. With lora/dora/loraplus, loha and lokr.")
+    conv_alpha: float = Field(1.0, gt=0, le=1e4, description="LoCon: alpha of the 3×3 convolutions (kohya's conv_alpha): "
+                              "their update is scaled by conv_alpha/conv_rank.")
+    lokr_factor: int = Field(-1, ge=-1, le=4096, description="LoKr: split each dimension into factors near this size "
+                             "(-1 = near the square root, LyCORIS' default).")
     loraplus_ratio: float = Field(16.0, gt=0, le=1e4, description="LoRA+: learning-rate ratio of B to A (paper: 2^4).")
     vera_rank: int = Field(256, ge=1, le=8192, description="VeRA: rank of the shared frozen random projections.")
     vera_d_initial: float = Field(0.1, gt=0, le=100, description="VeRA: initial value of the d scaling vector.")
@@ -132,6 +149,13 @@ class LoraConfig(Section):
             raise ValueError("deltalora needs dropout = 0 (the frozen-weight update assumes the LoRA path has no dropout)")
         if self.variant == "adalora" and self.adalora_init_rank < self.rank:
             raise ValueError(f"adalora_init_rank ({self.adalora_init_rank}) must be >= rank ({self.rank}), the final budget")
+        if self.conv_rank and self.variant not in ("lora", "dora", "loraplus", "loha", "lokr"):
+            raise ValueError(f"conv_rank (LoCon) works with variants lora, dora, loraplus, loha and lokr, "
+                             f"not {self.variant}")
+        if self.conv_rank and not self.train_unet:
+            raise ValueError("conv_rank (LoCon) adds UNet layers: it needs train_unet = true")
+        if self.rslora and self.variant in ("loha", "lokr"):
+            raise ValueError(f"rslora is a LoRA scaling; {self.variant} scales by alpha/rank")
         if self.variant == "adalora" and self.adalora_tinit + self.adalora_tfinal >= 1:
             raise ValueError("adalora_tinit + adalora_tfinal must leave some steps for re-allocation (sum < 1)")
         return self
@@ -142,12 +166,20 @@ class TrainConfig(Section):
     epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="Train this many epochs instead of a fixed step count (0 = use steps).")
     batch_size: int = Field(1, ge=1, le=1024, description="Images per step per GPU.")
     grad_accum: int = Field(1, ge=1, le=1024, description="Gradient accumulation: batches per optimizer step.")
-    lr_unet: float = Field(1e-4, ge=0, le=1, description="Learning rate of the UNet LoRA.")
-    lr_text_encoder: float = Field(5e-5, ge=0, le=1, description="Learning rate of the text-encoder LoRA.")
-    optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (fused on CUDA).")
-    weight_decay: float = Field(1e-2, ge=0, le=100, description="AdamW weight decay.")
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    lr_unet: float = Field(1e-4, ge=0, le=10, description="Learning rate of the UNet LoRA.")
+    lr_text_encoder: float = Field(5e-5, ge=0, le=10, description="Learning rate of the text-encoder LoRA.")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion"] = Field(
+        "adamw", description="Optimizer. adamw: AdamW (fused on CUDA). adamw8bit: bitsandbytes' 8-bit AdamW, less "
+        "memory (CUDA only). prodigy: learning-rate free (prodigyopt), set both learning rates to 1.0 (the lr "
+        "multiplies its estimate); UNet and text encoder must share one lr. adafactor: transformers' Adafactor with a "
+        "fixed learning rate (relative step off, as kohya presets use it). lion: sign-based (lion-pytorch), use a "
+        "3-10x lower learning rate than AdamW.")
+    weight_decay: float = Field(1e-2, ge=0, le=100, description="Weight decay (decoupled for AdamW, Prodigy and Lion).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="β1 of AdamW, Prodigy and Lion.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="β2 of AdamW and Prodigy.")
+    prodigy_d_coef: float = Field(1.0, gt=0, le=100, description="Prodigy: multiplier of its step-size estimate d "
+                                  "(recipes use 0.5-2; lower = gentler).")
+    lion_beta2: float = Field(0.99, ge=0, lt=1, description="Lion: β2 (paper: 0.99).")
     adam_eps: float = Field(1e-8, gt=0, le=1)
     max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm (0 = off).")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = Field(
@@ -169,6 +201,23 @@ class TrainConfig(Section):
     )
     min_snr_gamma: float = Field(5.0, ge=0, le=1e4, description="Min-SNR-γ loss weighting (0 = off).")
     noise_offset: float = Field(0.0, ge=0, le=10, description="Noise offset (helps very dark/bright images; 0.05 typical).")
+    ema: bool = Field(False, description="Keep an exponential moving average (EMA) of the adapter weights: the saved "
+                      "adapter, samples and validation use the averaged weights (smoother, often better styles); "
+                      "checkpoints keep the raw ones too, so resuming is exact.")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA: the largest decay (closer to 1 = longer memory; "
+                             "0.999 ≈ the last 1000 steps).")
+    ema_warmup: bool = Field(True, description="EMA: ramp the decay up as 1 − (1 + step)^−2/3 so early weights do not "
+                             "dominate the average (diffusers' EMA warmup).")
+    validation_every: int = Field(0, ge=0, description="Validation loss on the held-out images every N steps (and at "
+                                  "the end): fixed timesteps and noise, so it compares across steps and runs. "
+                                  "0 = only at the end (when there is a held-out set).")
+    validation_timesteps: int = Field(4, ge=1, le=100, description="Validation: fixed timesteps per image, evenly "
+                                      "spread over the noise schedule.")
+    keep_best: bool = Field(False, description="Keep the adapter with the lowest validation loss as "
+                            "<name>-best.safetensors (and its .diffusers file). Needs a held-out set.")
+    log_with: Literal["none", "tensorboard"] = Field(
+        "none", description="Also log the training loss, learning rate and validation loss to TensorBoard "
+        "(accelerate's tracker) in RUN/tensorboard/: `tensorboard --logdir outputs`. events.jsonl stays the UI's source.")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for data order, augmentation, noise and timesteps.")
     save_every: int = Field(0, ge=0, description="Write an adapter file every N steps (0 = only at the end).")
     checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0 = off).")
@@ -241,6 +290,26 @@ class Config(Section):
                              f"that is a multiple of {VAE_FACTOR}")
         return self
 
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> "Config":
+        tc, lc, dc = self.train, self.lora, self.data
+        if dc.validation_split and dc.validation_path:
+            raise ValueError("set data.validation_split or data.validation_path, not both")
+        held_out = bool(dc.validation_split or dc.validation_path)
+        for name, on in (("train.validation_every", tc.validation_every), ("train.keep_best", tc.keep_best)):
+            if on and not held_out:
+                raise ValueError(f"{name} needs held-out images: set data.validation_split or data.validation_path")
+        if tc.optimizer != "adamw" and lc.variant == "lorafa":
+            raise ValueError(f"lora.variant = lorafa has its own AdamW update; it cannot use train.optimizer = {tc.optimizer}")
+        if tc.optimizer == "prodigy":
+            if lc.variant == "loraplus":
+                raise ValueError("train.optimizer = prodigy needs one learning rate for every parameter group; "
+                                 "lora.variant = loraplus gives B its own")
+            if lc.train_text_encoder and lc.train_unet and tc.lr_text_encoder != tc.lr_unet:
+                raise ValueError(f"train.optimizer = prodigy needs one learning rate: set train.lr_text_encoder "
+                                 f"({tc.lr_text_encoder}) = train.lr_unet ({tc.lr_unet}), usually 1.0")
+        return self
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.steps=200' -> (['train', 'steps'], 200). The value is read as TOML, falling back to a string."""
@@ -300,24 +369,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), extra
     for text in overrides:
         apply_override(data, *parse_override(text))
     return validate(data, str(path) if path else "config")
-
-
-def check_output_dir(cfg: Config, run_dir: str | Path | None = None) -> None:
-    """Before any model loads: output.dir (and an explicit run folder) must be a folder this process can write, or
-    one it can create. Raises ConfigError naming the setting and what to do."""
-    for setting, path in (("output.dir", cfg.output.dir), ("--run-dir", run_dir)):
-        if path is None:
-            continue
-        path = Path(path).expanduser()
-        existing = next((p for p in (path, *path.parents) if os.path.exists(p)), Path("."))
-        if existing == path and not path.is_dir():
-            raise ConfigError(f"{setting} '{path}' is a file, not a folder: pick a folder (it is created if missing)")
-        if not existing.is_dir():
-            raise ConfigError(f"{setting} '{path}': '{existing}' is a file, so no folder can be made inside it: "
-                              "pick another folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"{setting} '{path}': no permission to write in '{existing}': pick a folder you can "
-                              "write to")
 
 
 def load_preset(name: str) -> Config:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ SAMPLES = "samples"  # sample images were written
 WARNING = "warning"  # an optional step failed; the run goes on
 DONE, STOPPED, FAILED = "done", "stopped", "failed"  # how the training ended (the last of these wins)
 REPORT_STARTED, REPORT, REPORT_FAILED = "report_started", "report", "report_failed"  # the style report after DONE
+VALIDATION_SET, VALIDATION, BEST = "validation_set", "validation", "best"  # held-out loss (trainer/validation.py)
 ENDS = (DONE, STOPPED, FAILED)
 REPORT_ENDS = (REPORT, REPORT_FAILED)
 
@@ -42,12 +45,15 @@ _last_write: dict[Path, float] = {}
 class EventLog:
     def __init__(self, path: Path | None):
         self.path = Path(path) if path else None
+        self.listeners: list = []  # fn(kind, fields) called for every event written (e.g. trainer.tracking)
 
     def emit(self, kind: str, buffered: bool = False, **fields: Any) -> None:
         """Append one event. `buffered`: a frequent event (a training step) that may wait up to FLUSH_SECONDS
         for the next write, so a fast run does not open the file 30 times a second."""
         if self.path is None:
             return
+        for listener in self.listeners:
+            listener(kind, fields)
         now = time.time()
         lines = _buffered.setdefault(self.path, [])
         lines.append(json.dumps({"time": round(now, 3), "type": kind, **fields}, default=str))
@@ -84,3 +90,27 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
         except json.JSONDecodeError:
             continue  # a line torn by a crash; the next run appends after it
     return events, offset + end
+
+
+_EVENTS: dict[Path, tuple[int, int, list[dict]]] = {}  # events.jsonl -> (inode, bytes read, events so far)
+_EVENTS_LOCK = threading.Lock()  # the UI's queue thread and its handlers read at once
+
+
+def run_events(path: Path) -> list[dict]:
+    """Every complete event of an events.jsonl, read on from the byte where the last call stopped: the UI asks every
+    second, and the file only grows (a new file, e.g. a re-created run, is read from the start)."""
+    key = Path(path).resolve()
+    try:
+        inode, size = os.stat(key).st_ino, os.stat(key).st_size
+    except FileNotFoundError:
+        with _EVENTS_LOCK:
+            _EVENTS.pop(key, None)
+        return []
+    with _EVENTS_LOCK:
+        known_inode, offset, events = _EVENTS.get(key, (inode, 0, []))
+        if known_inode != inode or size < offset:
+            offset, events = 0, []
+        new, offset = read_events(key, offset)
+        events = events + new  # a new list: callers may keep the old one
+        _EVENTS[key] = (inode, offset, events)
+        return events

@@ -22,10 +22,13 @@ from trainer.config import Config, LoraConfig
 from trainer.events import ADAPTER, CHECKPOINT, DONE, FAILED, FAST_PATH, SAMPLES, START, STEP, STOP_FILE, STOPPED, \
     WARNING, EventLog
 from trainer.lora_files.export import save_adapters, training_metadata
+from trainer.ema import ema_state, ema_weights, update_ema
 from trainer.io import describe_os_error
 from trainer.model import check_qlora_available, load_base
+from trainer.optimizers import check_optimizer_available
 from trainer.run import Run, attach_models, fill_caches, offload, onload, open_run, resume
 from trainer.sampling import render_samples
+from trainer.validation import validation_state, validation_due
 from trainer.variants import adalora_state, measure_layer_importance, needs_conversion, run_loradrop
 
 
@@ -57,6 +60,7 @@ def train(cfg: Config, run_dir: Path, base=None) -> Path:
     try:
         if cfg.lora.variant == "qlora":
             check_qlora_available()  # refuse up front, before minutes of loading
+        check_optimizer_available(cfg.train)
         if cfg.lora.variant == "loradrop":
             if base is not None:
                 raise ValueError("loradrop trains twice (probe + run) and needs model.path, not a preloaded base")
@@ -89,17 +93,17 @@ def _train(cfg: Config, run_dir: Path, lora: LoraConfig | None = None, base=None
 
 def probe_layer_importance(cfg: Config, run_dir: Path) -> dict[str, float]:
     """LoRA-drop's probe: a short plain-LoRA run, then each layer's importance over one epoch of micro-batches."""
-    run = prepare(cfg, run_dir, cfg.lora, None, fast=use_fast_path(cfg, measure_importance=True))
+    run = prepare(cfg, run_dir, cfg.lora, None, fast=use_fast_path(cfg, measure_importance=True), probe=True)
     step, _ = fit(run)
     return measure_layer_importance(run.trained, lambda k: diffusion_loss(run, run.models, make_batch(run, k)),
                                     first_k=step * run.micro_per_step,
                                     batches=max(1, run.batches_per_epoch // run.accelerator.num_processes))
 
 
-def prepare(cfg: Config, run_dir: Path, lora: LoraConfig, base, fast: bool) -> Run:
+def prepare(cfg: Config, run_dir: Path, lora: LoraConfig, base, fast: bool, probe: bool = False) -> Run:
     run = open_run(cfg, Path(run_dir), lora)
     base = base or load_base(cfg.model, quantize_bits=lora.qlora_bits if lora.variant == "qlora" else None)
-    attach_models(run, base)
+    attach_models(run, base, probe)
     resume(run)
     fill_caches(run)
     run.fast = fast
@@ -147,6 +151,7 @@ def train_step(run: Run, step: int) -> torch.Tensor:
             run.optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach().float()
     run.lr_scheduler.step()
+    update_ema(run.ema)
     return loss_sum / tc.grad_accum
 
 
@@ -176,11 +181,15 @@ def fit(run: Run) -> tuple[int, bool]:
         unread = (step, run.total_steps, run.accelerator.reduce(loss, reduction="mean"),
                   run.lr_scheduler.get_last_lr()[0], rate)
         stopped = (run.run_dir / STOP_FILE).exists()
-        ckpt_due, save_due, sample_due = (is_due(step, every) for every in
-                                          (tc.checkpoint_every, tc.save_every, cfg.sample.every))
-        if step == run.total_steps or stopped or ckpt_due or save_due or sample_due:
+        ckpt_due, save_due, sample_due, check_due = (is_due(step, every) for every in
+                                                     (tc.checkpoint_every, tc.save_every, cfg.sample.every,
+                                                      tc.validation_every))
+        if step == run.total_steps or stopped or ckpt_due or save_due or sample_due or check_due:
             report_step(run.events, bar, *unread)  # before the files and events of this step
             unread = None
+        if validation_due(cfg, step, run.total_steps, run.validator):
+            run.validator.run(step, run.base.unet, run.base.text_encoders(), run.events, run.ema,
+                              lambda: save_adapter(run, step, final=False, best=True))
         if step == run.total_steps or stopped:
             break
         if ckpt_due:
@@ -244,15 +253,19 @@ def optional_step(events: EventLog, what: str, step: int, run) -> bool:
         return False
 
 
-def save_adapter(run: Run, step: int, final: bool) -> list[Path]:
-    """Both adapter files (kohya/A1111 and diffusers layouts) of the weights as they are at `step`."""
+def save_adapter(run: Run, step: int, final: bool, best: bool = False) -> list[Path]:
+    """Both adapter files (kohya/A1111 and diffusers layouts) of the weights as they are at `step` (the EMA weights
+    with train.ema); `best`: the lowest validation loss so far (train.keep_best)."""
     samples = sorted((run.run_dir / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)
     base, cfg = run.base, run.cfg
-    paths = save_adapters(run.run_dir, cfg, run.trained,
-                          training_metadata(cfg, base.kind, step, len(run.items), run.started_at, base.prediction_type),
-                          base_kind=base.kind, tag_frequency=ds.tag_frequency(run.items),
-                          cover_png=samples[-1].read_bytes() if samples else None,
-                          step=None if final else step, delta=run.delta, convert=needs_conversion(run.lora))
+    with ema_weights(run.ema):
+        paths = save_adapters(run.run_dir, cfg, run.trained,
+                              training_metadata(cfg, base.kind, step, len(run.items), run.started_at,
+                                                base.prediction_type),
+                              base_kind=base.kind, tag_frequency=ds.tag_frequency(run.items),
+                              cover_png=samples[-1].read_bytes() if samples else None,
+                              step=None if final else step, delta=run.delta, convert=needs_conversion(run.lora),
+                              best=best)
     run.events.emit(ADAPTER, step=step, paths=[str(p) for p in paths], final=final)
     return list(paths)
 
@@ -261,15 +274,17 @@ def sample(run: Run, step: int) -> None:
     if run.cfg.sample.prompts and run.main:
         # the original modules: a compiled graph would recompile for the sampler's shapes
         onload(run.idle, run.device)
-        paths = render_samples(run.base, run.base.unet, run.base.text_encoders(), run.cfg, step,
-                               run.run_dir / "samples", run.weight_dtype)
+        with ema_weights(run.ema):
+            paths = render_samples(run.base, run.base.unet, run.base.text_encoders(), run.cfg, step,
+                                   run.run_dir / "samples", run.weight_dtype)
         offload(run.idle, run.device)
         run.events.emit(SAMPLES, step=step, paths=[str(p) for p in paths])
 
 
 def checkpoint(run: Run, step: int) -> None:
     if run.main:
-        extra = {**(run.delta.state() if run.delta else {}), **adalora_state(run.tuners)}
+        extra = {**(run.delta.state() if run.delta else {}), **adalora_state(run.tuners), **ema_state(run.ema),
+                 **validation_state(run.validator)}
         folder = save_checkpoint(run.run_dir / "checkpoints" / f"step-{step:06d}", step, run.trained, run.optimizer,
                                  run.lr_scheduler, extra=extra)
         prune_checkpoints(run.run_dir, run.cfg.train.keep_checkpoints)

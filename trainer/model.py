@@ -196,8 +196,13 @@ def attach_lora(base: Base, cfg: LoraConfig, total_steps: int = 1000) -> dict[st
     for name, module, wanted, targets in parts:
         if not wanted:
             continue
+        config = peft_config(cfg, targets, total_steps)
+        if name == "unet" and cfg.conv_rank:
+            from trainer.lycoris import add_locon
+
+            config = add_locon(config, module, cfg)
         try:
-            tuner = add_adapter(module, peft_config(cfg, targets, total_steps))
+            tuner = add_adapter(module, config)
         except ValueError as err:
             raise ModelError(attach_error(name, targets, err)) from None
         if tuner is not None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from trainer import data as ds
+from trainer.images import load_image
 from trainer.batch import encode_latent_dist
 from trainer.checkpoint import check_disk_space, resume_from
 from trainer.conditioning import encode_text
@@ -22,7 +23,12 @@ from trainer.dataset_summary import format_summary, summarize as summarize_datas
 from trainer.events import DATASET, PROBLEM, RESUMED, STOP_FILE, EventLog
 from trainer.io import seal_jsonl
 from trainer.model import attach_lora, lora_parameters
-from trainer.variants import DeltaLora, load_adalora_state, make_optimizer
+from trainer.ema import load_ema_state, make_ema
+from trainer.masks import make_masks
+from trainer.optimizers import build_optimizer
+from trainer.tracking import start_trackers, tracker_args
+from trainer.validation import load_validation_state, make_validator, split_validation
+from trainer.variants import DeltaLora, load_adalora_state
 
 
 @dataclass
@@ -47,6 +53,10 @@ class Run:
     params: list = field(default_factory=list)
     tuners: dict = field(default_factory=dict)  # AdaLoRA's peft tuners, which need a call per step
     delta: DeltaLora | None = None
+    ema: Any = None  # EMA of the adapter weights (trainer/ema.py), None when train.ema is off
+    validator: Any = None  # the held-out validation loss (trainer/validation.py), None without held-out images
+    validation_items: list = field(default_factory=list)
+    masks: Any = None  # data.masked_loss's per-image masks (trainer/masks.py), None when off
     latent_cache: dict = field(default_factory=dict)  # (item, flipped) -> (mean, std) of the VAE's latent
     text_cache: dict = field(default_factory=dict)  # item -> (hidden, pooled) when the text encoder is frozen
     idle: list = field(default_factory=list)  # frozen modules waiting on the CPU while their outputs are cached
@@ -89,7 +99,8 @@ def open_run(cfg: Config, run_dir: Path, lora: LoraConfig) -> Run:
     tc, started_at = cfg.train, time.time()
     # cpu=True without CUDA lets accelerate run data-parallel over gloo when launched with several processes.
     accelerator = Accelerator(mixed_precision=resolve_precision(tc.mixed_precision),
-                              gradient_accumulation_steps=tc.grad_accum, cpu=not torch.cuda.is_available())
+                              gradient_accumulation_steps=tc.grad_accum, cpu=not torch.cuda.is_available(),
+                              **tracker_args(cfg, run_dir))
     main = accelerator.is_main_process
     events = EventLog(run_dir / "events.jsonl" if main else None)
     if main:
@@ -97,11 +108,13 @@ def open_run(cfg: Config, run_dir: Path, lora: LoraConfig) -> Run:
         seal_jsonl(run_dir / "events.jsonl")  # a line torn by kill -9 must not swallow this run's first event
         save_config(cfg, run_dir / "config.toml")
         (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
+        start_trackers(accelerator, cfg, events)  # TensorBoard follows the events (trainer/tracking.py)
     items, problems = ds.scan_dataset(cfg.data)
     for problem in problems:
         events.emit(PROBLEM, path=str(problem.path), reason=problem.reason)
         if main:
             print(f"skipped/warning: {problem}")
+    items, validation_items = split_validation(items, cfg, events)  # held-out images (trainer/validation.py)
     batches_per_epoch = len(ds.epoch_batches(items, tc.batch_size, tc.seed, 0))
     if main:  # what is about to train, before minutes of loading (trainer/dataset_summary.py)
         summary = summarize_dataset(items, problems, cfg, accelerator.num_processes)
@@ -110,13 +123,15 @@ def open_run(cfg: Config, run_dir: Path, lora: LoraConfig) -> Run:
     micro_per_step = tc.grad_accum * accelerator.num_processes
     total_steps = math.ceil(tc.epochs * batches_per_epoch / micro_per_step) if tc.epochs else tc.steps
     disk = check_disk_space(cfg, run_dir, total_steps) if main else {}  # DiskSpaceError names both sizes
-    return Run(cfg, lora, run_dir, accelerator, events, items, problems, batches_per_epoch, total_steps, disk,
-               started_at)
+    run = Run(cfg, lora, run_dir, accelerator, events, items, problems, batches_per_epoch, total_steps, disk,
+              started_at, validation_items=validation_items)
+    run.masks = make_masks(cfg, items, events)  # data.masked_loss (trainer/masks.py), None when off
+    return run
 
 
-def attach_models(run: Run, base) -> None:
-    """LoRA on the base (frozen, in the weight dtype; LoRA parameters in fp32), the optimizer and scheduler, and
-    accelerate's preparation of the trained modules."""
+def attach_models(run: Run, base, probe: bool = False) -> None:
+    """LoRA on the base (frozen, in the weight dtype; LoRA parameters in fp32), the optimizer and scheduler,
+    accelerate's preparation of the trained modules, the EMA and the validator (not in LoRA-drop's `probe` run)."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
@@ -137,9 +152,7 @@ def attach_models(run: Run, base) -> None:
         for name in run.trained.keys() - {"unet"}:
             run.trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lrs = {"unet": tc.lr_unet, "text_encoder": tc.lr_text_encoder, "text_encoder_2": tc.lr_text_encoder}
-    adamw = dict(betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay)
-    optimizer = make_optimizer(lora, [(m, lrs[n]) for n, m in run.trained.items()], adamw,
-                               fused=device.type == "cuda")
+    optimizer = build_optimizer(tc, lora, [(m, lrs[n]) for n, m in run.trained.items()], fused=device.type == "cuda")
     if lora.variant == "deltalora":
         run.delta = DeltaLora(run.trained, lora.deltalora_lambda, lora.deltalora_start)
     run.lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
@@ -150,6 +163,9 @@ def attach_models(run: Run, base) -> None:
     run.optimizer = prepared[-1]
     run.models = {"unet": run.wrapped.get("unet", unet), **{n: run.wrapped.get(n, m) for n, m in text_encoders.items()}}
     run.params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    run.ema = make_ema(tc, run.trained)
+    run.validator = make_validator(run.cfg, base, run.validation_items, device, dtype, run.trains_text,
+                                   run.main and not probe)
 
 
 def resume(run: Run) -> None:
@@ -160,6 +176,8 @@ def resume(run: Run) -> None:
         if run.delta:
             run.delta.load_state(extra)
         load_adalora_state(run.tuners, extra)
+        load_ema_state(run.ema, extra)
+        load_validation_state(run.validator, extra)
     if resume_setting:  # "latest" with no checkpoint yet (killed before the first) starts over, and says so
         run.events.emit(RESUMED, step=step, checkpoint=str(folder) if folder else None)
     run.start_step = step
@@ -175,7 +193,7 @@ def fill_caches(run: Run) -> None:
     if cfg.train.cache_latents:
         for i, item in enumerate(tqdm(run.items, desc="caching latents", disable=not run.main)):
             for flip in ((False, True) if cfg.data.flip else (False,)):
-                run.latent_cache[i, flip] = encode_latent_dist(base.vae, ds.load_image(item.path, item.bucket, flip))
+                run.latent_cache[i, flip] = encode_latent_dist(base.vae, load_image(item.path, item.bucket, flip))
     if cfg.train.cache_text_embeddings and not run.trains_text and ds.caption_is_static(cfg.data):
         with torch.no_grad():
             for i, item in enumerate(run.items):

@@ -32,6 +32,10 @@ def peft_config(cfg: LoraConfig, targets: list[str], total_steps: int):
     if cfg.variant == "vera":
         return VeraConfig(r=cfg.vera_rank, target_modules=targets, vera_dropout=cfg.dropout,
                           d_initial=cfg.vera_d_initial, save_projection=True)
+    if cfg.variant in ("loha", "lokr"):
+        from trainer.lycoris import lycoris_config
+
+        return lycoris_config(cfg, targets)
     if cfg.variant == "adalora":
         return AdaLoraConfig(init_r=cfg.adalora_init_rank, target_r=cfg.rank, lora_alpha=cfg.alpha,
                              lora_dropout=cfg.dropout, target_modules=targets, total_step=total_steps,
@@ -172,6 +176,10 @@ def _factors_of(layer, delta: DeltaLora | None, name: str) -> Factors:
     from peft.tuners.adalora.layer import AdaLoraLayer
     from peft.tuners.vera.layer import VeraLayer
 
+    from trainer.lycoris import is_lycoris, lycoris_factors
+
+    if is_lycoris(layer):  # LoHa / LoKr: their exact ΔW in closed low-rank form (trainer/lycoris.py)
+        return lycoris_factors(layer)
     if isinstance(layer, VeraLayer):  # ΔW = diag(b)·B·diag(d)·A
         a = layer.vera_A[ADAPTER][:, : layer.in_features].float()
         b = layer.vera_B[ADAPTER][: layer.out_features, :].float()
@@ -215,7 +223,7 @@ def delta_weight(f: Factors, weight_shape: torch.Size) -> torch.Tensor:
 
 def needs_conversion(cfg: LoraConfig) -> bool:
     """Variants whose peft state dict is not a plain LoRA diffusers can load as it is."""
-    return cfg.variant in ("vera", "adalora") or (cfg.variant == "deltalora" and cfg.deltalora_lambda > 0)
+    return cfg.variant in ("vera", "adalora", "loha", "lokr") or (cfg.variant == "deltalora" and cfg.deltalora_lambda > 0)
 
 
 def select_important(importance: dict[str, float], threshold: float) -> list[str]:

@@ -142,17 +142,23 @@ def save_plain_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: d
 
 def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta: dict[str, str], *, base_kind: str,
                   tag_frequency: dict, cover_png: bytes | None, step: int | None = None, delta=None,
-                  convert: bool = False) -> tuple[Path, ...]:
+                  convert: bool = False, best: bool = False) -> tuple[Path, ...]:
     """The files of a run: `<name>.safetensors` (kohya/A1111 layout, what A1111/Forge/ComfyUI users drop in),
     `<name>.diffusers.safetensors` (diffusers/PEFT layout) and, for DoRA, `<name>.plain.safetensors` (the DoRA as a
-    plain LoRA of rank output.plain_lora_rank, for tools that cannot apply DoRA). `step` names an intermediate save."""
+    plain LoRA of rank output.plain_lora_rank, for tools that cannot apply DoRA). `step` names an intermediate save;
+    `best`: the lowest validation loss so far (`<name>-best…`, train.keep_best)."""
     from trainer.lora_files.kohya import kohya_metadata, save_kohya_lora
 
-    stem = cfg.output.name + ("" if step is None else f"-step{step:06d}")
+    stem = cfg.output.name + ("-best" if best else "" if step is None else f"-step{step:06d}")
     kohya_meta = kohya_metadata(meta, rank=cfg.lora.rank, alpha=cfg.lora.alpha, trigger=cfg.data.trigger,
                                 tag_frequency=tag_frequency, base_kind=base_kind, cover_png=cover_png,
                                 rslora=cfg.lora.rslora)
-    kohya = save_kohya_lora(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, delta=delta, kind=base_kind)
+    if cfg.lora.variant in ("loha", "lokr"):  # LyCORIS keys, what A1111/Forge and ComfyUI read (trainer/lycoris.py)
+        from trainer.lycoris import save_lycoris_kohya
+
+        kohya = save_lycoris_kohya(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, cfg.lora, base_kind)
+    else:
+        kohya = save_kohya_lora(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, delta=delta, kind=base_kind)
     diffusers = save_diffusers_lora(Path(run_dir) / f"{stem}.diffusers.safetensors", modules, meta, delta=delta,
                                     convert=convert)
     if cfg.lora.variant != "dora":

@@ -121,7 +121,7 @@ def canonical_text_module(module: str) -> str:
 
 def module_names(modules: dict[str, torch.nn.Module], kind: str) -> dict[str, tuple[str, str]]:
     """{kohya name: (part, module path)} for every Linear/Conv2d (peft-wrapped or not) of the given models."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # LoRA and LyCORIS (LoHa/LoKr) wrappers alike
 
     table: dict[str, tuple[str, str]] = {}
     for part, model in modules.items():
@@ -132,7 +132,7 @@ def module_names(modules: dict[str, torch.nn.Module], kind: str) -> dict[str, tu
             parts = name.split(".")
             if not name or "base_layer" in parts or any(p.startswith("lora_") for p in parts):
                 continue  # peft's own submodules
-            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, LoraLayer)):
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, BaseTunerLayer)):
                 continue
             if part.startswith("text_encoder"):
                 name = name.removeprefix("text_model.")

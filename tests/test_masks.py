@@ -1,0 +1,87 @@
+"""data.masked_loss: a masked-out area gives no gradient at all, and a fully masked-out image cannot change the LoRA."""
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import trainer.loop as loop
+from trainer.events import read_events
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_images(folder, count: int, mode: str = "RGB", alpha: int = 255, sidecar_half: bool = False):
+    """Random 64×64 images with captions; optional alpha, optional `name.mask.png` with the left half black."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(count):
+        pixels = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        image = Image.fromarray(pixels, "RGB")
+        if mode == "RGBA":
+            image.putalpha(alpha)
+        image.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text("a pattern", encoding="utf-8")
+        if sidecar_half:
+            mask = Image.new("L", (64, 64), 255)
+            mask.paste(0, (0, 0, 32, 64))
+            mask.save(folder / f"img{i}.mask.png")
+    return folder
+
+
+def settings(data, *extra):
+    return (f'data.path="{data}"', "data.flip=false", "data.masked_loss=true", "train.lr_unet=1e-2",
+            "train.lr_text_encoder=1e-2", *extra)
+
+
+def test_masked_out_pixels_give_no_gradient(make_cfg, tmp_path, monkeypatch):
+    data = make_images(tmp_path / "data", 4, sidecar_half=True)
+    grads, real = [], loop.load_base
+
+    def spy(*args, **kwargs):  # record the gradient that reaches the UNet's prediction
+        base = real(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if output.sample.requires_grad:
+                output.sample.register_hook(lambda g: grads.append(g.detach().clone()))
+        base.unet.register_forward_hook(hook)
+        return base
+
+    monkeypatch.setattr(loop, "load_base", spy)
+    loop.train(make_cfg(*settings(data, "train.steps=2")), tmp_path / "run")
+    events, _ = read_events(tmp_path / "run" / "events.jsonl")
+    start = next(e for e in events if e["type"] == "start")
+    assert start["images"] == 4, "img*.mask.png are masks, not training images"
+    assert not [e for e in events if e["type"] == "warning"]
+    assert len(grads) == 2
+    for grad in grads:
+        half = grad.shape[-1] // 2
+        assert torch.count_nonzero(grad[..., :half]) == 0, "the black half of the mask gives no gradient"
+        assert torch.count_nonzero(grad[..., half:]) == grad[..., half:].numel(), "the white half trains"
+
+
+def test_fully_masked_out_images_leave_the_lora_unchanged(make_cfg, tmp_path):
+    data = make_images(tmp_path / "transparent", 4, mode="RGBA", alpha=0)  # the alpha channel is the mask
+    final = load_file(loop.train(make_cfg(*settings(data, "train.steps=3")), tmp_path / "run"))
+    lora_b = {k: v for k, v in final.items() if ".lora_B." in k}
+    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b.values()), "no pixel trained: B stays zero"
+
+    unmasked = load_file(loop.train(make_cfg(*settings(data, "train.steps=3"), "data.masked_loss=false"),
+                                    tmp_path / "unmasked"))
+    assert all(torch.count_nonzero(unmasked[k]) > 0 for k in lora_b), "the same images without masked loss train"
+
+
+def test_images_without_a_mask_train_whole_and_are_named(make_cfg, tmp_path):
+    data = make_images(tmp_path / "data", 3, sidecar_half=True)
+    make_images(tmp_path / "plain", 1)
+    (tmp_path / "plain" / "img0.png").rename(data / "plain.png")
+    loop.train(make_cfg(*settings(data, "train.steps=1")), tmp_path / "run")
+    events, _ = read_events(tmp_path / "run" / "events.jsonl")
+    warnings = [e["reason"] for e in events if e["type"] == "warning"]
+    assert len(warnings) == 1 and "1 image(s) have no mask" in warnings[0] and "plain.png" in warnings[0]
