@@ -17,13 +17,7 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT
 from tests.test_export import comfyui_weight, spec_key, tiny_models
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def peft_changes(modules) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

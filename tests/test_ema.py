@@ -6,15 +6,9 @@ from safetensors.torch import load_file
 
 import trainer.loop as loop
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 DECAY = 0.6  # small, so that the average of 4 steps is far from the last weights
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def file_name(param: str) -> str:

@@ -28,6 +28,8 @@ from trainer.lora_files.kohya import (
     save_kohya_lora,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "time_emb_proj", "conv_shortcut"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -38,16 +40,6 @@ CASES = {
     "patterns": dict(r=4, lora_alpha=4.0, **PATTERNS),
     "dora": dict(r=4, lora_alpha=6.0, use_dora=True),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The models are tiny: with several threads on a busy machine OpenMP start-up and spin-waits cost seconds per
-    # UNet call (measured ~2.5 s vs 40 ms), so these tests run single-threaded and restore the setting after.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def attach(unet, text_encoder, unet_case, te_case, seed=0):

@@ -16,6 +16,8 @@ from tests.test_export import comfyui_weight, spec_key
 from trainer.config import ConfigError
 from trainer.variants import lora_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 RUNS = {  # id: (variant, extra settings)
     "loha": ("loha", ["lora.rank=2", "lora.alpha=3.0"]),
     "lokr": ("lokr", ["lora.rank=2", "lora.alpha=3.0"]),  # rank 2: some LoKr factors decomposed, some full
@@ -24,14 +26,6 @@ RUNS = {  # id: (variant, extra settings)
     "lora-locon": ("lora", ["lora.rank=4", "lora.alpha=2.0", "lora.conv_rank=2", "lora.conv_alpha=1.0"]),
 }
 LOHA_KEYS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @torch.no_grad()

@@ -8,13 +8,7 @@ from safetensors.torch import load_file
 import trainer.loop as loop
 from trainer.events import read_events
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_images(folder, count: int, mode: str = "RGB", alpha: int = 255, sidecar_half: bool = False):

@@ -11,17 +11,10 @@ import trainer.loop as loop
 from trainer.config import ConfigError, TrainConfig, LoraConfig
 from trainer.optimizers import build_optimizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 NEW = ["prodigy", "adafactor", "lion"]  # adamw8bit needs CUDA (tests/test_gpu.py); adamw: tests/test_train.py
 LR = {"prodigy": 1.0, "adafactor": 1e-3, "lion": 1e-4}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: OpenMP start-up and spin-waits on a busy 2-core machine cost more than they give
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_parts(seed: int):

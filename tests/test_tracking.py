@@ -1,18 +1,11 @@
 """train.log_with = "tensorboard": accelerate's TensorBoard tracker in the run folder, the same numbers as events.jsonl."""
 
 import pytest
-import torch
 
 import trainer.loop as loop
 from trainer.events import read_events
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_tensorboard_logs_what_the_event_file_holds(make_cfg, tmp_path):

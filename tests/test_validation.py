@@ -3,7 +3,6 @@
 import shutil
 
 import pytest
-import torch
 from safetensors import safe_open
 
 import trainer.loop as loop
@@ -12,13 +11,7 @@ from tests.conftest import TINY_STYLE
 from trainer.config import ConfigError
 from trainer.events import read_events
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def events_of(run_dir, kind=None):
