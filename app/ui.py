@@ -48,7 +48,7 @@ def on_upload(outputs: Path, files: list[str] | None, run: str, name: str, min_s
               user: str | None = None):
     run_dir = run_dir_of(outputs, run, user)
     if run_dir is None or jobs.read_job(run_dir):  # a submitted run's dataset is frozen: start a new one
-        run_dir = jobs.newrun_dir_of(outputs, name or "style-lora", owner=user)
+        run_dir = jobs.new_run_dir(outputs, name or "style-lora", owner=user)
     paths = [str(f) for f in (files or [])]
     _, problems = uploads.add_files(run_dir, paths, [Path(p).name for p in paths])
     for problem in problems[:5]:

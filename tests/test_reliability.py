@@ -82,7 +82,8 @@ def _check_scan(items, problems, cases, root: Path):
 
 def test_corpus_scan_gives_each_file_a_precise_message(corpus):
     from trainer.config import load_config
-    from trainer.data import load_image, scan_dataset
+    from trainer.data import scan_dataset
+    from trainer.images import load_image
 
     dest, cases = corpus
     cfg = load_config(ROOT / "presets" / "tiny-test.toml", [f'data.path="{dest / "dataset"}"'])

@@ -72,7 +72,7 @@ class DataConfig(Section):
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of training on an empty caption.")
     reg_path: str = Field("", description="Optional folder of regularisation images (kohya's reg images: what the "
                           "base draws for your captions without the style), trained without the trigger word.")
-    reg_weight: float = Field(1.0, ge=0.0, description="Loss weight of regularisation images (style images: 1).")
+    reg_weight: float = Field(1.0, ge=0.0, le=100.0, description="Loss weight of regularisation images (style images: 1).")
     masked_loss: bool = Field(False, description="Weight the loss by a per-image mask, as kohya's --masked_loss: "
                               "name.mask.png beside the image (white trains, black is ignored) or else the image's "
                               "alpha channel. Images with neither train on their whole area.")
