@@ -164,7 +164,8 @@ def plan(smoke: bool, parts: list[str], work: Path, warm: list[str]) -> list[tup
     if warm_up and not run_tests:
         parts = ["pytest", *parts]  # the warm-up alone
     full = {
-        "pytest": (([pytest + ["tests/test_speed.py"]] if run_tests else [["true"]]) + warm_up, 300),
+        "pytest": (([pytest + ["tests/test_speed.py", "tests/test_optimizers.py"]] if run_tests else [["true"]])
+                   + warm_up, 300),
         "sd15": ([speed(work, *sd15, "--batch", "1", "16", "--paths", "eager"),
                   speed(work, *sd15, "--batch", "1", "4", "16", "--paths", "fast")], 600),
         "sd15-before": ([speed(work, *sd15, "--batch", "1", "--paths", "fast", "--code", ".baseline")], 240),
