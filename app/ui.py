@@ -267,9 +267,10 @@ def wire_runs(outputs: Path, demo, current, rn: SimpleNamespace, preview_tab: di
         p = run_panel(outputs, name, jobs.user_of(request))
         import pandas as pd  # gradio depends on pandas; LinePlot wants a DataFrame
 
-        # Typed columns even when empty: an untyped (object) frame makes the plot treat loss as categories.
+        # Typed columns: an untyped (object) frame makes the plot treat loss as categories. No rows: None, not an
+        # empty frame (after an empty frame with a colour column gradio 6.31's plot draws no line for later data).
         loss = pd.DataFrame(p["loss"], columns=["step", "loss", "series"]).astype(
-            {"step": "int64", "loss": "float64", "series": "string"})
+            {"step": "int64", "loss": "float64", "series": "object"}) if p["loss"] else None
         return p["markdown"], loss, p["samples"], p["files"] or None, p["config"], p["log"], p["report_image"]
 
     def tick(name: str, seen: str, request: gr.Request):
