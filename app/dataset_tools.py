@@ -5,7 +5,6 @@ the dataset summary. No gradio, no torch."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,9 +65,7 @@ def caption_events(run_dir: Path, model: str, mode: str = "auto", overwrite: boo
         yield {"event": "failed", "message": "give a model: a hub id or a local folder"}
         return
     run_dir = Path(run_dir)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    pythonpath = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = str(jobs.PROJECT_ROOT) + (os.pathsep + pythonpath if pythonpath else "")
+    env = jobs.child_env(run_dir.parent)  # the same environment as the trainer's and the preview's children
     cmd = caption_command(run_dir / "dataset", model, mode, overwrite, strip, only)
     with open(run_dir / CAPTION_LOG, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,

@@ -34,7 +34,6 @@ from app.uploads import sanitize_name
 from trainer.events import DONE, STOPPED
 from trainer.io import describe_os_error
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORKER_CMD = [sys.executable, "-m", "trainer", "preview"]
 START_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 900

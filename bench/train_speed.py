@@ -103,10 +103,12 @@ def flops_per_image(base, resolution: int) -> float:
 def quantized_unet(unet, folder: Path, bits: int):
     """The random UNet saved and loaded back through the trainer's QLoRA loader (bitsandbytes nf4/int8), as a
     user's base would be."""
+    import torch
+
     from trainer.config import ModelConfig
     from trainer.model import _load_quantized_unet
 
-    unet.to(dtype=__import__("torch").bfloat16).save_pretrained(folder / "unet")
+    unet.to(dtype=torch.bfloat16).save_pretrained(folder / "unet")
     return _load_quantized_unet("folder", str(folder), ModelConfig(path=str(folder)), bits)
 
 
