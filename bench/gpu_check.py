@@ -43,28 +43,30 @@ TARGETS = [
 
 
 def run_part(name: str, commands: list[list[str]], timeout: float, log: Path, env: dict | None = None) -> dict:
-    """Run one part's commands (all at once if several, see plan()), output appended to the log. The part's result
-    is its first command's: {rc, seconds, tail, output}."""
-    t0 = time.time()
-    procs = []
-    for i, cmd in enumerate(commands):
+    """Run one part's commands, output appended to the log: {rc, seconds, tail, output}. The part "pytest" starts
+    its commands together (the tests beside the compile warm-up, see plan()) and its rc is the tests' (a failed
+    warm-up shows in the timed runs); any other part runs them one after another and fails if one does."""
+    t0, together = time.time(), name == "pytest"
+    started = []  # (command, its output file, its process)
+    for cmd in commands:
         out = tempfile.TemporaryFile("w+")
-        procs.append((cmd, out, subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                                 env={**os.environ, **(env or {})}, start_new_session=True)))
-        RUNNING.append(procs[-1][2])
-        if len(commands) == 1 or name != "pytest":  # a sequence: each command after the one before
-            procs[-1] = (*procs[-1][:2], _wait(procs[-1][2], t0 + timeout))
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        RUNNING.append(proc)
+        started.append((cmd, out, proc))
+        if not together:
+            _wait(proc, t0 + timeout)
     results = []
     with open(log, "a") as f:
-        for cmd, out, proc in procs:
-            rc = proc if isinstance(proc, int) else _wait(proc, t0 + timeout)
+        for cmd, out, proc in started:
+            rc = _wait(proc, t0 + timeout)  # already ended for a sequence: its return code
             out.seek(0)
             output = out.read() + (f"\n[gpu_check] {name}: stopped at its {timeout:.0f} s limit\n" if rc == 124 else "")
             f.write(f"\n===== {name}: {' '.join(cmd)} (rc {rc})\n{output}")
             results.append((rc, output))
     seconds = round(time.time() - t0, 1)
-    rc, output = results[0]
-    rc = rc or next((r for r, _ in results if r), 0) if name != "pytest" else rc  # warm-up failures show in timed runs
+    output = results[0][1]
+    rc = results[0][0] if together else next((r for r, _ in results if r), 0)
     tail = [line for line in output.strip().splitlines() if line.strip()][-4:]
     print(f"[gpu_check] {name}: rc={rc} in {seconds} s ({len(commands)} command(s))", flush=True)
     return {"rc": rc, "seconds": seconds, "tail": tail, "output": output}
@@ -249,18 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": time.strftime("%Y-%m-%d"), "env": env_info(args.cpu_smoke), "parts": {}, "train": [],
               "swap": [], "targets": []}
     print("[gpu_check] " + json.dumps(result["env"]), flush=True)
-    if True:  # rows are appended to OUT as each configuration ends: a run stopped from outside keeps them
-        work = args.out
-        warm = parts if args.warm is None else [p.strip() for p in args.warm.split(",")]
-        for name, cmd, timeout, env in plan(args.cpu_smoke, [p for p in parts if p != "env"], work, warm):
-            part = run_part(name, cmd, timeout, log, env)
-            if name == "pytest":
-                summary = [line for line in part["output"].splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
-                part["tail"] = summary[-1:] or part["tail"]
-            part.pop("output")
-            result["parts"][name] = part
-            result["train"], result["swap"] = read_rows(work / "train.jsonl"), read_rows(work / "swap.jsonl")
-            (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))  # partial results survive a kill
+    work = args.out  # rows are appended there as each configuration ends: a run stopped from outside keeps them
+    warm = parts if args.warm is None else [p.strip() for p in args.warm.split(",")]
+    for name, cmd, timeout, env in plan(args.cpu_smoke, [p for p in parts if p != "env"], work, warm):
+        part = run_part(name, cmd, timeout, log, env)
+        if name == "pytest":
+            summary = [line for line in part["output"].splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
+            part["tail"] = summary[-1:] or part["tail"]
+        part.pop("output")
+        result["parts"][name] = part
+        result["train"], result["swap"] = read_rows(work / "train.jsonl"), read_rows(work / "swap.jsonl")
+        (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))  # partial results survive a kill
     result["targets"] = [] if args.cpu_smoke else check_targets(result["train"], result["swap"])
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
