@@ -1,0 +1,185 @@
+"""Hardening, round 2 (issue 15), the web app's side: uploads are transactional (a refused or failed file never
+replaces a good one, and the rest of a batch is stored), logins are throttled, and the run that just finished is
+the preview's pick. The trainer's side is tests/test_hardening.py."""
+
+from __future__ import annotations
+
+import errno
+import json
+import time
+import zipfile
+from pathlib import Path
+
+
+from app import jobs, uploads
+from tests.conftest import TINY_STYLE, free_port
+
+
+# ----------------------------------------------------------------------------- transactional uploads
+
+
+def _png() -> bytes:
+    return next(TINY_STYLE.glob("*.png")).read_bytes()
+
+
+def test_a_refused_upload_never_replaces_a_good_file(tmp_path):
+    run = tmp_path / "run"
+    good = tmp_path / "a.png"
+    good.write_bytes(_png())
+    assert uploads.add_files(run, [good])[1] == []
+    lying = tmp_path / "lying.zip"
+    with zipfile.ZipFile(lying, "w") as zf:
+        zf.writestr("a.png", b"junk " * 500)
+    raw = bytearray(lying.read_bytes())  # the size field says 10 bytes: the entry holds 2500
+    for sig, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = raw.find(sig) + offset
+        raw[at:at + 4] = (10).to_bytes(4, "little")
+    lying.write_bytes(bytes(raw))
+    stored, problems = uploads.add_files(run, [lying])
+    assert stored == [] and "a.png" in problems[0] and "not stored" in problems[0]
+    assert (run / "dataset" / "a.png").read_bytes() == _png()
+    assert sorted(p.name for p in (run / "dataset").iterdir()) == ["a.png"]  # no temporary left
+
+
+def test_a_name_taken_by_a_folder_is_refused_and_the_batch_goes_on(tmp_path):
+    run = tmp_path / "run"
+    archive = tmp_path / "earlier.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.png/inside.png", _png())
+    assert uploads.add_files(run, [archive])[1] == []
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(_png())
+    b.write_bytes(_png())
+    stored, problems = uploads.add_files(run, [a, b])
+    assert problems == ["a.png: a folder of that name already exists in the dataset (from an earlier zip?); rename "
+                        "the file or start a new dataset"]
+    assert stored == [run / "dataset" / "b.png"] and (run / "dataset" / "a.png" / "inside.png").is_file()
+
+
+def test_a_full_disk_refuses_one_upload_keeps_the_old_file_and_the_rest(tmp_path, monkeypatch):
+    import os
+
+    run = tmp_path / "run"
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(_png())
+    b.write_bytes(_png()[:-1])
+    uploads.add_files(run, [a])
+    real, calls = os.replace, []
+
+    def full_once(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(uploads.os, "replace", full_once)
+    b_as_a = tmp_path / "new" / "a.png"
+    b_as_a.parent.mkdir()
+    b_as_a.write_bytes(b"other bytes")
+    stored, problems = uploads.add_files(run, [b_as_a, b])
+    assert len(problems) == 1 and problems[0].startswith("a.png: cannot store: ") and "the disk is full" in problems[0]
+    assert stored == [run / "dataset" / "b.png"]
+    assert (run / "dataset" / "a.png").read_bytes() == _png()
+    assert not [p for p in (run / "dataset").iterdir() if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------- login throttling
+
+
+def test_login_throttle_per_user_and_address():
+    from app.auth import LoginThrottle
+
+    now = [0.0]
+    t = LoginThrottle(per_user=3, per_address=5, first_lock_s=2, max_lock_s=60, forget_s=600, clock=lambda: now[0])
+    for _ in range(3):
+        assert t.wait_s("alice", "1.1.1.1") == (0.0, "")
+        t.failed("alice", "1.1.1.1")
+    assert t.wait_s("alice", "1.1.1.1") == (0.0, "")  # three free failures
+    t.failed("alice", "1.1.1.1")
+    assert t.wait_s("alice", "9.9.9.9") == (2.0, "user")  # the user is locked from any address
+    assert t.wait_s("bob", "1.1.1.1") == (0.0, "")  # another user from the same address is not (yet)
+    now[0] += 2.5
+    t.failed("alice", "2.2.2.2")
+    assert t.wait_s("alice", "2.2.2.2")[0] == 4.0  # doubling
+    for _ in range(20):
+        now[0] += 100
+        t.failed("alice", "3.3.3.3")
+    assert t.wait_s("alice", "3.3.3.3") == (60.0, "user")  # capped
+    t.succeeded("alice", "3.3.3.3")
+    assert t.wait_s("alice", "4.4.4.4") == (0.0, "")  # a success clears the user...
+    assert t.wait_s("carol", "3.3.3.3")[1] == "addr"  # ...not the address that guessed
+    now[0] += 700
+    assert t.wait_s("carol", "3.3.3.3") == (0.0, "")
+    t.failed("carol", "3.3.3.3")
+    assert t.wait_s("carol", "3.3.3.3") == (0.0, "")  # forgotten after forget_s
+    for i in range(LoginThrottle.MAX_KEYS + 10):
+        t.failed(f"made-up-{i}", "5.5.5.5")
+    assert len(t._failures) <= LoginThrottle.MAX_KEYS + 2
+
+
+def test_login_attempts_are_throttled_through_the_server(tmp_path):
+    import httpx
+
+    from app.auth import LoginThrottle, launch_kwargs
+    from app.ui import build_app
+
+    now = [0.0]
+    throttle = LoginThrottle(per_user=5, per_address=8, clock=lambda: now[0])
+    demo = build_app(tmp_path / "outputs")
+    port = free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True,
+                        **launch_kwargs([("alice", "wonderland"), ("bob", "pw")], throttle))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            def login(user: str, password: str) -> httpx.Response:
+                return http.post("/login", data={"username": user, "password": password})
+
+            assert [login("alice", f"guess{i}").status_code for i in range(5)] == [400] * 5
+            r = login("alice", "guess5")
+            assert r.status_code == 400
+            locked = login("alice", "wonderland")  # locked: the right password does not get in either
+            assert locked.status_code == 429 and "Too many failed logins for user 'alice'" in locked.text
+            assert login("bob", "pw").status_code == 200  # one user's lock is not another's
+            assert [login("mallory", "x").status_code for _ in range(3)] == [400] * 3
+            blocked = login("bob", "pw")  # 9 failures from this address (8 free): every login from it waits
+            assert blocked.status_code == 429 and "address 127.0.0.1" in blocked.text
+            now[0] += 3600
+            assert login("alice", "wonderland").status_code == 200
+    finally:
+        demo.close()
+
+
+# ----------------------------------------------------------------------------- preview after a run
+
+
+def _finished_run(outputs: Path, name: str, ended: float) -> None:
+    run = outputs / name
+    run.mkdir(parents=True)
+    jobs.write_job(run, {"queued_at": ended - 10, "pid": 999999999, "launched_at": ended - 10})
+    (run / "events.jsonl").write_text(json.dumps({"type": "done", "step": 1, "time": ended}) + "\n")
+    (run / f"{name}.safetensors").write_bytes(b"adapter")
+
+
+def test_the_run_that_just_finished_is_preselected_in_the_preview_tab(tmp_path):
+    from gradio_client import Client
+
+    from app.ui import build_app
+
+    outputs = tmp_path / "outputs"
+    _finished_run(outputs, "older", time.time() - 100)
+    demo = build_app(outputs)
+    port = free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, allowed_paths=[str(outputs)])
+
+    def preview_pick(outputs_of_tick) -> str | None:
+        picks = [o["value"] for o in outputs_of_tick if isinstance(o, dict) and str(o.get("value")).startswith("run:")]
+        return picks[0] if picks else None
+
+    try:
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        assert preview_pick(c.predict("", api_name="/tick")) == "run:older"
+        assert preview_pick(c.predict("", api_name="/tick")) is None  # nothing new: the user's pick is left alone
+        _finished_run(outputs, "fresh", time.time())  # a run ends while the page is open
+        assert preview_pick(c.predict("", api_name="/tick")) == "run:fresh"
+    finally:
+        demo.close()
