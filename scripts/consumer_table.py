@@ -92,6 +92,12 @@ def is_lycoris(g: dict) -> bool:
     return any(k.startswith(("hada_", "lokr_")) for k in g)
 
 
+def column_norm(w: torch.Tensor) -> torch.Tensor:
+    """The norm of each input column of a Linear/Conv2d weight (over outputs and kernel), shaped [1, in, 1, 1...]."""
+    per_column = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
+    return per_column.reshape(w.shape[1], *[1] * (w.dim() - 1)).transpose(0, 1)
+
+
 def comfyui(weight: torch.Tensor, g: dict, module: str) -> torch.Tensor:
     if is_lycoris(g):
         return weight + lycoris_delta(weight, g)
@@ -103,8 +109,7 @@ def comfyui(weight: torch.Tensor, g: dict, module: str) -> torch.Tensor:
     if s.shape[0] == weight.shape[0]:  # output axis: the ORIGINAL weight's row norm
         norm = weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
     else:
-        norm = combined.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1).reshape(
-            weight.shape[1], *[1] * (weight.dim() - 1)).transpose(0, 1)
+        norm = column_norm(combined)
     return combined * (s / (norm + COMFY_EPS))
 
 
@@ -115,8 +120,7 @@ def a1111(weight: torch.Tensor, g: dict, module: str) -> torch.Tensor:
     if "dora_scale" not in g:
         return weight + delta
     combined = weight + delta  # input axis only: column norms, whatever the scale's shape
-    norm = combined.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1, keepdim=True).reshape(
-        weight.shape[1], *[1] * (weight.dim() - 1)).transpose(0, 1)
+    norm = column_norm(combined)
     merged = combined * (g["dora_scale"].double() / norm)  # [out, 1] / [1, in]: broadcasts, no error
     return merged if merged.shape == weight.shape else weight + float("nan")
 
