@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from trainer import data as ds
 from trainer.images import load_image
 from trainer.config import Config
+from trainer.batch import encode_latent_dist
 from trainer.events import BEST, PROBLEM, VALIDATION, VALIDATION_SET
 
 BEST_LOSS, BEST_STEP = "validation.best_loss", "validation.best_step"
@@ -70,13 +71,13 @@ class Validator:
         k = cfg.train.validation_timesteps
         self.timesteps = torch.tensor([int((j + 0.5) * n / k) for j in range(k)], device=device)
         caption_cfg = cfg.data.model_copy(update={"caption_dropout": 0.0, "shuffle_captions": False})
-        self.captions = [ds.build_caption(item.caption, caption_cfg, random.Random(0)) for item in items]
+        self.captions = [ds.build_caption(item.caption, caption_cfg, random.Random(0), item.trigger) for item in items]
         self.samples = []
         vae = base.vae
         with torch.no_grad():
             for i, item in enumerate(items):
-                image = load_image(item.path, item.bucket)[None].to(vae.device, vae.dtype)
-                latent = vae.encode(image).latent_dist.mean.float() * vae.config.scaling_factor
+                mean, _ = encode_latent_dist(vae, load_image(item.path, item.bucket))
+                latent = mean[None] * vae.config.scaling_factor
                 gen = torch.Generator("cpu").manual_seed(cfg.train.seed * 7919 + i)
                 noise = torch.randn((k, *latent.shape[1:]), generator=gen).to(device)
                 time_ids = sdxl_time_ids(item.size, item.bucket, False) if base.kind == "sdxl" else None
