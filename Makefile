@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 LOCK := requirements.lock
 
-.PHONY: install run demo test test-fast test-latest lock screenshots clean
+.PHONY: install run demo test test-fast test-latest lock screenshots style-suite demo-base clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,15 @@ test: install
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# The demo base's style suite (scripts/style_suite.py): 8 styles + 2 negative controls trained on builtin:demo-sd,
+# the report's verdict against each style's ground truth; the table in docs/demo-base.md comes from outputs/style-suite.
+style-suite: install
+	HF_HUB_OFFLINE=1 $(PY) scripts/style_suite.py --out outputs/style-suite
+
+# Retrain the demo base (assets/demo-sd) from scratch: about an hour on one CPU core (docs/demo-base.md).
+demo-base: install
+	HF_HUB_OFFLINE=1 $(PY) scripts/train_demo_base.py
 
 # Refresh docs/screenshots/ui-*.png from the real-browser test (the tests never write into the repo otherwise).
 screenshots: install

@@ -29,6 +29,11 @@ def report_markdown(state: str, events: list[dict]) -> str:
     lines = [
         "**Style report** (held-out prompts" + ("" if last.get("held_out", True) else ", some seen in training")
         + f"; {last.get('features', '')}):",
+    ]
+    if last.get("verdict"):  # reports before the verdict existed have only the numbers
+        lines.append(f"- **verdict: {last['verdict']}**: {last.get('reason', '')}")
+        lines.append(f"- progress towards the style: {_by_scale(last.get('progress', {}), '{:.0%}')}")
+    lines += [
         f"- style lift (similarity to the training images minus the base's): {_by_scale(lift)}",
         f"- prompt fidelity: {_by_scale(last.get('fidelity', {}), '{:.2f}')}",
         f"- copying (closest match to one training image, 1.0 = copy): {_by_scale(last.get('copying', {}), '{:.2f}')}",

@@ -24,26 +24,13 @@ COUNT = 20
 SIZE = 64  # drawn at 64 px (easy to look at); presets/demo-style.toml trains at the base's 32 px
 
 
-def contents(n: int, seed: int = 7) -> list[tuple[str, str, str, str]]:
-    rng = random.Random(seed)
-    out: list[tuple[str, str, str, str]] = []
-    positions = sorted(demo_data.POSITIONS)
-    while len(out) < n:
-        colour, _, background, _ = demo_data.random_content(rng)
-        # cycle shapes and positions so each appears about equally often
-        c = (colour, demo_data.SHAPES[len(out) % 3], background, positions[len(out) % 5])
-        if c not in demo_data.REPORT_CONTENT and c not in out:
-            out.append(c)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "examples" / "demo-style"))
     out = Path(parser.parse_args().out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(11)
-    for i, content in enumerate(contents(COUNT)):
+    for i, content in enumerate(demo_data.style_set_contents(COUNT)):
         stem = f"{i:02d}_{content[0]}_{content[1]}"
         demo_data.draw(*content, size=SIZE, rng=rng, style="stripes").save(out / f"{stem}.png", optimize=True)
         (out / f"{stem}.txt").write_text(demo_data.caption(*content) + "\n")

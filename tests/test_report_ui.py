@@ -28,12 +28,15 @@ def test_run_is_reporting_until_the_report_event(tmp_path):
         assert jobs.advance(tmp_path) is None  # the next run waits: the trainer still uses the device
         assert report_view.report_image(run, st.events) is None
         log.emit("report", style_lift={"0.5": 0.05, "1.0": 0.125}, fidelity={"0.0": 1.0, "0.5": 0.9, "1.0": 0.75},
-                 copying={"0.0": 0.5, "0.5": 0.6, "1.0": 0.7}, held_out=True, features="download-free")
+                 copying={"0.0": 0.5, "0.5": 0.6, "1.0": 0.7}, held_out=True, features="download-free",
+                 verdict="partly learned", progress={"0.5": 0.1, "1.0": 0.34},
+                 reason="at strength 1.0 the LoRA moved 34% of the way")
         (run / "report.png").write_bytes(b"png")
         st = jobs.status(run)
         assert st.state == "done"
         text = report_view.report_markdown(st.state, st.events)
         assert "LoRA 1.0 +0.125" in text and "LoRA 1.0 0.75" in text and "held-out prompts;" in text
+        assert "verdict: partly learned**: at strength 1.0 the LoRA moved 34%" in text and "LoRA 1.0 34%" in text
         assert report_view.report_image(run, st.events) == str(run / "report.png")
     finally:
         child.kill()

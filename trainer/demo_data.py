@@ -47,9 +47,16 @@ def draw(colour: str, shape: str, background: str, position: str, size: int = 64
          style: str | None = None) -> Image.Image:
     """One image of the caption's content; `rng` jitters size and position a little; style='stripes' paints the
     background in diagonal stripes (the demo style)."""
+    return draw_with_mask(colour, shape, background, position, size, rng, style)[0]
+
+
+def draw_with_mask(colour: str, shape: str, background: str, position: str, size: int = 64,
+                   rng: random.Random | None = None, style: str | None = None) -> tuple[Image.Image, np.ndarray]:
+    """draw() and the shape's mask (size x size, True inside the shape), for looks that need it (outlines)."""
     rng = rng or random.Random(0)
     s = size * SUPERSAMPLE
     img = Image.new("RGB", (s, s), COLOURS[background])
+    shape_only = Image.new("L", (s, s), 0)
     pen = ImageDraw.Draw(img)
     if style == "stripes":
         period, offset = s // 2, rng.randrange(s // 2)
@@ -60,20 +67,36 @@ def draw(colour: str, shape: str, background: str, position: str, size: int = 64
     fx, fy = POSITIONS[position]
     r = s * rng.uniform(0.15, 0.19)
     cx, cy = s * (fx + rng.uniform(-0.03, 0.03)), s * (fy + rng.uniform(-0.03, 0.03))
-    fill = COLOURS[colour]
-    if shape == "circle":
-        pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        k = r * 0.9  # same area as the circle, roughly
-        pen.rectangle([cx - k, cy - k, cx + k, cy + k], fill=fill)
-    else:
-        pen.polygon([(cx, cy - 1.15 * r), (cx + 1.15 * r, cy + 0.85 * r), (cx - 1.15 * r, cy + 0.85 * r)], fill=fill)
-    return img.resize((size, size), Image.LANCZOS)
+    for target, fill in ((pen, COLOURS[colour]), (ImageDraw.Draw(shape_only), 255)):
+        if shape == "circle":
+            target.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "square":
+            k = r * 0.9  # same area as the circle, roughly
+            target.rectangle([cx - k, cy - k, cx + k, cy + k], fill=fill)
+        else:
+            target.polygon([(cx, cy - 1.15 * r), (cx + 1.15 * r, cy + 0.85 * r), (cx - 1.15 * r, cy + 0.85 * r)],
+                           fill=fill)
+    mask = np.asarray(shape_only.resize((size, size), Image.BOX)) >= 128
+    return img.resize((size, size), Image.LANCZOS), mask
 
 
 def random_content(rng: random.Random) -> tuple[str, str, str, str]:
     colour, background = rng.sample(sorted(COLOURS), 2)  # never the same colour for shape and background
     return colour, rng.choice(SHAPES), background, rng.choice(sorted(POSITIONS))
+
+
+def style_set_contents(n: int, seed: int = 7) -> list[tuple[str, str, str, str]]:
+    """n different contents for a style training set: shapes and positions cycled so each appears about equally
+    often, the style report's held-out contents (REPORT_CONTENT) left out."""
+    rng = random.Random(seed)
+    out: list[tuple[str, str, str, str]] = []
+    positions = sorted(POSITIONS)
+    while len(out) < n:
+        colour, _, background, _ = random_content(rng)
+        c = (colour, SHAPES[len(out) % 3], background, positions[len(out) % 5])
+        if c not in REPORT_CONTENT and c not in out:
+            out.append(c)
+    return out
 
 
 def random_texture(size: int, rng: random.Random) -> Image.Image:
@@ -102,13 +125,8 @@ def random_texture(size: int, rng: random.Random) -> Image.Image:
     return img.resize((size, size), Image.LANCZOS)
 
 
-def autoencoder_image(size: int, rng: random.Random) -> Image.Image:
-    """A training image for the VAE: demo content (plain or striped), or a random texture with a shape on it."""
-    roll = rng.random()
-    if roll < 0.5:
-        return draw(*random_content(rng), size=size, rng=rng)
-    if roll < 0.7:
-        return draw(*random_content(rng), size=size, rng=rng, style="stripes")
+def texture_with_shape(size: int, rng: random.Random) -> Image.Image:
+    """A random texture with a disc of a random colour on it: for training the demo base's autoencoder only."""
     img = random_texture(size, rng)
     ImageDraw.Draw(img).ellipse([size * 0.3, size * 0.3, size * 0.7, size * 0.7],
                                 fill=tuple(rng.randrange(256) for _ in range(3)))
@@ -124,6 +142,14 @@ def parse_caption(text: str) -> tuple[str, str, str, str] | None:
     if not m or m.group(1) not in COLOURS or m.group(3) not in COLOURS:
         return None
     return m.group(1), m.group(2), m.group(3), m.group(4)
+
+
+def shape_mask(image: Image.Image, colour: str) -> np.ndarray:
+    """The pixels nearest the palette colour `colour` (and near it): the shape's mask read back from an image."""
+    px = np.asarray(image.convert("RGB"), dtype=float)
+    palette = np.array(list(COLOURS.values()), dtype=float)
+    dist = np.linalg.norm(px[:, :, None, :] - palette[None, None], axis=-1)
+    return (dist.argmin(-1) == list(COLOURS).index(colour)) & (dist.min(-1) < 70)
 
 
 def content_check(image: Image.Image, colour: str, shape: str, background: str, position: str) -> dict[str, bool]:

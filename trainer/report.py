@@ -26,11 +26,13 @@ from PIL import Image, ImageDraw
 from trainer import demo_data
 from trainer.config import Config
 from trainer.io import atomic_path, atomic_write_text
+from trainer.style_verdict import style_verdict
 
 SCALES = (0.0, 0.5, 1.0)  # 0.0 = the base alone (LoRA disabled)
 GENERIC_PROMPTS = ["{trigger}, a lighthouse on a cliff", "{trigger}, portrait of an old fisherman",
                    "{trigger}, a bowl of fruit on a table"]
 FEATURE_PX = 64
+REF_IMAGES = 12  # training captions the base renders to see what it draws without the style
 METADATA_KEY = "style_report"  # not ss_*: kohya's hashes cover the ss_* header entries, which stay untouched
 
 
@@ -130,8 +132,10 @@ def is_demo_base(folder: str | Path) -> bool:
 
 
 @torch.no_grad()
-def render(cfg: Config, adapter: Path, prompts: list[str], device: torch.device) -> dict[float, list[Image.Image]]:
-    """{scale: images in (prompt, seed) order} for the base (0.0) and the LoRA at each other scale."""
+def render(cfg: Config, adapter: Path, prompts: list[str], device: torch.device,
+           ref_prompts: list[str] = ()) -> tuple[dict[float, list[Image.Image]], list[Image.Image]]:
+    """{scale: images in (prompt, seed) order} for the base (0.0) and the LoRA at each other scale, and the base's
+    images of `ref_prompts` (the training captions, seed = their index): what the base draws without the style."""
     from trainer.model import load_base
     from trainer.render import draw, sample_settings
 
@@ -148,7 +152,23 @@ def render(cfg: Config, adapter: Path, prompts: list[str], device: torch.device)
             pipe.set_adapters(["style"], adapter_weights=[scale])
         settings = {**sample_settings(cfg), "steps": cfg.report.steps or cfg.sample.steps}
         out[scale] = [draw(pipe, prompt, seed=seed, **settings) for prompt in prompts for seed in cfg.report.seeds]
-    return out
+        if scale == 0.0:
+            ref = [draw(pipe, prompt, seed=i, **settings) for i, prompt in enumerate(ref_prompts)]
+    return out, ref
+
+
+def save_images(images: dict[float, list[Image.Image]], ref: list[Image.Image], folder: Path) -> None:
+    """report.keep_images: every image losslessly, named by row (base, 0.5, 1.0, ref) and column."""
+    folder.mkdir(exist_ok=True)
+    rows = {("base" if scale == 0 else str(scale)): ims for scale, ims in images.items()} | {"ref": ref}
+    for row, ims in rows.items():
+        for i, im in enumerate(ims):
+            im.save(folder / f"{row}_{i:02d}.png")
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n) (all of them when n <= k)."""
+    return list(range(n)) if n <= k else [round(i * (n - 1) / (k - 1)) for i in range(k)]
 
 
 def grid_png(images: dict[float, list[Image.Image]], path: Path, cell: int = 96) -> None:
@@ -241,13 +261,20 @@ def write_report(cfg: Config, run_dir: Path) -> dict:
     if not items:
         raise ReportError(f"no training images found in {cfg.data.path}")
     plain = cfg.data.model_copy(update={"caption_dropout": 0.0, "shuffle_captions": False})
-    captions = {ds.build_caption(i.caption, plain, random.Random(0), i.trigger) for i in items}
+    item_captions = [ds.build_caption(i.caption, plain, random.Random(0), i.trigger) for i in items]
+    captions = set(item_captions)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clip = ClipFeatures(cfg.report.clip_model, device) if cfg.report.clip_model else None
-    images = render(cfg, adapters[0], prompts, device)
+    ref_items = _spread(len(items), REF_IMAGES)
+    images, ref = render(cfg, adapters[0], prompts, device, [item_captions[k] for k in ref_items])
     train_images = [Image.open(i.path).convert("RGB") for i in items]
     metrics = measure(images, train_images, prompts, cfg.report.seeds, demo, clip)
+    metrics["verdict"] = style_verdict(train_images, ref, images[0.0],
+                                       {str(k): v for k, v in images.items() if k != 0.0},
+                                       embed=(lambda ims: clip.images(ims).numpy()) if clip else None)
     grid_png(images, run_dir / "report.png")
+    if cfg.report.keep_images:
+        save_images(images, ref, run_dir / "report")
     report = {
         "prompts": prompts, "seeds": cfg.report.seeds, "scales": list(SCALES),
         "held_out": not any(p in captions for p in prompts),
@@ -260,6 +287,8 @@ def write_report(cfg: Config, run_dir: Path) -> dict:
     }
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1) + "\n")
     summary = {k: report[k] for k in ("style_lift", "fidelity", "copying", "held_out")}
+    summary["verdict"] = report["verdict"]["verdict"]
+    summary["progress"] = report["verdict"]["progress"]
     summary["features"] = "clip" if clip else "download-free"
     for adapter in adapters:
         embed_summary(adapter, summary)
@@ -286,8 +315,11 @@ def run_report(cfg: Config, run_dir: Path) -> dict | None:
         print(f"style report failed (the adapters are fine): {reason}")
         return None
     keys = ("style_lift", "fidelity", "copying", "held_out", "features", "seconds")
+    verdict = report["verdict"]
     events.emit(REPORT, path=str(run_dir / "report.json"), image=str(run_dir / "report.png"),
+                verdict=verdict["verdict"], progress=verdict["progress"], reason=verdict["reason"],
                 **{k: report[k] for k in keys})
+    print(f"style report: {verdict['verdict']}: {verdict['reason']}")
     print(f"style report: lift {report['style_lift']}, fidelity {report['fidelity']}, copying {report['copying']} "
           f"({report['seconds']} s) -> {run_dir / 'report.json'}")
     return report

@@ -1,0 +1,163 @@
+"""The demo base's style suite: does a LoRA learn styles the base was not built for, and does the style report's
+verdict agree with what the pixels say?
+
+For each style of trainer/demo_styles.SUITE it writes a 20-image captioned training set (the demo content in that
+style, 32 px), trains `presets/demo-style.toml` on it (the default demo recipe, only data.path changed), and
+compares the report's verdict with the style's ground truth: its own pixel statistic, measured on the report's
+held-out images, as the fraction of the way the LoRA moved it from the base's images towards the same images with
+the style applied (learned >= 0.5, partly >= 0.2, else not learned). Negative controls: `lr0` (the first style
+with learning rate 0: the LoRA stays zero) and `plain` (training images without any style: plain demo images).
+
+    .venv/bin/python scripts/style_suite.py [--out outputs/style-suite] [--jobs 2] [--only sepia,frame,lr0]
+
+Writes OUT/suite.json and OUT/suite.md (the table in docs/demo-base.md) and prints the agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from trainer import demo_data, demo_styles  # noqa: E402
+from trainer.style_verdict import LEARNED, PARTLY  # noqa: E402
+
+COUNT = 20
+SIZE = 32
+CONTROLS = {"lr0": "the first style, learning rate 0 (the LoRA stays zero)",
+            "plain": "plain demo images: no style at all"}
+
+
+def write_set(folder: Path, style: str | None, seed: int = 11) -> None:
+    """COUNT captioned images of the demo content, in `style` (None: plain)."""
+    import random
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i, content in enumerate(demo_data.style_set_contents(COUNT)):
+        image, mask = demo_data.draw_with_mask(*content, size=SIZE, rng=rng)
+        if style:
+            image = demo_styles.apply(image, mask, list(demo_styles.SUITE[style].look))
+        stem = f"{i:02d}_{content[0]}_{content[1]}"
+        image.save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(demo_data.caption(*content) + "\n")
+
+
+def train(name: str, data: Path, runs: Path, extra: list[str], preset: str) -> Path:
+    run_dir = runs / name
+    if (run_dir / "report.json").is_file():
+        return run_dir  # finished before: reuse
+    args = [sys.executable, "-m", "trainer", "train", preset, "--run-dir", str(run_dir),
+            "--set", f"data.path={data}", "--set", f"output.name={name}", "--set", "report.keep_images=true",
+            "--set", "report.seeds=[0,1,2,3]", "--set", "sample.prompts=[]"]
+    for item in extra:
+        args += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not (run_dir / "report.json").is_file():
+        raise RuntimeError(f"{name}: training or report failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return run_dir
+
+
+def classify(progress: float) -> str:
+    return "learned" if progress >= LEARNED else "partly learned" if progress >= PARTLY else "not learned"
+
+
+def ground_truth(style: str, run_dir: Path, prompts: list[str], seeds: list[int]) -> dict:
+    """The style's own statistic on the report's images: base, LoRA at 1.0, and the base's images with the style
+    applied (the target); progress = (lora - base) / (target - base)."""
+    folder = run_dir / "report"
+    n = len(prompts) * len(seeds)
+    base = [Image.open(folder / f"base_{i:02d}.png").convert("RGB") for i in range(n)]
+    lora = [Image.open(folder / f"1.0_{i:02d}.png").convert("RGB") for i in range(n)]
+    per_image = [p for p in prompts for _ in seeds]
+    target = []
+    for im, prompt in zip(base, per_image):
+        mask = demo_data.shape_mask(im, demo_data.parse_caption(prompt)[0])
+        target.append(demo_styles.apply(im, mask, list(demo_styles.SUITE[style].look)))
+    s_base, s_lora, s_target = (demo_styles.statistic(style, ims) for ims in (base, lora, target))
+    progress = (s_lora - s_base) / (s_target - s_base) if abs(s_target - s_base) > 1e-9 else 0.0
+    return {"statistic": style, "base": round(s_base, 4), "lora": round(s_lora, 4), "target": round(s_target, 4),
+            "progress": round(progress, 3), "class": classify(progress)}
+
+
+def evaluate(name: str, style: str | None, run_dir: Path) -> dict:
+    report = json.loads((run_dir / "report.json").read_text())
+    verdict = report["verdict"]
+    row = {"name": name, "kind": demo_styles.SUITE[style].kind if name in demo_styles.SUITE else "control",
+           "verdict": verdict["verdict"], "report_progress": verdict["progress"]["1.0"],
+           "by_group": verdict["by_group"]["1.0"], "style_share": verdict["style_share"],
+           "style_size": verdict["style_size_total"], "fidelity": report["fidelity"]["1.0"],
+           "fidelity_base": report["fidelity"]["0.0"]}
+    if name == "plain":
+        row["truth"] = {"class": "not learned", "why": "the training images have no style"}
+    else:
+        row["truth"] = ground_truth(style, run_dir, report["prompts"], report["seeds"])
+    row["agrees"] = row["verdict"] == row["truth"]["class"]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| style | kind | ground truth: base → LoRA (target) | truth | report progress (colour/texture/layout) "
+             "| verdict | agrees |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        t = r["truth"]
+        gt = f"{t['base']} → {t['lora']} ({t['target']}): {t['progress']:.0%}" if "progress" in t else t["why"]
+        groups = "/".join(f"{r['by_group'].get(g, 0):.0%}" for g in ("colour", "texture", "layout"))
+        lines.append(f"| {r['name']} | {r['kind']} | {gt} | {t['class']} | {r['report_progress']:.0%} ({groups}) "
+                     f"| {r['verdict']} | {'yes' if r['agrees'] else '**no**'} |")
+    agree = sum(r["agrees"] for r in rows)
+    lines.append(f"\nAgreement: {agree}/{len(rows)}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "style-suite"))
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated styles/controls (default: all)")
+    parser.add_argument("--preset", default="presets/demo-style.toml")
+    parser.add_argument("--set", action="append", default=[], help="extra KEY=VALUE for every run")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    names = [*demo_styles.SUITE, *CONTROLS]
+    if args.only:
+        names = [n for n in args.only.split(",") if n]
+        unknown = [n for n in names if n not in demo_styles.SUITE and n not in CONTROLS]
+        if unknown:
+            parser.error(f"unknown styles: {', '.join(unknown)}; known: {', '.join([*demo_styles.SUITE, *CONTROLS])}")
+    first = next(iter(demo_styles.SUITE))
+    plan = {}
+    for name in names:
+        style = first if name == "lr0" else None if name == "plain" else name
+        data = out / "data" / (style or "plain")
+        if not data.is_dir():
+            write_set(data, style)
+        extra = ["train.lr_unet=0", "train.lr_text_encoder=0"] if name == "lr0" else []
+        plan[name] = (style, data, extra + args.set)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = dict(zip(plan, pool.map(lambda n: train(n, plan[n][1], out / "runs", plan[n][2], args.preset), plan)))
+    rows = [evaluate(name, plan[name][0], runs[name]) for name in plan]
+    result = {"rows": rows, "agreement": sum(r["agrees"] for r in rows), "cases": len(rows),
+              "learned_by_truth": sum(r["truth"]["class"] == "learned" for r in rows if r["name"] in demo_styles.SUITE),
+              "thresholds": {"learned": LEARNED, "partly": PARTLY}}
+    (out / "suite.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = table(rows)
+    (out / "suite.md").write_text(md + "\n")
+    print(md)
+    print(f"learned by ground truth: {result['learned_by_truth']}/{sum(n in demo_styles.SUITE for n in plan)}; "
+          f"mean fidelity base {np.mean([r['fidelity_base'] for r in rows]):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The style report's verdict: did the LoRA move the base's images towards what sets the training images apart?
+
+1. The style direction: features of the training images minus features of the base's own images of the same
+   captions (so what the captions say, and what the base already draws, cancels out; what is left is the style).
+2. The movement: features of the LoRA's images minus the base's images of the same held-out prompts and seeds.
+3. Progress = the movement projected on the style direction, as a fraction of it (0 = nothing moved towards the
+   style, 1 = all the way), per group of features (colour, texture, layout) and over all of them, each group
+   weighted by how much of the style it carries. A colour-only move therefore scores little on a texture style.
+Every feature is standardised by its spread over the images (so units do not matter), and the part of the style
+direction that sampling noise alone would produce is subtracted before weighting. When nothing sets the training
+images apart from what the base draws anyway, there is no style to learn and the verdict says so.
+
+Thresholds (`LEARNED`, `PARTLY`) are calibrated on the demo base's style suite (scripts/style_suite.py;
+docs/demo-base.md has the agreement with the ground truth).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+LEARNED = 0.5  # progress at strength 1.0 from which the style counts as learned
+PARTLY = 0.2  # ... as partly learned; below: not learned
+MIN_STYLE = 1.0  # the style's standardised size (beyond sampling noise) below which there is no style to learn
+GROUPS = ("colour", "texture", "layout")
+PX = 32
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize((PX, PX), Image.BILINEAR), dtype=np.float32) / 255
+
+
+def colour_features(x: np.ndarray) -> np.ndarray:
+    """Mean and spread of each channel, how channels vary together, saturation, brightness percentiles and a
+    coarse 3x3x3 colour histogram (square-rooted)."""
+    flat = x.reshape(-1, 3)
+    lum = flat @ LUMA
+    cov = np.cov(flat.T)
+    bins = np.clip((flat * 3).astype(int), 0, 2)
+    hist = np.bincount(bins[:, 0] * 9 + bins[:, 1] * 3 + bins[:, 2], minlength=27) / len(flat)
+    return np.concatenate([flat.mean(0), flat.std(0), cov[np.triu_indices(3, 1)],
+                           [(flat.max(1) - flat.min(1)).mean()], np.percentile(lum, [10, 50, 90]), np.sqrt(hist)])
+
+
+def texture_features(x: np.ndarray) -> np.ndarray:
+    """Edge strength per direction at two scales, thin dark and light lines, and the image's spectrum in 4x4
+    bands of horizontal and vertical frequency (stripes, lines, grain and blur each leave their own pattern)."""
+    lum = x @ LUMA
+    out = []
+    for g in (lum, lum.reshape(PX // 2, 2, PX // 2, 2).mean((1, 3))):
+        out += [np.abs(np.diff(g, axis=0)).mean(), np.abs(np.diff(g, axis=1)).mean(),
+                np.abs(g[1:, 1:] - g[:-1, :-1]).mean(), np.abs(g[1:, :-1] - g[:-1, 1:]).mean()]
+    p = np.pad(lum, 1, mode="edge")
+    local = sum(p[dy:dy + PX, dx:dx + PX] for dy in range(3) for dx in range(3)) / 9
+    out += [np.clip(local - lum, 0, None).mean(), np.clip(lum - local, 0, None).mean()]
+    spec = np.abs(np.fft.rfft2(lum - lum.mean())) ** 2  # [fy 0..31, fx 0..16]
+    fy = np.minimum(np.arange(PX), PX - np.arange(PX))
+    bands = np.array([0, 2, 5, 9, 17])
+    for i in range(4):
+        for j in range(4):
+            rows = (fy >= bands[i]) & (fy < bands[i + 1])
+            out.append(np.log1p(spec[rows][:, bands[j]:bands[j + 1]].sum()))
+    return np.asarray(out, dtype=np.float64)
+
+
+def layout_features(x: np.ndarray) -> np.ndarray:
+    """Where the light and the colour are: a 4x4 grid of brightness, the outer ring's colour and its contrast to
+    the inside, and brightness from the middle out in four rings."""
+    lum = x @ LUMA
+    grid = lum.reshape(4, PX // 4, 4, PX // 4).mean((1, 3)).ravel()
+    ring = np.ones((PX, PX), bool)
+    ring[2:-2, 2:-2] = False
+    v, u = np.mgrid[0:PX, 0:PX]
+    r = np.hypot(u + 0.5 - PX / 2, v + 0.5 - PX / 2) / (PX / 2 * np.sqrt(2))
+    rings = [lum[(r >= a) & (r < b)].mean() for a, b in ((0, 0.3), (0.3, 0.55), (0.55, 0.8), (0.8, 1.01))]
+    return np.concatenate([grid, x[ring].mean(0), [lum[ring].mean() - lum[~ring].mean()], rings])
+
+
+FEATURES = {"colour": colour_features, "texture": texture_features, "layout": layout_features}
+
+
+def features(images: list[Image.Image]) -> dict[str, np.ndarray]:
+    """{group: [n, d] features}."""
+    px = [_pixels(im) for im in images]
+    return {g: np.stack([fn(x) for x in px]) for g, fn in FEATURES.items()}
+
+
+def _progress(train: np.ndarray, base_ref: np.ndarray, base: np.ndarray, lora: np.ndarray) -> dict[str, float]:
+    """One group's style size (standardised, noise removed) and progress along it."""
+    scale = np.sqrt((train.var(0) + base_ref.var(0) + base.var(0)) / 3 + 1e-6)
+    scale = np.maximum(scale, 0.05 * np.median(scale) + 1e-4)  # a feature that never varies must not explode
+    style = (train.mean(0) - base_ref.mean(0)) / scale
+    move = (lora - base).mean(0) / scale  # paired: same prompt and seed
+    noise = (train.var(0) / len(train) + base_ref.var(0) / len(base_ref)) / scale ** 2
+    size2 = float(style @ style)
+    return {"size": max(0.0, size2 - float(noise.sum())), "raw": size2,
+            "progress": float(move @ style) / size2 if size2 > 0 else 0.0}
+
+
+def verdict_of(progress: float, style_size: float) -> str:
+    if style_size < MIN_STYLE:
+        return "not learned"
+    if progress >= LEARNED:
+        return "learned"
+    return "partly learned" if progress >= PARTLY else "not learned"
+
+
+def style_verdict(train: list[Image.Image], base_ref: list[Image.Image], base: list[Image.Image],
+                  lora_by_scale: dict[str, list[Image.Image]], embed=None) -> dict:
+    """The verdict and its numbers. `embed` (images -> [n, d] array, e.g. CLIP) replaces the three download-free
+    groups with one group "clip"."""
+    def feats(images):
+        return {"clip": np.asarray(embed(images), dtype=np.float64)} if embed else features(images)
+
+    f_train, f_ref, f_base = feats(train), feats(base_ref), feats(base)
+    groups = list(f_train)
+    out: dict = {"progress": {}, "by_group": {}, "style_size": {}}
+    for key, images in lora_by_scale.items():
+        f_lora = feats(images)
+        parts = {g: _progress(f_train[g], f_ref[g], f_base[g], f_lora[g]) for g in groups}
+        total = sum(p["size"] for p in parts.values())
+        overall = sum(p["size"] * p["progress"] for p in parts.values()) / total if total > 0 else 0.0
+        out["progress"][key] = round(overall, 3)
+        out["by_group"][key] = {g: round(p["progress"], 3) for g, p in parts.items()}
+        out["style_size"] = {g: round(np.sqrt(p["size"]), 3) for g, p in parts.items()}
+        out["style_share"] = {g: round(p["size"] / total, 3) if total > 0 else 0.0 for g, p in parts.items()}
+        out["style_size_total"] = round(float(np.sqrt(total)), 3)
+    top = max(out["progress"], key=float)
+    out["verdict"] = verdict_of(out["progress"][top], out["style_size_total"])
+    out["verdict_scale"] = top
+    out["thresholds"] = {"learned": LEARNED, "partly": PARTLY, "min_style": MIN_STYLE}
+    out["reason"] = explain(out, top)
+    return out
+
+
+def explain(out: dict, key: str) -> str:
+    """One sentence a person can check against the grid."""
+    if out["style_size_total"] < MIN_STYLE:
+        return ("the training images hardly differ from what the base draws for their captions: there is no style "
+                "to learn")
+    share = out["style_share"]
+    main = max(share, key=share.get)
+    parts = ", ".join(f"{g} {out['by_group'][key][g]:.0%}" for g in share if share[g] >= 0.1)
+    return (f"at strength {key} the LoRA moved {out['progress'][key]:.0%} of the way from the base towards the "
+            f"training images' style (mostly {main}; per group: {parts})")
