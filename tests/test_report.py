@@ -110,12 +110,18 @@ def test_report_written_embedded_and_loadable(tmp_path, tiny_base):
     assert set(report["style_lift"]) == {"0.5", "1.0"} and set(report["fidelity"]) == {"0.0", "0.5", "1.0"}
     assert report["held_out"] and report["prompts"] == ["zkstyle, a blue square"]
     assert (run / "report.png").stat().st_size > 0
-    assert [e["type"] for e in _report_events(run)] == ["report_started", "report"]
+    events = _report_events(run)
+    assert [e["type"] for e in events] == ["report_started", "report"]
+    verdict = report["verdict"]
+    assert verdict["verdict"] in ("learned", "partly learned", "not learned") and verdict["reason"]
+    assert set(verdict["by_group"]["1.0"]) == {"colour", "texture", "layout"}
+    assert events[-1]["verdict"] == verdict["verdict"] and events[-1]["progress"] == verdict["progress"]
     for name in ("tiny-test.safetensors", "tiny-test.diffusers.safetensors"):
         with safe_open(str(run / name), "pt") as f:
             meta = f.metadata()
         summary = json.loads(meta["style_report"])
         assert summary["style_lift"] == report["style_lift"] and summary["copying"] == report["copying"]
+        assert summary["verdict"] == verdict["verdict"] and summary["progress"] == verdict["progress"]
         assert meta["ss_output_name"] == "tiny-test" and "style_lora_config" in meta
     with safe_open(str(run / "tiny-test.safetensors"), "pt") as f:
         meta = f.metadata()
