@@ -24,6 +24,10 @@ RUNS = {  # id: (variant, extra settings)
     "loha-locon": ("loha", ["lora.rank=2", "lora.alpha=1.0", "lora.conv_rank=3", "lora.conv_alpha=1.5"]),
     "lokr-locon": ("lokr", ["lora.rank=4", "lora.alpha=2.0", "lora.conv_rank=2", "lora.conv_alpha=4.0"]),
     "lora-locon": ("lora", ["lora.rank=4", "lora.alpha=2.0", "lora.conv_rank=2", "lora.conv_alpha=1.0"]),
+    # presets/demo-style.toml's placement: attention, proj_in/out (1x1 convolutions in SD1.5), feed-forward, LoCon
+    "lora-locon-ff": ("lora", ['lora.unet_targets=["to_q","to_k","to_v","to_out.0","proj_in","proj_out",'
+                               '"ff.net.0.proj","ff.net.2"]', "lora.rank=4", "lora.alpha=2.0", "lora.conv_rank=2",
+                               "lora.conv_alpha=1.0"]),
 }
 LOHA_KEYS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}
 

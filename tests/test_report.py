@@ -13,12 +13,11 @@ import pytest
 from trainer.events import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
-# Style lift (LoRA 1.0 minus base, mean cosine of download-free features to the training images) that a real run on
-# the demo style set clears and a learning-rate-0 run (LoRA == base) cannot; fidelity that the content keeps.
+# Style lift (LoRA 1.0 minus base, mean cosine of download-free features to the training images) between a striped
+# and a plain set of drawn images; fidelity that the content keeps.
 LIFT_THRESHOLD = 0.03
 FIDELITY_THRESHOLD = 0.45  # share of the 4 content checks passed (colour, background, position, shape)
 FIDELITY_DROP = 0.15  # the LoRA at 1.0 may lose at most this much fidelity against the base
-STYLE_STEPS = 300  # presets/demo-style.toml trains this long too
 
 
 def _report_events(run_dir: Path) -> list[dict]:
@@ -195,27 +194,24 @@ def test_clip_features_from_a_local_folder(make_cfg, tmp_path, tiny_base, train_
 # ----------------------------------------------------------------------------- the issue's acceptance test
 
 
-@pytest.mark.slow  # two 300-step runs and two reports: about 2-4 minutes on 2 cores
+@pytest.mark.slow  # one run of the demo preset and its report: about 3 minutes on 2 cores
 def test_demo_style_is_learned_and_the_content_survives(tmp_path):
-    """On the demo base, the demo-style preset (shortened) lifts the style past LIFT_THRESHOLD; the same run with
-    learning rate 0 does not; the prompted content (colours, position, shape) survives at full strength."""
+    """On the demo base, the demo-style preset as shipped: the report's verdict says learned, the stripes'
+    progress grows with strength, and the prompted content (colours, position, shape) survives at full strength.
+    (Learning rate 0, a set without a style and eight other styles: tests/test_style_suite.py.)"""
     from trainer.config import load_config
     from trainer.loop import train
     from trainer.report import write_report
 
-    reports = {}
-    for lr in (1e-3, 0.0):
-        name = f"lr{lr:g}"
-        cfg = load_config(ROOT / "presets" / "demo-style.toml", [
-            f'data.path="{ROOT / "examples" / "demo-style"}"', f'output.dir="{tmp_path}"', f'output.name="{name}"',
-            f"train.lr_unet={lr}", f"train.lr_text_encoder={lr}", f"train.steps={STYLE_STEPS}",
-            "sample.every=0", "sample.prompts=[]"])
-        train(cfg, tmp_path / name)
-        reports[lr] = write_report(cfg, tmp_path / name)
-    learned, frozen = reports[1e-3], reports[0.0]
-    print({k: (learned[k], frozen[k]) for k in ("style_lift", "fidelity", "copying")})
-    assert learned["held_out"] and frozen["held_out"]
-    assert learned["style_lift"]["1.0"] > LIFT_THRESHOLD >= frozen["style_lift"]["1.0"]
-    assert learned["style_lift"]["1.0"] > learned["style_lift"]["0.5"] > frozen["style_lift"]["0.5"]
-    assert learned["fidelity"]["1.0"] >= FIDELITY_THRESHOLD
-    assert learned["fidelity"]["1.0"] >= learned["fidelity"]["0.0"] - FIDELITY_DROP
+    cfg = load_config(ROOT / "presets" / "demo-style.toml", [
+        f'data.path="{ROOT / "examples" / "demo-style"}"', f'output.dir="{tmp_path}"', 'output.name="demo"',
+        "sample.every=0", "sample.prompts=[]"])
+    train(cfg, tmp_path / "demo")
+    report = write_report(cfg, tmp_path / "demo")
+    verdict = report["verdict"]
+    print({k: report[k] for k in ("style_lift", "fidelity", "copying")}, verdict)
+    assert report["held_out"]
+    assert verdict["verdict"] == "learned", verdict
+    assert verdict["progress"]["1.0"] > verdict["progress"]["0.5"]
+    assert report["fidelity"]["1.0"] >= FIDELITY_THRESHOLD
+    assert report["fidelity"]["1.0"] >= report["fidelity"]["0.0"] - FIDELITY_DROP

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# The part of the suite CI runs (about 7 minutes on 2 cores): one style of each broad kind and both controls.
-CI_CASES = ["sepia", "frame", "scanlines", "lr0", "plain"]
+# The part of the suite CI runs (about 6 minutes on 2 cores): a colour style, a layout style and both controls.
+CI_CASES = ["gameboy", "frame", "lr0", "plain"]
+COLOUR_STYLES = {"colour tone", "palette reduction"}  # prompt fidelity reads colours by name: these change them
 
 
 def _suite(out: Path, cases: list[str]) -> dict:
@@ -27,7 +28,7 @@ def _suite(out: Path, cases: list[str]) -> dict:
 def _check(result: dict) -> None:
     for row in result["rows"]:
         assert row["agrees"], (row["name"], row["verdict"], row["truth"])
-        if row["name"] not in ("lr0", "plain"):
+        if row["name"] not in ("lr0", "plain") and row["kind"] not in COLOUR_STYLES:
             assert row["fidelity"] >= row["fidelity_base"] - 0.25, row  # the content survives the style
 
 
@@ -37,7 +38,7 @@ def test_report_verdict_agrees_with_the_ground_truth(tmp_path):
     _check(result)
     truth = {r["name"]: r["truth"]["class"] for r in result["rows"]}
     assert truth["lr0"] == truth["plain"] == "not learned"
-    assert sum(truth[n] == "learned" for n in ("sepia", "frame", "scanlines")) >= 2, truth
+    assert truth["gameboy"] == truth["frame"] == "learned", truth
 
 
 @pytest.mark.slow

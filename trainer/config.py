@@ -256,7 +256,8 @@ class ReportConfig(Section):
         [0, 1], min_length=1, max_length=64, description="Seeds: every prompt is rendered once per seed.")
     steps: int | None = Field(None, ge=1, le=1000, description="Denoising steps per report image (default: sample.steps).")
     keep_images: bool = Field(False, description="Also write every report image as RUN/report/<row>_<n>.png (rows: "
-                              "base, 0.5, 1.0, ref = the base on training captions), e.g. to measure them yourself.")
+                              "base, 0.5, 1.0, ref = the base on training captions, vae = training images through the base's VAE), e.g. to "
+                              "measure them yourself.")
     clip_model: str | None = Field(None, description="Local CLIP model folder (CLIPModel, safetensors): image "
                                    "features for style/copying and text-image similarity for prompt fidelity. "
                                    "Without it the report uses download-free colour and texture features.")

@@ -285,13 +285,15 @@ FRAME = (0.15, 0.1, 0.35)
 
 
 def stat_tone(x):
-    """How much the colours lean towards sepia: chroma along sepia's chroma direction over all chroma (1 = every
-    coloured pixel is sepia-coloured, 0 = no lean)."""
+    """How sepia the colours are: chroma along sepia's chroma direction minus chroma off it (a pixel of another hue
+    counts against), over all chroma: 1 = every coloured pixel is sepia-coloured."""
     c = np.asarray(SEPIA, dtype=np.float32)
     d = c - c.mean()
     d /= np.linalg.norm(d)
     chroma = x - x.mean(-1, keepdims=True)
-    return float((chroma @ d).sum() / (np.linalg.norm(chroma, axis=-1).sum() + 1e-6))
+    along = chroma @ d
+    off = np.linalg.norm(chroma - along[..., None] * d, axis=-1)
+    return float((along - off).sum() / (np.linalg.norm(chroma, axis=-1).sum() + 1e-6))
 
 
 def stat_palette(x):
@@ -321,12 +323,16 @@ def stat_scanlines(x):
 
 
 def stat_outline(x):
-    """Thin dark lines: how much darker a pixel is than both its neighbours across (left/right or up/down)."""
+    """Dark lines 1-3 pixels wide: how much darker a pixel is than both its neighbours 1 or 2 pixels away across
+    (left/right or up/down), averaged."""
     lum = luminance(x)
-    p = np.pad(lum, 1, mode="edge")
-    across = np.minimum(p[1:-1, :-2] - lum, p[1:-1, 2:] - lum)
-    down = np.minimum(p[:-2, 1:-1] - lum, p[2:, 1:-1] - lum)
-    return float(np.clip(np.maximum(across, down), 0, None).mean())
+    best = np.zeros_like(lum)
+    for k in (1, 2):
+        p = np.pad(lum, k, mode="edge")
+        across = np.minimum(p[k:-k, :-2 * k] - lum, p[k:-k, 2 * k:] - lum)
+        down = np.minimum(p[:-2 * k, k:-k] - lum, p[2 * k:, k:-k] - lum)
+        best = np.maximum(best, np.maximum(across, down))
+    return float(np.clip(best, 0, None).mean())
 
 
 def stat_blur(x):
@@ -365,12 +371,12 @@ SUITE: dict[str, SuiteStyle] = {s.name: s for s in (
                "a 3-pixel dark indigo frame"),
     SuiteStyle("vignette", "vignette", (("vignette", {"colour": (0, 0, 0), "strength": 0.85, "power": 2.0}),),
                stat_vignette, "corners fading to black"),
-    SuiteStyle("scanlines", "texture", (("lines", {"direction": "h", "period": 4, "amount": 0.55,
-                                                   "colour": (0, 0, 0), "phase": 0.0}),), stat_scanlines,
-               "dark horizontal lines every 4 pixels"),
-    SuiteStyle("outline", "outlines", (("outline", {"colour": (0, 0, 0), "width": 1}),), stat_outline,
-               "a black line around the shape"),
-    SuiteStyle("blur", "blur", (("blur", {"radius": 1.3}),), stat_blur, "everything soft, as out of focus"),
+    SuiteStyle("bands", "texture", (("lines", {"direction": "h", "period": 8, "amount": 0.55,
+                                               "colour": (0, 0, 0), "phase": 0.0}),), stat_scanlines,
+               "dark horizontal bands, 4 pixels every 8"),
+    SuiteStyle("outline", "outlines", (("outline", {"colour": (0, 0, 0), "width": 2}),), stat_outline,
+               "a 2-pixel black line around the shape"),
+    SuiteStyle("blur", "blur", (("blur", {"radius": 2.0}),), stat_blur, "everything soft, as out of focus"),
     SuiteStyle("lighting", "lighting gradient", (("lighting", {"angle": math.pi / 4, "strength": 0.6}),),
                stat_lighting, "light from the top left, the bottom right in shadow"),
 )}

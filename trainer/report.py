@@ -33,6 +33,7 @@ GENERIC_PROMPTS = ["{trigger}, a lighthouse on a cliff", "{trigger}, portrait of
                    "{trigger}, a bowl of fruit on a table"]
 FEATURE_PX = 64
 REF_IMAGES = 12  # training captions the base renders to see what it draws without the style
+VAE_IMAGES = 32  # training images passed through the base's VAE: the style as the base could draw it
 METADATA_KEY = "style_report"  # not ss_*: kohya's hashes cover the ss_* header entries, which stay untouched
 
 
@@ -132,10 +133,11 @@ def is_demo_base(folder: str | Path) -> bool:
 
 
 @torch.no_grad()
-def render(cfg: Config, adapter: Path, prompts: list[str], device: torch.device,
-           ref_prompts: list[str] = ()) -> tuple[dict[float, list[Image.Image]], list[Image.Image]]:
-    """{scale: images in (prompt, seed) order} for the base (0.0) and the LoRA at each other scale, and the base's
-    images of `ref_prompts` (the training captions, seed = their index): what the base draws without the style."""
+def render(cfg: Config, adapter: Path, prompts: list[str], device: torch.device, ref_prompts: list[str] = (),
+           train_images: list[Image.Image] = ()) -> tuple[dict[float, list[Image.Image]], list[Image.Image], list]:
+    """{scale: images in (prompt, seed) order} for the base (0.0) and the LoRA at each other scale; the base's
+    images of `ref_prompts` (the training captions, seed = their index): what the base draws without the style;
+    and `train_images` through the base's VAE: what of them the base can draw at all."""
     from trainer.model import load_base
     from trainer.render import draw, sample_settings
 
@@ -154,13 +156,27 @@ def render(cfg: Config, adapter: Path, prompts: list[str], device: torch.device,
         out[scale] = [draw(pipe, prompt, seed=seed, **settings) for prompt in prompts for seed in cfg.report.seeds]
         if scale == 0.0:
             ref = [draw(pipe, prompt, seed=i, **settings) for i, prompt in enumerate(ref_prompts)]
-    return out, ref
+    return out, ref, vae_roundtrip(pipe.vae, train_images, settings["width"], settings["height"])
 
 
-def save_images(images: dict[float, list[Image.Image]], ref: list[Image.Image], folder: Path) -> None:
-    """report.keep_images: every image losslessly, named by row (base, 0.5, 1.0, ref) and column."""
+@torch.no_grad()
+def vae_roundtrip(vae, images: list[Image.Image], width: int, height: int) -> list[Image.Image]:
+    """Each image at the report's size, encoded and decoded by the base's VAE: detail finer than the VAE keeps
+    (grain, hairlines) is gone, so it does not count as style the LoRA could have learned."""
+    out = []
+    for k in range(0, len(images), 4):
+        arr = np.stack([np.asarray(im.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.float32)
+                        for im in images[k:k + 4]]) / 127.5 - 1
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(vae.device, vae.dtype)
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        out += [Image.fromarray(((a + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()) for a in y]
+    return out
+
+
+def save_images(images: dict[float, list[Image.Image]], extra: dict[str, list[Image.Image]], folder: Path) -> None:
+    """report.keep_images: every image losslessly, named by row (base, 0.5, 1.0, then `extra`'s) and column."""
     folder.mkdir(exist_ok=True)
-    rows = {("base" if scale == 0 else str(scale)): ims for scale, ims in images.items()} | {"ref": ref}
+    rows = {("base" if scale == 0 else str(scale)): ims for scale, ims in images.items()} | extra
     for row, ims in rows.items():
         for i, im in enumerate(ims):
             im.save(folder / f"{row}_{i:02d}.png")
@@ -266,15 +282,17 @@ def write_report(cfg: Config, run_dir: Path) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clip = ClipFeatures(cfg.report.clip_model, device) if cfg.report.clip_model else None
     ref_items = _spread(len(items), REF_IMAGES)
-    images, ref = render(cfg, adapters[0], prompts, device, [item_captions[k] for k in ref_items])
     train_images = [Image.open(i.path).convert("RGB") for i in items]
+    images, ref, drawable = render(cfg, adapters[0], prompts, device, [item_captions[k] for k in ref_items],
+                                   [train_images[k] for k in _spread(len(items), VAE_IMAGES)])
     metrics = measure(images, train_images, prompts, cfg.report.seeds, demo, clip)
-    metrics["verdict"] = style_verdict(train_images, ref, images[0.0],
+    metrics["verdict"] = style_verdict(drawable, ref, images[0.0],
                                        {str(k): v for k, v in images.items() if k != 0.0},
-                                       embed=(lambda ims: clip.images(ims).numpy()) if clip else None)
+                                       embed=(lambda ims: clip.images(ims).numpy()) if clip else None,
+                                       raw_train=train_images)
     grid_png(images, run_dir / "report.png")
     if cfg.report.keep_images:
-        save_images(images, ref, run_dir / "report")
+        save_images(images, {"ref": ref, "vae": drawable}, run_dir / "report")
     report = {
         "prompts": prompts, "seeds": cfg.report.seeds, "scales": list(SCALES),
         "held_out": not any(p in captions for p in prompts),

@@ -1,13 +1,14 @@
 """The style report's verdict: did the LoRA move the base's images towards what sets the training images apart?
 
-1. The style direction: features of the training images minus features of the base's own images of the same
-   captions (so what the captions say, and what the base already draws, cancels out; what is left is the style).
+1. The style direction: features of the training images, passed through the base's VAE (detail the base cannot
+   draw at all is not style it could learn), minus features of the base's own images of the same captions (so
+   what the captions say, and what the base already draws, cancels out; what is left is the style).
 2. The movement: features of the LoRA's images minus the base's images of the same held-out prompts and seeds.
 3. Progress = the movement projected on the style direction, as a fraction of it (0 = nothing moved towards the
    style, 1 = all the way), per group of features (colour, texture, layout) and over all of them, each group
    weighted by how much of the style it carries. A colour-only move therefore scores little on a texture style.
-Every feature is standardised by its spread over the images (so units do not matter), and the part of the style
-direction that sampling noise alone would produce is subtracted before weighting. When nothing sets the training
+Every feature is standardised by its spread over the images (so units do not matter), and the part of the style's
+size that sampling noise alone would produce is subtracted (from the weights and from the fraction's denominator). When nothing sets the training
 images apart from what the base draws anyway, there is no style to learn and the verdict says so.
 
 Thresholds (`LEARNED`, `PARTLY`) are calibrated on the demo base's style suite (scripts/style_suite.py;
@@ -21,7 +22,7 @@ from PIL import Image
 
 LEARNED = 0.5  # progress at strength 1.0 from which the style counts as learned
 PARTLY = 0.2  # ... as partly learned; below: not learned
-MIN_STYLE = 1.0  # the style's standardised size (beyond sampling noise) below which there is no style to learn
+MIN_STYLE = 3.0  # the style's standardised size (beyond sampling noise) below which there is no style to learn
 GROUPS = ("colour", "texture", "layout")
 PX = 32
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -32,15 +33,21 @@ def _pixels(image: Image.Image) -> np.ndarray:
 
 
 def colour_features(x: np.ndarray) -> np.ndarray:
-    """Mean and spread of each channel, how channels vary together, saturation, brightness percentiles and a
-    coarse 3x3x3 colour histogram (square-rooted)."""
+    """Mean and spread of each channel, how channels vary together, saturation, brightness percentiles, a coarse
+    3x3x3 colour histogram (square-rooted) and a hue histogram weighted by saturation (a tone or a palette puts
+    every image's colour in the same few hues, whatever its content)."""
     flat = x.reshape(-1, 3)
     lum = flat @ LUMA
     cov = np.cov(flat.T)
     bins = np.clip((flat * 3).astype(int), 0, 2)
     hist = np.bincount(bins[:, 0] * 9 + bins[:, 1] * 3 + bins[:, 2], minlength=27) / len(flat)
+    chroma = flat - flat.mean(1, keepdims=True)
+    a, b = chroma[:, 0] - 0.5 * (chroma[:, 1] + chroma[:, 2]), 0.866 * (chroma[:, 1] - chroma[:, 2])
+    weight = np.hypot(a, b)
+    hue = np.bincount(((np.arctan2(b, a) + np.pi) / (2 * np.pi) * 6).astype(int) % 6, weights=weight, minlength=6)
     return np.concatenate([flat.mean(0), flat.std(0), cov[np.triu_indices(3, 1)],
-                           [(flat.max(1) - flat.min(1)).mean()], np.percentile(lum, [10, 50, 90]), np.sqrt(hist)])
+                           [(flat.max(1) - flat.min(1)).mean()], np.percentile(lum, [10, 50, 90]), np.sqrt(hist),
+                           hue / (weight.sum() + 1e-3)])
 
 
 def texture_features(x: np.ndarray) -> np.ndarray:
@@ -59,6 +66,8 @@ def texture_features(x: np.ndarray) -> np.ndarray:
     bands = np.array([0, 2, 5, 9, 17])
     for i in range(4):
         for j in range(4):
+            if i == j == 0:  # the lowest band in both directions is layout (brightness across the image)
+                continue
             rows = (fy >= bands[i]) & (fy < bands[i + 1])
             out.append(np.log1p(spec[rows][:, bands[j]:bands[j + 1]].sum()))
     return np.asarray(out, dtype=np.float64)
@@ -87,15 +96,17 @@ def features(images: list[Image.Image]) -> dict[str, np.ndarray]:
 
 
 def _progress(train: np.ndarray, base_ref: np.ndarray, base: np.ndarray, lora: np.ndarray) -> dict[str, float]:
-    """One group's style size (standardised, noise removed) and progress along it."""
+    """One group's style size (standardised, sampling noise removed) and the movement along it."""
     scale = np.sqrt((train.var(0) + base_ref.var(0) + base.var(0)) / 3 + 1e-6)
     scale = np.maximum(scale, 0.05 * np.median(scale) + 1e-4)  # a feature that never varies must not explode
     style = (train.mean(0) - base_ref.mean(0)) / scale
     move = (lora - base).mean(0) / scale  # paired: same prompt and seed
     noise = (train.var(0) / len(train) + base_ref.var(0) / len(base_ref)) / scale ** 2
     size2 = float(style @ style)
-    return {"size": max(0.0, size2 - float(noise.sum())), "raw": size2,
-            "progress": float(move @ style) / size2 if size2 > 0 else 0.0}
+    # |style|^2 overstates the true style's size by the noise in its estimate; the movement's projection does not
+    # (the LoRA's images are other images), so the fraction divides by the noise-free size
+    true2 = max(size2 - float(noise.sum()), 0.0)
+    return {"size": true2, "along": float(move @ style), "progress": float(move @ style) / max(true2, 1e-9)}
 
 
 def verdict_of(progress: float, style_size: float) -> str:
@@ -107,9 +118,10 @@ def verdict_of(progress: float, style_size: float) -> str:
 
 
 def style_verdict(train: list[Image.Image], base_ref: list[Image.Image], base: list[Image.Image],
-                  lora_by_scale: dict[str, list[Image.Image]], embed=None) -> dict:
-    """The verdict and its numbers. `embed` (images -> [n, d] array, e.g. CLIP) replaces the three download-free
-    groups with one group "clip"."""
+                  lora_by_scale: dict[str, list[Image.Image]], embed=None, raw_train: list[Image.Image] = ()) -> dict:
+    """The verdict and its numbers. `train`: the training images as the base can draw them (through its VAE);
+    `raw_train`, when given, the files themselves: a style that only they show is finer than the base can draw.
+    `embed` (images -> [n, d] array, e.g. CLIP) replaces the three download-free groups with one group "clip"."""
     def feats(images):
         return {"clip": np.asarray(embed(images), dtype=np.float64)} if embed else features(images)
 
@@ -120,12 +132,18 @@ def style_verdict(train: list[Image.Image], base_ref: list[Image.Image], base: l
         f_lora = feats(images)
         parts = {g: _progress(f_train[g], f_ref[g], f_base[g], f_lora[g]) for g in groups}
         total = sum(p["size"] for p in parts.values())
-        overall = sum(p["size"] * p["progress"] for p in parts.values()) / total if total > 0 else 0.0
+        overall = sum(p["along"] for p in parts.values()) / total if total > 0 else 0.0
         out["progress"][key] = round(overall, 3)
-        out["by_group"][key] = {g: round(p["progress"], 3) for g, p in parts.items()}
+        # a group that carries (almost) none of the style has no meaningful fraction of it
+        out["by_group"][key] = {g: round(p["progress"], 3) if p["size"] >= 0.05 * total else None
+                                for g, p in parts.items()}
         out["style_size"] = {g: round(np.sqrt(p["size"]), 3) for g, p in parts.items()}
         out["style_share"] = {g: round(p["size"] / total, 3) if total > 0 else 0.0 for g, p in parts.items()}
         out["style_size_total"] = round(float(np.sqrt(total)), 3)
+    if raw_train:
+        f_raw = feats(raw_train)
+        raw = sum(_progress(f_raw[g], f_ref[g], f_base[g], f_base[g])["size"] for g in groups)
+        out["style_size_files"] = round(float(np.sqrt(raw)), 3)
     top = max(out["progress"], key=float)
     out["verdict"] = verdict_of(out["progress"][top], out["style_size_total"])
     out["verdict_scale"] = top
@@ -137,6 +155,9 @@ def style_verdict(train: list[Image.Image], base_ref: list[Image.Image], base: l
 def explain(out: dict, key: str) -> str:
     """One sentence a person can check against the grid."""
     if out["style_size_total"] < MIN_STYLE:
+        if out.get("style_size_files", 0) >= MIN_STYLE:
+            return ("the training images' style is finer than the base can draw (it does not survive the base's "
+                    "VAE): nothing the LoRA could learn")
         return ("the training images hardly differ from what the base draws for their captions: there is no style "
                 "to learn")
     share = out["style_share"]
