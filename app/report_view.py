@@ -32,7 +32,8 @@ def report_markdown(state: str, events: list[dict]) -> str:
     ]
     if last.get("verdict"):  # reports before the verdict existed have only the numbers
         lines.append(f"- **verdict: {last['verdict']}**: {last.get('reason', '')}")
-        lines.append(f"- progress towards the style: {_by_scale(last.get('progress', {}), '{:.0%}')}")
+        if last.get("has_style", True):  # without a style to learn the fractions measure noise
+            lines.append(f"- progress towards the style: {_by_scale(last.get('progress', {}), '{:.0%}')}")
     lines += [
         f"- style lift (similarity to the training images minus the base's): {_by_scale(lift)}",
         f"- prompt fidelity: {_by_scale(last.get('fidelity', {}), '{:.2f}')}",

@@ -148,7 +148,7 @@ def dataset_layout() -> SimpleNamespace:
 def train_layout(defaults: dict[str, Any]) -> SimpleNamespace:
     with gr.Tab("Train", id="train"):
         preset = gr.Dropdown(choices=list_presets(), value=form.DEFAULT_PRESET, label="Preset",
-                             info="demo-style: the demo style set on the demo base, ~2 min on a CPU; "
+                             info="demo-style: the demo style set on the demo base, ~3 min on a CPU; "
                              "tiny-test: seconds, random base; sd15-style: real SD1.5 training")
         widgets: dict[str, Any] = {}
         with gr.Row():

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from trainer import demo_data, demo_styles  # noqa: E402
 from trainer.report import vae_roundtrip  # noqa: E402
-from trainer.style_verdict import LEARNED, PARTLY  # noqa: E402
+from trainer.style_verdict import LEARNED, MIN_STYLE, PARTLY  # noqa: E402
 
 COUNT = 20
 SIZE = 32
@@ -122,8 +122,8 @@ def evaluate(name: str, style: str | None, run_dir: Path, vae) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| style | kind | ground truth: base → LoRA (target) | truth | report progress (colour/texture/layout) "
-             "| verdict | agrees |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| style | kind | ground truth: base → LoRA (target): progress | truth "
+             "| report: progress (colour/texture/layout) | verdict | agrees |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         t = r["truth"]
         gt = f"{t['base']} → {t['lora']} ({t['target']}): {t['progress']:.0%}" if "progress" in t else t["why"]
@@ -131,7 +131,10 @@ def table(rows: list[dict]) -> str:
             gt += " (the VAE erases it: crisp target)"
         groups = "/".join("–" if r["by_group"].get(g) is None else f"{r['by_group'][g]:.0%}"
                           for g in ("colour", "texture", "layout"))
-        lines.append(f"| {r['name']} | {r['kind']} | {gt} | {t['class']} | {r['report_progress']:.0%} ({groups}) "
+        progress = f"{r['report_progress']:.0%} ({groups})"
+        if r["style_size"] < MIN_STYLE:
+            progress = f"no style to learn (size {r['style_size']:.1f} < {MIN_STYLE:g})"
+        lines.append(f"| {r['name']} | {r['kind']} | {gt} | {t['class']} | {progress} "
                      f"| {r['verdict']} | {'yes' if r['agrees'] else '**no**'} |")
     agree = sum(r["agrees"] for r in rows)
     lines.append(f"\nAgreement: {agree}/{len(rows)}")

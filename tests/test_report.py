@@ -115,6 +115,7 @@ def test_report_written_embedded_and_loadable(tmp_path, tiny_base):
     assert verdict["verdict"] in ("learned", "partly learned", "not learned") and verdict["reason"]
     assert set(verdict["by_group"]["1.0"]) == {"colour", "texture", "layout"}
     assert events[-1]["verdict"] == verdict["verdict"] and events[-1]["progress"] == verdict["progress"]
+    assert events[-1]["has_style"] == verdict["has_style"] == (verdict["style_size_total"] >= 3.0)
     for name in ("tiny-test.safetensors", "tiny-test.diffusers.safetensors"):
         with safe_open(str(run / name), "pt") as f:
             meta = f.metadata()

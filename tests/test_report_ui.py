@@ -37,6 +37,10 @@ def test_run_is_reporting_until_the_report_event(tmp_path):
         text = report_view.report_markdown(st.state, st.events)
         assert "LoRA 1.0 +0.125" in text and "LoRA 1.0 0.75" in text and "held-out prompts;" in text
         assert "verdict: partly learned**: at strength 1.0 the LoRA moved 34%" in text and "LoRA 1.0 34%" in text
+        log.emit("report", verdict="not learned", progress={"1.0": 7.8}, has_style=False,
+                 reason="the training images hardly differ from what the base draws for their captions")
+        text = report_view.report_markdown("done", jobs.status(run).events)
+        assert "verdict: not learned**: the training images hardly differ" in text and "780%" not in text
         assert report_view.report_image(run, st.events) == str(run / "report.png")
     finally:
         child.kill()

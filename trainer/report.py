@@ -336,6 +336,7 @@ def run_report(cfg: Config, run_dir: Path) -> dict | None:
     verdict = report["verdict"]
     events.emit(REPORT, path=str(run_dir / "report.json"), image=str(run_dir / "report.png"),
                 verdict=verdict["verdict"], progress=verdict["progress"], reason=verdict["reason"],
+                has_style=verdict["has_style"],
                 **{k: report[k] for k in keys})
     print(f"style report: {verdict['verdict']}: {verdict['reason']}")
     print(f"style report: lift {report['style_lift']}, fidelity {report['fidelity']}, copying {report['copying']} "

@@ -146,6 +146,7 @@ def style_verdict(train: list[Image.Image], base_ref: list[Image.Image], base: l
         out["style_size_files"] = round(float(np.sqrt(raw)), 3)
     top = max(out["progress"], key=float)
     out["verdict"] = verdict_of(out["progress"][top], out["style_size_total"])
+    out["has_style"] = out["style_size_total"] >= MIN_STYLE  # else the progress numbers measure noise
     out["verdict_scale"] = top
     out["thresholds"] = {"learned": LEARNED, "partly": PARTLY, "min_style": MIN_STYLE}
     out["reason"] = explain(out, top)
