@@ -144,12 +144,17 @@ def parse_caption(text: str) -> tuple[str, str, str, str] | None:
     return m.group(1), m.group(2), m.group(3), m.group(4)
 
 
-def shape_mask(image: Image.Image, colour: str) -> np.ndarray:
-    """The pixels nearest the palette colour `colour` (and near it): the shape's mask read back from an image."""
+def nearest_colour(image: Image.Image) -> np.ndarray:
+    """Per pixel, the index in COLOURS of its nearest palette colour, or -1 when it is far from all of them."""
     px = np.asarray(image.convert("RGB"), dtype=float)
     palette = np.array(list(COLOURS.values()), dtype=float)
     dist = np.linalg.norm(px[:, :, None, :] - palette[None, None], axis=-1)
-    return (dist.argmin(-1) == list(COLOURS).index(colour)) & (dist.min(-1) < 70)
+    return np.where(dist.min(-1) < 70, dist.argmin(-1), -1)
+
+
+def shape_mask(image: Image.Image, colour: str) -> np.ndarray:
+    """The pixels of the palette colour `colour`: the shape's mask read back from an image."""
+    return nearest_colour(image) == list(COLOURS).index(colour)
 
 
 def content_check(image: Image.Image, colour: str, shape: str, background: str, position: str) -> dict[str, bool]:
@@ -157,11 +162,8 @@ def content_check(image: Image.Image, colour: str, shape: str, background: str, 
     far from all): the shape colour must cover a blob of plausible area on the right side, the background
     colour a good part of the rest, and the blob's fill of its bounding box must fit the shape
     (square ~1, circle ~0.79, triangle ~0.5)."""
-    px = np.asarray(image.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=float)
     names = list(COLOURS)
-    palette = np.array([COLOURS[n] for n in names], dtype=float)
-    dist = np.linalg.norm(px[:, :, None, :] - palette[None, None], axis=-1)
-    nearest = np.where(dist.min(-1) < 70, dist.argmin(-1), -1)
+    nearest = nearest_colour(image.convert("RGB").resize((64, 64), Image.BILINEAR))
     mask = nearest == names.index(colour)
     area = mask.mean()
     checks = {"colour": 0.02 < area < 0.4, "background": (nearest == names.index(background)).mean() > 0.15}
