@@ -32,6 +32,19 @@ def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return (u + 0.5) / w, (v + 0.5) / h
 
 
+def _ring(h: int, w: int, k: int) -> np.ndarray:
+    """True on the outer k pixels of an h x w image."""
+    ring = np.ones((h, w), bool)
+    ring[k:h - k, k:w - k] = False
+    return ring
+
+
+def _radius(h: int, w: int) -> np.ndarray:
+    """Distance of each pixel centre from the middle: 0 there, 1 in the corners."""
+    u, v = _grid(h, w)
+    return np.sqrt((u - 0.5) ** 2 + (v - 0.5) ** 2) / math.sqrt(0.5)
+
+
 def _shift_max(m: np.ndarray, r: int) -> np.ndarray:
     """Binary dilation by a (2r+1)^2 square, numpy only."""
     out = m.copy()
@@ -95,17 +108,12 @@ def posterize(x, mask, levels):
 def border(x, mask, colour, width):
     h, w = x.shape[:2]
     out = x.copy()
-    k = max(1, int(round(width * w / 32)))
-    ring = np.ones((h, w), bool)
-    ring[k:h - k, k:w - k] = False
-    out[ring] = colour
+    out[_ring(h, w, max(1, int(round(width * w / 32))))] = colour
     return out
 
 
 def vignette(x, mask, colour, strength, power):
-    u, v = _grid(*x.shape[:2])
-    r = np.sqrt((u - 0.5) ** 2 + (v - 0.5) ** 2) / math.sqrt(0.5)
-    a = (strength * r ** power)[..., None]
+    a = (strength * _radius(*x.shape[:2]) ** power)[..., None]
     return x + a * (np.asarray(colour, dtype=np.float32) - x)
 
 
@@ -266,17 +274,6 @@ def random_look(rng: random.Random) -> Look:
 
 
 # ----------------------------------------------------------------------------- the style suite (evaluation)
-
-
-def _ring(h: int, w: int, k: int) -> np.ndarray:
-    ring = np.ones((h, w), bool)
-    ring[k:h - k, k:w - k] = False
-    return ring
-
-
-def _radius(h: int, w: int) -> np.ndarray:
-    u, v = _grid(h, w)
-    return np.sqrt((u - 0.5) ** 2 + (v - 0.5) ** 2) / math.sqrt(0.5)
 
 
 SEPIA = (0.62, 0.45, 0.25)
