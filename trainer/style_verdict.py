@@ -95,18 +95,16 @@ def features(images: list[Image.Image]) -> dict[str, np.ndarray]:
     return {g: np.stack([fn(x) for x in px]) for g, fn in FEATURES.items()}
 
 
-def _progress(train: np.ndarray, base_ref: np.ndarray, base: np.ndarray, lora: np.ndarray) -> dict[str, float]:
-    """One group's style size (standardised, sampling noise removed) and the movement along it."""
+def _style(train: np.ndarray, base_ref: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """One group's feature scale, standardised style direction, and the style's size squared with sampling noise
+    removed."""
     scale = np.sqrt((train.var(0) + base_ref.var(0) + base.var(0)) / 3 + 1e-6)
     scale = np.maximum(scale, 0.05 * np.median(scale) + 1e-4)  # a feature that never varies must not explode
     style = (train.mean(0) - base_ref.mean(0)) / scale
-    move = (lora - base).mean(0) / scale  # paired: same prompt and seed
     noise = (train.var(0) / len(train) + base_ref.var(0) / len(base_ref)) / scale ** 2
-    size2 = float(style @ style)
     # |style|^2 overstates the true style's size by the noise in its estimate; the movement's projection does not
-    # (the LoRA's images are other images), so the fraction divides by the noise-free size
-    true2 = max(size2 - float(noise.sum()), 0.0)
-    return {"size": true2, "along": float(move @ style), "progress": float(move @ style) / max(true2, 1e-9)}
+    # (the LoRA's images are other images), so fractions divide by the noise-free size
+    return scale, style, max(float(style @ style) - float(noise.sum()), 0.0)
 
 
 def verdict_of(progress: float, style_size: float) -> str:
@@ -126,23 +124,23 @@ def style_verdict(train: list[Image.Image], base_ref: list[Image.Image], base: l
         return {"clip": np.asarray(embed(images), dtype=np.float64)} if embed else features(images)
 
     f_train, f_ref, f_base = feats(train), feats(base_ref), feats(base)
-    groups = list(f_train)
-    out: dict = {"progress": {}, "by_group": {}, "style_size": {}}
+    styles = {g: _style(f_train[g], f_ref[g], f_base[g]) for g in f_train}
+    size = {g: true2 for g, (_, _, true2) in styles.items()}
+    total = sum(size.values())
+    out: dict = {"progress": {}, "by_group": {}, "style_size": {g: round(np.sqrt(v), 3) for g, v in size.items()},
+                 "style_share": {g: round(v / total, 3) if total > 0 else 0.0 for g, v in size.items()},
+                 "style_size_total": round(float(np.sqrt(total)), 3)}
     for key, images in lora_by_scale.items():
         f_lora = feats(images)
-        parts = {g: _progress(f_train[g], f_ref[g], f_base[g], f_lora[g]) for g in groups}
-        total = sum(p["size"] for p in parts.values())
-        overall = sum(p["along"] for p in parts.values()) / total if total > 0 else 0.0
-        out["progress"][key] = round(overall, 3)
+        along = {g: float(((f_lora[g] - f_base[g]).mean(0) / scale) @ style)  # paired: same prompt and seed
+                 for g, (scale, style, _) in styles.items()}
+        out["progress"][key] = round(sum(along.values()) / total if total > 0 else 0.0, 3)
         # a group that carries (almost) none of the style has no meaningful fraction of it
-        out["by_group"][key] = {g: round(p["progress"], 3) if p["size"] >= 0.05 * total else None
-                                for g, p in parts.items()}
-        out["style_size"] = {g: round(np.sqrt(p["size"]), 3) for g, p in parts.items()}
-        out["style_share"] = {g: round(p["size"] / total, 3) if total > 0 else 0.0 for g, p in parts.items()}
-        out["style_size_total"] = round(float(np.sqrt(total)), 3)
+        out["by_group"][key] = {g: round(along[g] / max(size[g], 1e-9), 3) if size[g] >= 0.05 * total else None
+                                for g in styles}
     if raw_train:
         f_raw = feats(raw_train)
-        raw = sum(_progress(f_raw[g], f_ref[g], f_base[g], f_base[g])["size"] for g in groups)
+        raw = sum(_style(f_raw[g], f_ref[g], f_base[g])[2] for g in styles)
         out["style_size_files"] = round(float(np.sqrt(raw)), 3)
     top = max(out["progress"], key=float)
     out["verdict"] = verdict_of(out["progress"][top], out["style_size_total"])
