@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Iterator
 
 from app import jobs
-from trainer import caption_edit as ce
-from trainer.concepts import CONCEPT_FILE, Concept, ConceptError, read_concept, write_concept
+from trainer.data import caption_edit as ce
+from trainer.data.concepts import CONCEPT_FILE, Concept, ConceptError, read_concept, write_concept
 from trainer.config import Config
 
 CAPTION_CMD = [sys.executable, "-m", "trainer", "caption"]  # + DATASET --model=... (tests may swap it)
@@ -59,7 +59,7 @@ def caption_command(dataset: Path, model: str, mode: str = "auto", overwrite: bo
 
 def caption_events(run_dir: Path, model: str, mode: str = "auto", overwrite: bool = False, strip: str = "",
                    only: list[str] | None = None) -> Iterator[dict]:
-    """Run the captioner on RUN/dataset and yield its progress events (see trainer/caption_cli.py), then
+    """Run the captioner on RUN/dataset and yield its progress events (see trainer/data/caption_cli.py), then
     {"event": "finished"} or {"event": "failed", "message": ...}. Closing the iterator (page closed) ends the child."""
     if not model.strip():
         yield {"event": "failed", "message": "give a model: a hub id or a local folder"}
@@ -193,9 +193,9 @@ def save_concept(run_dir: Path, folder: str, trigger: str | None, prefix: str, r
 
 
 def summary_markdown(run_dir: Path | None, cfg: Config) -> str:
-    """The dataset summary (trainer/dataset_summary.py) of RUN/dataset under the form's settings."""
-    from trainer.data import DatasetError, scan_dataset
-    from trainer.dataset_summary import format_summary, summarize
+    """The dataset summary (trainer/data/summary.py) of RUN/dataset under the form's settings."""
+    from trainer.data.dataset import DatasetError, scan_dataset
+    from trainer.data.summary import format_summary, summarize
 
     dataset = Path(run_dir) / "dataset" if run_dir else None
     if dataset is None or not dataset.is_dir():

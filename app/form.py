@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from trainer import arch
+from trainer import families as arch
 from trainer.config import PRESETS_DIR, Config, ConfigError, apply_override, list_presets, load_config, parse_override
 
 DEFAULT_PRESET = "demo-style"  # trains on BUILTIN_BASE: the whole flow works offline and shows a real result

@@ -216,7 +216,7 @@ def status(run_dir: Path) -> RunStatus:
         reported = any(e.get("type") in REPORT_ENDS and e.get("time", 0) >= end.get("time", 0)
                        for e in events)
         if end["type"] == DONE and alive and not reported:
-            st.state = "reporting"  # adapters written; the trainer is measuring the style report (trainer/report.py)
+            st.state = "reporting"  # adapters written; the trainer is measuring the style report (trainer/report/style_report.py)
     elif alive:
         st.state = "stopping" if (run_dir / STOP_FILE).exists() or job.get("cancel_requested") else "running"
     elif job.get("pid"):

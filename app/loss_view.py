@@ -1,4 +1,4 @@
-"""The Runs panel's loss plot: the training loss of every step and the validation loss (trainer/validation.py) of the
+"""The Runs panel's loss plot: the training loss of every step and the validation loss (trainer/training/validation.py) of the
 steps that have one, as (step, loss, series) rows. No torch, no gradio."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The client of the preview worker (trainer/preview.py): no gradio, no torch here (app/preview.py is the tab).
+"""The client of the preview worker (trainer/preview/previewer.py): no gradio, no torch here (app/preview.py is the tab).
 
 The worker (`python -m trainer preview --base MODEL`) is a child process holding one base pipeline; it speaks JSON
 lines on stdin/stdout, one request at a time. It is started lazily for the base of the chosen adapter, and only one
@@ -48,7 +48,7 @@ NO_ADAPTER = ("**No adapter picked.** Choose a finished run in *Adapter* above (
 
 def base_size(base: str) -> int | None:
     """The base's native image side, to preset the width/height sliders (None: unknown, e.g. a hub id)."""
-    from trainer.arch import native_size
+    from trainer.families import native_size
 
     base = (base or "").strip()
     if base == "builtin:demo-sd":

@@ -1,4 +1,4 @@
-"""The style report on the Runs panel (trainer/report.py writes it): numbers from the trainer's `report` event and
+"""The style report on the Runs panel (trainer/report/style_report.py writes it): numbers from the trainer's `report` event and
 the report.png grid. No gradio, no torch."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from app import downloads_view, jobs, loss_view, preview_client, report_view
-from trainer import arch
+from trainer import families as arch
 from trainer.events import FAILED, PROBLEM, START, STEP, STOPPED, WARNING
 
 

@@ -10,8 +10,8 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from trainer.concepts import CONCEPT_FILE
-from trainer.data import IMAGE_EXTENSIONS, folder_repeats, read_caption_bytes
+from trainer.data.concepts import CONCEPT_FILE
+from trainer.data.dataset import IMAGE_EXTENSIONS, folder_repeats, read_caption_bytes
 from trainer.io import atomic_write_text, describe_os_error
 
 IMAGE_EXTS = set(IMAGE_EXTENSIONS)  # the trainer's list (PIL only, no torch), so an accepted upload can train
@@ -69,7 +69,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def _check_kind(rel: PurePosixPath) -> None:
-    if rel.name == CONCEPT_FILE:  # a subfolder's trigger/prefix/repeats (trainer/concepts.py), read as TOML only
+    if rel.name == CONCEPT_FILE:  # a subfolder's trigger/prefix/repeats (trainer/data/concepts.py), read as TOML only
         return
     if rel.suffix not in IMAGE_EXTS | CAPTION_EXTS:
         raise UploadError(f"{rel.name}: file type '{rel.suffix or 'none'}' refused "
@@ -215,7 +215,7 @@ def add_files(run_dir: Path, files: list[str | Path], names: list[str] | None = 
 def dataset_items(run_dir: Path, min_image_size: int = 64) -> tuple[list[dict], str]:
     """One row per image for the caption grid: rel path, caption, status. Plus a dataset-level error."""
     from trainer.config import DataConfig
-    from trainer.data import DatasetError, scan_dataset
+    from trainer.data.dataset import DatasetError, scan_dataset
 
     dataset = Path(run_dir) / "dataset"
     if not dataset.is_dir():

@@ -1,4 +1,4 @@
-"""Adapter swap time of the preview worker (trainer/preview.py), with and without torch.compile + hot-swap.
+"""Adapter swap time of the preview worker (trainer/preview/previewer.py), with and without torch.compile + hot-swap.
 
     python bench/preview_swap.py            # full-size random SD1.5 architecture (CUDA for the compiled case)
     python bench/preview_swap.py --tiny     # the tiny test base: proves the script works on a CPU in ~1 min
@@ -51,7 +51,7 @@ def random_adapter(unet, path: Path, rank: int, seed: int) -> Path:
 
 
 def measure(mode: str, make_pipe, files, kw: dict, repeats: int) -> dict:
-    from trainer.preview import Previewer
+    from trainer.preview.previewer import Previewer
 
     t0 = time.perf_counter()
     pv = Previewer("bench", pipeline=make_pipe(), hotswap=mode != "multi", compile=mode == "compile", max_rank=16)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         if args.tiny:
             from diffusers import StableDiffusionPipeline
 
-            from trainer.tiny import build_tiny_sd15
+            from trainer.families.tiny import build_tiny_sd15
 
             folder = build_tiny_sd15(tmp / "tiny")
 

@@ -1,4 +1,4 @@
-"""Training speed of the real trainer (trainer.loop.train: data, text encoders, LoRA on UNet+TE, optimizer) on
+"""Training speed of the real trainer (trainer.training.loop.train: data, text encoders, LoRA on UNet+TE, optimizer) on
 random-weight SD1.5 / SDXL architectures built on the fly (no downloads): steps/s, images/s, peak memory and
 achieved TFLOP/s, for each batch size, eager path vs fast path (train.fast).
 
@@ -28,7 +28,7 @@ RESOLUTION = {"sd15": 512, "sdxl": 1024}
 
 
 def random_base(arch: str, tiny: bool, folder: Path, device: str | None = None):
-    """A trainer.model.Base with random weights: the tiny test pipelines (loaded like a user's folder), or the
+    """A trainer.families.loading.Base with random weights: the tiny test pipelines (loaded like a user's folder), or the
     full-size SD1.5 / SDXL architectures built in memory on `device` (default: the GPU when there is one).
     bench/preview_swap.py builds its pipeline here too (`.pipeline()`)."""
     import torch
@@ -37,9 +37,9 @@ def random_base(arch: str, tiny: bool, folder: Path, device: str | None = None):
 
     from trainer.config import ModelConfig
     from trainer.lora_files.kohya_names import CLIP_L, OPENCLIP_BIGG, SD15_UNET, SDXL_UNET
-    from trainer.model import Base, load_base
-    from trainer.tiny import build_tiny_sd15, write_tiny_tokenizer
-    from trainer.tiny_xl import build_tiny_sdxl
+    from trainer.families.loading import Base, load_base
+    from trainer.families.tiny import build_tiny_sd15, write_tiny_tokenizer
+    from trainer.families.tiny_xl import build_tiny_sdxl
 
     if tiny:
         build = build_tiny_sdxl if arch == "sdxl" else build_tiny_sd15
@@ -86,7 +86,7 @@ def flops_per_image(base, resolution: int) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.conditioning import encode_text, sdxl_time_ids, unet_kwargs
+    from trainer.families.conditioning import encode_text, sdxl_time_ids, unet_kwargs
 
     device = next(base.unet.parameters()).device
     dtype = next(base.unet.parameters()).dtype
@@ -106,7 +106,7 @@ def quantized_unet(unet, folder: Path, bits: int):
     import torch
 
     from trainer.config import ModelConfig
-    from trainer.model import _load_quantized_unet
+    from trainer.families.loading import _load_quantized_unet
 
     unet.to(dtype=torch.bfloat16).save_pretrained(folder / "unet")
     return _load_quantized_unet("folder", str(folder), ModelConfig(path=str(folder)), bits)
@@ -133,7 +133,7 @@ def run_one(arch: str, batch: int, path: str, tiny: bool, warmup: int, steps: in
 
     import torch
 
-    from trainer.loop import train
+    from trainer.training.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -43,7 +43,7 @@ def main() -> None:
 
     from trainer.config import load_config
     from trainer.events import read_events
-    from trainer.loop import train
+    from trainer.training.loop import train
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/consumer_table.py [--steps 6] [--variants lora,dora,...] [--out docs/consumers.md]
 
-Each variant trains a short real run (trainer.loop.train) on the tiny SD1.5 base, plus a plain LoRA on the tiny SDXL
+Each variant trains a short real run (trainer.training.loop.train) on the tiny SD1.5 base, plus a plain LoRA on the tiny SDXL
 base with the second encoder's text_projection targeted. The reference is the trained model itself (peft's layers,
 DoRA included). Each consumer's formula, as read in its source, is applied to the run's kohya file on the base
 weights; diffusers is run for real (`load_lora_weights`) on both files. A cell is the largest relative error of a
@@ -135,7 +135,7 @@ def kohya_merge(weight: torch.Tensor, g: dict, module: str) -> torch.Tensor:
 def effective_weights(models: dict, adapter: str) -> dict[str, torch.Tensor]:
     """{part.module: W'} of every layer holding `adapter`, in float64: Linear layers through their forward (so
     Delta-LoRA's frozen-weight drift counts), Conv2d layers merged."""
-    from trainer.variants import lora_layers
+    from trainer.adapters.variants import lora_layers
 
     out = {}
     for part, model in models.items():
@@ -166,7 +166,7 @@ def measure(base_dir: Path, kind: str, live: dict, files: dict[str, Path]) -> di
     from safetensors.torch import load_file
 
     from trainer.lora_files.kohya_names import module_names
-    from trainer.model import load_base
+    from trainer.families.loading import load_base
     from trainer.config import ModelConfig
 
     base = load_base(ModelConfig(path=str(base_dir)))
@@ -210,7 +210,7 @@ def measure(base_dir: Path, kind: str, live: dict, files: dict[str, Path]) -> di
 
 
 def run_row(label: str, kind: str, variant: str, extra: list[str], steps: int, tmp: Path, bases: dict) -> list[tuple]:
-    import trainer.loop as loop
+    import trainer.training.loop as loop
     from trainer.config import load_config
 
     cfg = load_config(ROOT / "presets" / "tiny-test.toml", [
@@ -263,8 +263,8 @@ def main() -> None:
     torch.set_num_threads(1)
     wanted = {v for v in args.variants.split(",") if v}
 
-    from trainer.tiny import build_tiny_sd15
-    from trainer.tiny_xl import build_tiny_sdxl
+    from trainer.families.tiny import build_tiny_sd15
+    from trainer.families.tiny_xl import build_tiny_sdxl
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

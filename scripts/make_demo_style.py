@@ -1,6 +1,6 @@
 """Generate examples/demo-style: 20 captioned images in the demo style, for the demo base (builtin:demo-sd).
 
-The style is what the demo base never saw while it learned to draw (trainer/demo_data.py): the background painted
+The style is what the demo base never saw while it learned to draw (trainer/report/demo_data.py): the background painted
 in two wide diagonal stripes of its colour and a lighter tint. The content (shape, colour, background colour,
 position) is what the captions describe, in the words the base knows. The contents of the style report's
 held-out prompts (demo_data.REPORT_CONTENT) are left out. Deterministic: the same files every run.
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer import demo_data  # noqa: E402
+from trainer.report import demo_data  # noqa: E402
 
 COUNT = 20
 SIZE = 64  # drawn at 64 px (easy to look at); presets/demo-style.toml trains at the base's 32 px

@@ -31,9 +31,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer import demo_data, demo_styles  # noqa: E402
-from trainer.report import vae_roundtrip  # noqa: E402
-from trainer.style_verdict import LEARNED, MIN_STYLE, PARTLY  # noqa: E402
+from trainer.report import demo_data, demo_styles  # noqa: E402
+from trainer.report.style_report import vae_roundtrip  # noqa: E402
+from trainer.report.verdict import LEARNED, MIN_STYLE, PARTLY  # noqa: E402
 
 COUNT = 20
 SIZE = 32
@@ -169,7 +169,7 @@ def main() -> None:
         runs = dict(zip(plan, pool.map(lambda n: train(n, plan[n][1], out / "runs", plan[n][2], args.preset), plan)))
     from diffusers import AutoencoderKL
 
-    from trainer.model import resolve_source
+    from trainer.families.loading import resolve_source
 
     vae = AutoencoderKL.from_pretrained(Path(resolve_source("builtin:demo-sd")[1]) / "vae").eval()
     rows = [evaluate(name, plan[name][0], runs[name], vae) for name in plan]

@@ -1,6 +1,6 @@
 """Train the demo base (builtin:demo-sd): a tiny text-to-image latent diffusion model in the standard diffusers SD
-layout, trained from scratch on CPU on procedural captioned shapes (trainer/demo_data.py) in a broad random
-family of looks (trainer/demo_styles.py: colours, palettes, tones, textures, borders, lighting, outlines, blur,
+layout, trained from scratch on CPU on procedural captioned shapes (trainer/report/demo_data.py) in a broad random
+family of looks (trainer/report/demo_styles.py: colours, palettes, tones, textures, borders, lighting, outlines, blur,
 grain), so that a LoRA can teach it a style it was not built for.
 
     .venv/bin/python scripts/train_demo_base.py [--out assets/demo-sd] [--vae-steps 2500] [--unet-steps 4500]
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer import demo_data, demo_styles  # noqa: E402
-from trainer.tiny import write_tiny_tokenizer  # noqa: E402
+from trainer.report import demo_data, demo_styles  # noqa: E402
+from trainer.families.tiny import write_tiny_tokenizer  # noqa: E402
 
 SIZE = 32  # pixels; latents are 8x8x4 (CPU budget: the whole recipe trains in about an hour on one core)
 GRID_PROMPTS = [

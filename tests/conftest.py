@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    from trainer.tiny import build_tiny_sd15
+    from trainer.families.tiny import build_tiny_sd15
 
     return build_tiny_sd15(tmp_path_factory.mktemp("base") / "tiny-sd15")
 
@@ -57,7 +57,7 @@ def make_cfg(tiny_base, tmp_path):
 @pytest.fixture
 def train_capturing(monkeypatch):
     """train(cfg, run_dir) -> (the Base object the loop trained, final adapter path), to inspect live weights."""
-    import trainer.loop as loop
+    import trainer.training.loop as loop
 
     def run(cfg, run_dir):
         captured = {}

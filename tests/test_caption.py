@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from tests.tiny_captioners import WORDS, build_tiny_blip, build_tiny_tagger, build_tiny_vision_encoder_decoder
-from trainer import caption_edit as ce
-from trainer.caption import CaptionError, caption_folder, guess_mode, load_captioner, read_tag_names
+from trainer.data import caption_edit as ce
+from trainer.data.caption import CaptionError, caption_folder, guess_mode, load_captioner, read_tag_names
 
 ROOT = Path(__file__).resolve().parent.parent
 

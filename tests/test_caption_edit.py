@@ -1,4 +1,4 @@
-"""Bulk caption edits (trainer/caption_edit.py) and their CLI flags on `python -m trainer caption`. No models."""
+"""Bulk caption edits (trainer/data/caption_edit.py) and their CLI flags on `python -m trainer caption`. No models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer import caption_edit as ce
+from trainer.data import caption_edit as ce
 from trainer.cli import main
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer.concepts import Concept, concept_for, write_concept
+from trainer.data.concepts import Concept, concept_for, write_concept
 from trainer.config import Config, DataConfig
-from trainer.data import DatasetError, build_caption, epoch_batches, scan_dataset, tag_frequency
-from trainer.dataset_summary import format_summary, summarize
+from trainer.data.dataset import DatasetError, build_caption, epoch_batches, scan_dataset, tag_frequency
+from trainer.data.summary import format_summary, summarize
 
 
 def png(path: Path, size=(96, 96), caption: str | None = None) -> Path:
@@ -176,7 +176,7 @@ def test_reg_weight_scales_the_loss_of_regularisation_images(make_cfg, tmp_path,
 
     from tests.conftest import TINY_STYLE
     from trainer.events import read_events
-    from trainer.loop import train
+    from trainer.training.loop import train
 
     style, reg = tmp_path / "style", tmp_path / "reg"
     first = sorted(TINY_STYLE.glob("*.png"))[0]

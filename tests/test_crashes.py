@@ -56,7 +56,7 @@ def _checkpoints_intact(run: Path) -> list[int]:
     """Every checkpoint folder loads completely and says the step its name says."""
     from safetensors.torch import load_file
 
-    from trainer.checkpoint import STATE_FILE, list_checkpoints
+    from trainer.training.checkpoint import STATE_FILE, list_checkpoints
 
     steps = []
     for folder in list_checkpoints(run):
@@ -78,7 +78,7 @@ def _kill(run: Path) -> None:
 
 
 def test_kill_9_then_resume_ends_at_the_same_weights(make_cfg, tmp_path, reap):
-    import trainer.loop as loop
+    import trainer.training.loop as loop
 
     loop.train(make_cfg(*KILL_COMMON), tmp_path / "straight")
     run = _queue_run(tmp_path, make_cfg(*KILL_COMMON), reap, "killed")
@@ -103,7 +103,7 @@ def test_kill_9_at_random_points_loses_nothing(make_cfg, tmp_path, reap):
     resuming after each kill, with the web UI up the whole time; the end result equals an uninterrupted run."""
     from gradio_client import Client
 
-    import trainer.loop as loop
+    import trainer.training.loop as loop
     from app.ui import build_app
 
     started = time.time()

@@ -1,4 +1,4 @@
-"""trainer/data.py: dataset scanning, buckets, pixel loading, captions, batching. CPU, images made on the fly."""
+"""trainer/data/dataset.py: dataset scanning, buckets, pixel loading, captions, batching. CPU, images made on the fly."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from trainer.config import DataConfig
-from trainer.data import (
+from trainer.data.dataset import (
     DatasetError,
     Item,
     build_caption,
@@ -23,7 +23,7 @@ from trainer.data import (
     scan_dataset,
     tag_frequency,
 )
-from trainer.images import choose_bucket, load_image, make_buckets
+from trainer.data.images import choose_bucket, load_image, make_buckets
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-style"
 

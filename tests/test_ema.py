@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import trainer.loop as loop
+import trainer.training.loop as loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from app import form, uploads
 from trainer.config import Config, ConfigError, DataConfig, load_config, parse_override
-from trainer.data import _read_caption, build_caption, scan_dataset, split_tags
+from trainer.data.dataset import _read_caption, build_caption, scan_dataset, split_tags
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 TAG = st.text(alphabet=st.characters(blacklist_characters=",\n\r", blacklist_categories=("Cs",)), max_size=12)

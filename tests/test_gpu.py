@@ -18,7 +18,7 @@ def test_qlora_trains_in_4_bit_on_cuda_and_exports_both_layouts(make_cfg, tmp_pa
     import torch
     from safetensors.torch import load_file
 
-    from trainer.loop import train
+    from trainer.training.loop import train
 
     final = train(make_cfg('lora.variant="qlora"', "train.steps=4", "lora.train_text_encoder=false"), tmp_path / "run")
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
@@ -39,7 +39,7 @@ def test_compiled_preview_hot_swaps_without_recompiling(tiny_base, tmp_path):
     image equals the uncompiled multi-adapter preview's (within a few levels)."""
     from torch._dynamo.utils import counters
 
-    from trainer.preview import Previewer
+    from trainer.preview.previewer import Previewer
 
     a = make_adapter(tiny_base, tmp_path, "a", seed=1, text_encoder=False)[1]
     b = make_adapter(tiny_base, tmp_path, "b", seed=2, alpha=2.0, text_encoder=False)[1]
@@ -65,7 +65,7 @@ def test_compiled_preview_hot_swaps_without_recompiling(tiny_base, tmp_path):
 def test_cached_frozen_parts_leave_the_gpu_and_return_for_samples(make_cfg, tmp_path, train_capturing, monkeypatch):
     """With latents and text embeddings cached (frozen TE, static captions), the VAE and text encoder wait on the CPU
     during the steps, come back for the samples, and are on the GPU again when train() returns."""
-    import trainer.run as run_module
+    import trainer.training.run as run_module
 
     moved = []
     real = run_module.offload

@@ -43,7 +43,7 @@ def one_line(err: str) -> str:
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import trainer.loop as loop
+    import trainer.training.loop as loop
 
     monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("a model was loaded before the check"))
 
@@ -147,7 +147,7 @@ def test_final_adapter_is_written_before_the_final_samples(make_cfg, tmp_path):
 
     from safetensors import safe_open
 
-    import trainer.loop as loop
+    import trainer.training.loop as loop
 
     run = tmp_path / "run"
     loop.train(make_cfg("train.steps=2", 'sample.prompts=["zkstyle, a red circle"]', "report.enabled=false"), run)
@@ -159,7 +159,7 @@ def test_final_adapter_is_written_before_the_final_samples(make_cfg, tmp_path):
 
 
 def test_a_failing_final_sample_is_a_warning_and_the_run_is_done(make_cfg, tmp_path, monkeypatch):
-    import trainer.loop as loop
+    import trainer.training.loop as loop
 
     def broken(*a, **k):
         raise ValueError("`height` and `width` have to be divisible by 8 but are 7 and 7.")
@@ -185,7 +185,7 @@ def test_a_failing_final_sample_is_a_warning_and_the_run_is_done(make_cfg, tmp_p
 FULL_DISK = """
 import errno, sys
 from pathlib import Path
-import trainer.loop as loop
+import trainer.training.loop as loop
 
 def full_disk(run_dir, *a, **k):  # the disk fills up when the final adapter is written
     raise OSError(errno.ENOSPC, "No space left on device", str(Path(run_dir) / "style.safetensors"))
@@ -248,7 +248,7 @@ def test_failed_run_panel_shows_the_reason_not_a_traceback(tmp_path):
 
 def test_huge_kohya_repeat_folder_is_refused_with_a_message(tmp_path):
     from trainer.config import load_config
-    from trainer.data import DatasetError, epoch_batches, scan_dataset
+    from trainer.data.dataset import DatasetError, epoch_batches, scan_dataset
 
     images = sorted(TINY_STYLE.glob("*.png"))[:2]
     for folder, image in zip(("99999999999_x", "2_ok"), images):
@@ -266,7 +266,7 @@ def test_huge_kohya_repeat_folder_is_refused_with_a_message(tmp_path):
 
 def test_caption_symlink_to_a_huge_file_is_not_read_whole(tmp_path):
     from trainer.config import DataConfig
-    from trainer.data import scan_dataset
+    from trainer.data.dataset import scan_dataset
 
     huge = tmp_path / "huge.bin"
     with open(huge, "wb") as f:

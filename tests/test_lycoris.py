@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import trainer.loop as loop
+import trainer.training.loop as loop
 from tests.test_export import comfyui_weight, spec_key
 from trainer.config import ConfigError
-from trainer.variants import lora_layers
+from trainer.adapters.variants import lora_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -157,7 +157,7 @@ def test_lycoris_settings_that_cannot_work_are_refused(make_cfg):
 
 def test_downloads_guide_sends_lycoris_files_to_a1111_and_comfyui(make_cfg, tmp_path):
     import app.downloads_view as view
-    from trainer import lycoris
+    from trainer.adapters import lycoris
 
     assert view.LYCORIS_KEY == lycoris.LYCORIS_KEY
     loop.train(make_cfg("train.steps=1", 'lora.variant="loha"'), tmp_path / "run")
@@ -172,7 +172,7 @@ def test_sdxl_loha_with_locon_uses_sgm_names_and_stays_exact(tmp_path, train_cap
 
     from tests.test_sdxl import config
     from trainer.lora_files.kohya_names import module_names
-    from trainer.tiny_xl import build_tiny_sdxl
+    from trainer.families.tiny_xl import build_tiny_sdxl
 
     base_dir = build_tiny_sdxl(tmp_path / "tiny-sdxl")
     cfg = config(base_dir, tmp_path, 'lora.variant="loha"', "lora.rank=2", "lora.conv_rank=2",

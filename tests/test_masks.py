@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import trainer.loop as loop
+import trainer.training.loop as loop
 from trainer.events import read_events
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

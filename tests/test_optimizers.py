@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import trainer.checkpoint as ck
-import trainer.loop as loop
+import trainer.training.checkpoint as ck
+import trainer.training.loop as loop
 from trainer.config import ConfigError, TrainConfig, LoraConfig
-from trainer.optimizers import build_optimizer
+from trainer.training.optimizers import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -1,4 +1,4 @@
-"""Preview (trainer/preview.py, app/preview.py) on the tiny base: adapters switched without reloading the base."""
+"""Preview (trainer/preview/previewer.py, app/preview.py) on the tiny base: adapters switched without reloading the base."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def make_adapter(tiny_base: Path, folder: Path, stem: str, seed: int, rank: int 
     from trainer.config import LoraConfig, ModelConfig
     from trainer.lora_files.export import save_diffusers_lora
     from trainer.lora_files.kohya import save_kohya_lora
-    from trainer.model import attach_lora, load_base
+    from trainer.families.loading import attach_lora, load_base
 
     base = load_base(ModelConfig(path=str(tiny_base)))
     extra = {"unet_targets": targets} if targets else {}
@@ -64,7 +64,7 @@ def base_weights(pv) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def previewer(tiny_base):
-    from trainer.preview import Previewer
+    from trainer.preview.previewer import Previewer
 
     return Previewer(str(tiny_base), max_adapters=4)
 
@@ -135,7 +135,7 @@ def test_dora_adapter_previews_the_same_in_both_layouts(previewer, adapters, tin
 
 
 def test_bad_files_are_refused_with_a_message(previewer, adapters, tiny_base, tmp_path):
-    from trainer.preview import AdapterError
+    from trainer.preview.previewer import AdapterError
 
     pv = previewer
     garbage = tmp_path / "garbage.safetensors"
@@ -174,7 +174,7 @@ def test_bad_files_are_refused_with_a_message(previewer, adapters, tiny_base, tm
 
 
 def test_lru_evicts_least_recently_used(tiny_base, adapters):
-    from trainer.preview import Previewer
+    from trainer.preview.previewer import Previewer
 
     pv = Previewer(str(tiny_base), max_adapters=2)
     pv.load_adapter(adapters["a"][1], "A")
@@ -187,7 +187,7 @@ def test_lru_evicts_least_recently_used(tiny_base, adapters):
 
 def test_hotswap_slot_matches_multi_adapter_path(tiny_base, adapters, previewer):
     """The hot-swap path (what compile=True uses on CUDA) gives the multi-adapter images, here eagerly on CPU."""
-    from trainer.preview import Previewer
+    from trainer.preview.previewer import Previewer
 
     hs = Previewer(str(tiny_base), hotswap=True, max_rank=16)
     before = base_weights(hs)
@@ -220,7 +220,7 @@ def test_grid_and_compare(previewer, adapters):
 def test_non_finite_adapters_are_refused_and_the_loaded_one_stays(previewer, adapters):
     """The corpus' NaN/Inf adapters (tests/bad_inputs/models) would render black images: refused with a message, and an
     adapter already loaded under the same name is kept."""
-    from trainer.preview import AdapterError
+    from trainer.preview.previewer import AdapterError
 
     corpus = Path(__file__).parent / "bad_inputs"
     cases = [c for c in json.loads((corpus / "manifest.json").read_text()) if c["name"] in ("adapter-nan", "adapter-inf")]

@@ -82,8 +82,8 @@ def _check_scan(items, problems, cases, root: Path):
 
 def test_corpus_scan_gives_each_file_a_precise_message(corpus):
     from trainer.config import load_config
-    from trainer.data import scan_dataset
-    from trainer.images import load_image
+    from trainer.data.dataset import scan_dataset
+    from trainer.data.images import load_image
 
     dest, cases = corpus
     cfg = load_config(ROOT / "presets" / "tiny-test.toml", [f'data.path="{dest / "dataset"}"'])
@@ -103,7 +103,7 @@ def test_corpus_scan_gives_each_file_a_precise_message(corpus):
 
 
 def test_corpus_trains_the_rest_and_writes_only_the_run_folder(corpus, make_cfg, tmp_path):
-    import trainer.loop as loop
+    import trainer.training.loop as loop
     from trainer.events import read_events
 
     dest, cases = corpus
@@ -172,7 +172,7 @@ def test_pickles_are_never_loaded(corpus, tmp_path, monkeypatch):
 
     from trainer.config import ModelConfig
     from trainer.lora_files.kohya import convert_file
-    from trainer.model import ModelError, load_base, resolve_source
+    from trainer.families.loading import ModelError, load_base, resolve_source
 
     dest, _ = corpus
     models = dest / "models"
@@ -197,7 +197,7 @@ def test_base_folder_with_only_pickled_weights_is_refused(tiny_base, tmp_path, m
     from safetensors.torch import load_file
 
     from trainer.config import ModelConfig
-    from trainer.model import ModelError, load_base
+    from trainer.families.loading import ModelError, load_base
 
     base = tmp_path / "base"
     shutil.copytree(tiny_base, base)
@@ -215,8 +215,8 @@ def test_base_folder_with_only_pickled_weights_is_refused(tiny_base, tmp_path, m
 
 
 def test_refuses_to_start_without_disk_space(make_cfg, tmp_path, monkeypatch):
-    import trainer.loop as loop
-    from trainer.checkpoint import DiskSpaceError
+    import trainer.training.loop as loop
+    from trainer.training.checkpoint import DiskSpaceError
     from trainer.events import read_events
 
     free = 5 * 2**20
@@ -234,7 +234,7 @@ def test_refuses_to_start_without_disk_space(make_cfg, tmp_path, monkeypatch):
 
 
 def test_disk_estimate_grows_with_what_is_kept(make_cfg):
-    from trainer.checkpoint import estimate_run_bytes
+    from trainer.training.checkpoint import estimate_run_bytes
 
     small = estimate_run_bytes(make_cfg("train.checkpoint_every=0", "train.save_every=0"), 100)["needed_bytes"]
     big = estimate_run_bytes(make_cfg("train.checkpoint_every=1", "train.keep_checkpoints=5", "train.save_every=10",
@@ -245,7 +245,7 @@ def test_disk_estimate_grows_with_what_is_kept(make_cfg):
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     import torch
 
-    import trainer.checkpoint as ck
+    import trainer.training.checkpoint as ck
 
     module = torch.nn.Linear(4, 4)
     opt = torch.optim.AdamW(module.parameters())

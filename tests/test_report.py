@@ -1,4 +1,4 @@
-"""Style report (trainer/report.py) and the demo base (builtin:demo-sd): measured, never hard-coded."""
+"""Style report (trainer/report/style_report.py) and the demo base (builtin:demo-sd): measured, never hard-coded."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def _train_tiny(run, tiny_base, steps: int, *overrides: str) -> subprocess.Compl
 
 
 def test_features_see_the_style_and_an_exact_copy():
-    from trainer import demo_data
-    from trainer.report import layout_features, texture_features
+    from trainer.report import demo_data
+    from trainer.report.style_report import layout_features, texture_features
 
     rng = random.Random(0)
     contents = [demo_data.random_content(rng) for _ in range(8)]
@@ -58,7 +58,7 @@ def test_features_see_the_style_and_an_exact_copy():
 
 
 def test_content_check_reads_back_the_caption():
-    from trainer import demo_data
+    from trainer.report import demo_data
 
     img = demo_data.draw("red", "circle", "blue", "left", size=32, style="stripes")
     assert all(demo_data.content_check(img, "red", "circle", "blue", "left").values())
@@ -74,9 +74,9 @@ def test_demo_base_loads_as_builtin_and_draws_the_prompted_colours():
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from trainer import demo_data
-    from trainer.model import resolve_source
-    from trainer.report import is_demo_base
+    from trainer.report import demo_data
+    from trainer.families.loading import resolve_source
+    from trainer.report.style_report import is_demo_base
 
     kind, folder = resolve_source("builtin:demo-sd")
     assert kind == "folder" and is_demo_base(folder)
@@ -146,7 +146,7 @@ def test_failed_report_keeps_the_run(tmp_path, tiny_base):
 
 def test_report_disabled_or_stopped_run_is_skipped(make_cfg, tmp_path):
     from trainer.events import EventLog
-    from trainer.report import run_report
+    from trainer.report.style_report import run_report
 
     cfg = make_cfg("report.enabled=false")
     EventLog(tmp_path / "events.jsonl").emit("done", step=1)
@@ -160,8 +160,8 @@ def test_clip_features_from_a_local_folder(make_cfg, tmp_path, tiny_base, train_
     """report.clip_model: a tiny random CLIPModel saved to a folder gives the features, text-image fidelity and copying."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from trainer.report import ClipFeatures, write_report
-    from trainer.tiny import write_tiny_tokenizer
+    from trainer.report.style_report import ClipFeatures, write_report
+    from trainer.families.tiny import write_tiny_tokenizer
 
     clip_dir = tmp_path / "clip"
     write_tiny_tokenizer(clip_dir)
@@ -201,8 +201,8 @@ def test_demo_style_is_learned_and_the_content_survives(tmp_path):
     progress grows with strength, and the prompted content (colours, position, shape) survives at full strength.
     (Learning rate 0, a set without a style and eight other styles: tests/test_style_suite.py.)"""
     from trainer.config import load_config
-    from trainer.loop import train
-    from trainer.report import write_report
+    from trainer.training.loop import train
+    from trainer.report.style_report import write_report
 
     cfg = load_config(ROOT / "presets" / "demo-style.toml", [
         f'data.path="{ROOT / "examples" / "demo-style"}"', f'output.dir="{tmp_path}"', 'output.name="demo"',

@@ -16,14 +16,14 @@ from tests.conftest import ROOT, TINY_STYLE
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory) -> Path:
-    from trainer.tiny_xl import build_tiny_sdxl
+    from trainer.families.tiny_xl import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("bases") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="module")
 def tiny_sd2(tmp_path_factory) -> Path:
-    from trainer.tiny_xl import build_tiny_sd2
+    from trainer.families.tiny_xl import build_tiny_sd2
 
     return build_tiny_sd2(tmp_path_factory.mktemp("bases") / "tiny-sd2")
 
@@ -54,9 +54,9 @@ def lora_modules(model, adapter: str) -> int:
 
 
 def test_base_family_is_detected_from_the_model(tiny_sdxl, tiny_sd2, tiny_base):
-    from trainer.arch import describe_folder, kind_from_configs
+    from trainer.families import describe_folder, kind_from_configs
     from trainer.config import ModelConfig
-    from trainer.model import load_base
+    from trainer.families.loading import load_base
 
     assert describe_folder(tiny_sdxl) == {"kind": "sdxl", "label": "SDXL", "prediction_type": "epsilon"}
     assert describe_folder(tiny_sd2) == {"kind": "sd2", "label": "SD 2.x", "prediction_type": "v_prediction"}
@@ -72,8 +72,8 @@ def test_base_family_is_detected_from_the_model(tiny_sdxl, tiny_sd2, tiny_base):
 
 
 def test_sdxl_time_ids_follow_the_crop():
-    from trainer.conditioning import sdxl_time_ids
-    from trainer.images import crop_box
+    from trainer.families.conditioning import sdxl_time_ids
+    from trainer.data.images import crop_box
 
     # 300x200 (w x h) into a 128x64 bucket: resized to 128x85, cropped 10 px from the top (rounding: (85-64)//2).
     assert crop_box((300, 200), (128, 64)) == (0, 10, 128, 85)
@@ -135,7 +135,7 @@ def test_sdxl_trains_exports_and_loads_in_diffusers(tiny_sdxl, tmp_path, train_c
             torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k))
 
     # Preview: one SDXL base, both files switched in (multi-adapter and hot-swap slot), same image as diffusers.
-    from trainer.preview import Previewer
+    from trainer.preview.previewer import Previewer
 
     kw = dict(prompt="zkstyle, a red circle", steps=2, guidance=3.0, width=64, height=64, seed=0)
     for hotswap in (False, True):
@@ -152,7 +152,7 @@ def test_sdxl_trains_exports_and_loads_in_diffusers(tiny_sdxl, tmp_path, train_c
 
 
 def test_sdxl_refuses_an_sd15_lora_with_a_clear_message(tiny_sdxl, tiny_base, tmp_path):
-    from trainer.preview import AdapterError, Previewer
+    from trainer.preview.previewer import AdapterError, Previewer
     from tests.test_preview import make_adapter
 
     kohya, diffusers = make_adapter(tiny_base, tmp_path, "sd15", seed=1)
@@ -189,7 +189,7 @@ def test_sdxl_and_sd2_presets_train_on_tiny_bases(preset, tiny_sdxl, tiny_sd2, t
     """The shipped presets as they are (gradient checkpointing, noise offset, min-SNR, latent cache; SDXL: UNet only
     with the text embeddings + pooled embeddings cached), only pointed at a tiny base and shrunk to 2 steps."""
     from trainer.config import load_config, load_preset
-    from trainer.loop import train
+    from trainer.training.loop import train
 
     cfg = load_preset(preset)
     assert cfg.data.resolution == (1024 if preset == "sdxl-style" else 768)

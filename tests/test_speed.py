@@ -21,7 +21,7 @@ def losses(run_dir) -> list[float]:
 def test_fast_path_is_auto_on_cuda_only(make_cfg):
     import torch
 
-    from trainer.loop import use_fast_path
+    from trainer.training.loop import use_fast_path
 
     assert use_fast_path(make_cfg()) is torch.cuda.is_available()
     assert use_fast_path(make_cfg('train.fast="on"')) is True
@@ -66,8 +66,8 @@ def test_fast_path_falls_back_when_compiling_goes_wrong(fault, make_cfg, tmp_pat
     before the first step; the run trains on the eager path, says why, and ends with the eager path's losses."""
     import torch
 
-    from trainer import fast_path
-    from trainer.loop import train
+    from trainer.training import fast_path
+    from trainer.training.loop import train
 
     def bad_compile(models, trained, device):
         class Scaled(torch.nn.Module):
@@ -100,8 +100,8 @@ def test_fast_path_falls_back_when_compiling_goes_wrong(fault, make_cfg, tmp_pat
 def test_inductor_on_cpu_is_checked_before_use(make_cfg, tmp_path):
     """The real compiler (inductor) on this CPU: whatever it produces, the run either trains compiled with gradients
     matching the eager path, or falls back to eager; its losses match the eager run either way. (torch 2.13 CPU
-    inductor miscompiles the UNet up block's backward, see trainer/fast_path.py, so today this falls back.)"""
-    from trainer.loop import train
+    inductor miscompiles the UNet up block's backward, see trainer/training/fast_path.py, so today this falls back.)"""
+    from trainer.training.loop import train
 
     train(make_cfg(*FAST_COMMON, 'train.fast="off"'), tmp_path / "eager")
     train(make_cfg(*FAST_COMMON, 'train.fast="on"'), tmp_path / "fast")
@@ -169,7 +169,7 @@ def test_gpu_check_stopped_from_outside_leaves_no_process_behind(tmp_path):
 @pytest.mark.gpu
 def test_fast_path_on_cuda_passes_its_check_and_matches_eager(make_cfg, tmp_path):
     """On a GPU: inductor + CUDA graphs are used (the check passes) and the bf16 loss curve follows the eager one."""
-    from trainer.loop import train
+    from trainer.training.loop import train
 
     train(make_cfg(*FAST_COMMON, "train.steps=6", 'train.fast="off"'), tmp_path / "eager")
     train(make_cfg(*FAST_COMMON, "train.steps=6", 'train.fast="auto"'), tmp_path / "fast")

@@ -1,4 +1,4 @@
-"""The style suite's looks and statistics (trainer/demo_styles.py) and the report's verdict (trainer/style_verdict.py)
+"""The style suite's looks and statistics (trainer/report/demo_styles.py) and the report's verdict (trainer/report/verdict.py)
 on drawn images, no model: the verdict must follow the pixels, not the colours of the content."""
 
 import random
@@ -6,8 +6,10 @@ import random
 import numpy as np
 import pytest
 
-from trainer import demo_data, demo_styles
-from trainer.style_verdict import style_verdict
+from trainer.report import demo_data
+
+from trainer.report import demo_styles
+from trainer.report.verdict import style_verdict
 
 
 def _drawn(n: int, seed: int, look=None):

@@ -2,7 +2,7 @@
 
 import pytest
 
-import trainer.loop as loop
+import trainer.training.loop as loop
 from trainer.events import read_events
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

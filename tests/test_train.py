@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-import trainer.loop as loop
+import trainer.training.loop as loop
 from trainer.events import STOP_FILE, read_events
 
 

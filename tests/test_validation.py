@@ -5,7 +5,7 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-import trainer.loop as loop
+import trainer.training.loop as loop
 from app.loss_view import last_validation, loss_rows
 from tests.conftest import TINY_STYLE
 from trainer.config import ConfigError

@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import trainer.loop as loop
-from trainer.model import ModelError
-from trainer.variants import lora_layers
+import trainer.training.loop as loop
+from trainer.families.loading import ModelError
+from trainer.adapters.variants import lora_layers
 
 VARIANT_SETTINGS = {
     "lora": ["lora.alpha=2.0"],

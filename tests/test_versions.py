@@ -84,9 +84,9 @@ def test_cli_and_app_stop_in_one_line_on_transformers_5_24_with_peft_0_21(comman
 def test_peft_refusal_is_passed_on_not_called_a_target_mismatch(make_cfg, tmp_path, monkeypatch):
     """When peft/transformers refuse to attach LoRA for another reason than the targets (here what transformers
     5.24 says with peft 0.21), the user reads their reason, not 'no module matching'."""
-    import trainer.variants as variants
-    from trainer.loop import train
-    from trainer.model import ModelError
+    import trainer.adapters.variants as variants
+    from trainer.training.loop import train
+    from trainer.families.loading import ModelError
 
     said = "The version of PEFT you are using is not compatible, please use a version >= 0.22.0"
     real = variants.add_adapter

@@ -18,7 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from trainer import caption_cli
+from trainer.data import caption_cli
 from trainer.config import Config, ConfigError, load_config
 from trainer.io import describe_os_error
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p_tiny.add_argument("folder")
     p_tiny.add_argument("--kind", choices=["sd1", "sd2", "sdxl"], default="sd1")
     p_prev = sub.add_parser("preview", help="preview worker: one base in memory, adapters switched by JSON-lines "
-                            "requests on stdin (see trainer/preview.py)")
+                            "requests on stdin (see trainer/preview/previewer.py)")
     p_prev.add_argument("--base", required=True, help="base model: diffusers folder, hub id, .safetensors, builtin:...")
     p_prev.add_argument("--single-file-config", help="for a single-file base: a diffusers folder of its architecture")
     p_prev.add_argument("--device", help="default: cuda if available, else cpu")
@@ -139,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "caption":
             return caption_cli.run(args)
         if args.command == "build-tiny":
-            from trainer.tiny import build_tiny_sd15
-            from trainer.tiny_xl import build_tiny_sd2, build_tiny_sdxl
+            from trainer.families.tiny import build_tiny_sd15
+            from trainer.families.tiny_xl import build_tiny_sd2, build_tiny_sdxl
 
             build = {"sd1": build_tiny_sd15, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl}[args.kind]
             print(build(args.folder))
             return 0
         if args.command == "preview":
-            from trainer.preview_worker import serve
+            from trainer.preview.worker import serve
 
             return serve(args.base, single_file_config=args.single_file_config, device=args.device, dtype=args.dtype,
                          max_adapters=args.max_adapters, hotswap=args.hotswap, compile=args.compile,
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             check_output_dir(cfg, args.run_dir)  # every setting is checked before any model loads
             run_dir = Path(args.run_dir) if args.run_dir else _agree_on_run_dir(cfg)
-        from trainer.loop import train
+        from trainer.training.loop import train
 
         if _is_main_process():
             print(f"run folder: {run_dir}")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if _is_main_process():
             print(f"adapter: {final.with_name(final.name.replace('.diffusers', ''))}  (A1111/Forge/ComfyUI)")
             print(f"adapter: {final}  (diffusers)")
-            from trainer.report import run_report
+            from trainer.report.style_report import run_report
 
             run_report(cfg, run_dir)  # never raises: a failed report is a report_failed event, the run stands
         return 0

@@ -18,7 +18,7 @@ STOP_FILE = "stop"  # the UI creates RUN/stop to ask the trainer to save and end
 
 # The event kinds ("type") of RUN/events.jsonl: written by the trainer, read by app/jobs.py, app/ui.py and the report.
 START = "start"  # the run's size, device, variant, fast path (first event after the dataset's)
-DATASET = "dataset"  # the dataset summary (trainer/dataset_summary.py)
+DATASET = "dataset"  # the dataset summary (trainer/data/summary.py)
 PROBLEM = "problem"  # a file skipped or warned about, with the reason
 RESUMED = "resumed"  # continued from a checkpoint (or started over: none yet)
 FAST_PATH = "fast_path"  # the compiled path's gradient check and whether it is used
@@ -29,7 +29,7 @@ SAMPLES = "samples"  # sample images were written
 WARNING = "warning"  # an optional step failed; the run goes on
 DONE, STOPPED, FAILED = "done", "stopped", "failed"  # how the training ended (the last of these wins)
 REPORT_STARTED, REPORT, REPORT_FAILED = "report_started", "report", "report_failed"  # the style report after DONE
-VALIDATION_SET, VALIDATION, BEST = "validation_set", "validation", "best"  # held-out loss (trainer/validation.py)
+VALIDATION_SET, VALIDATION, BEST = "validation_set", "validation", "best"  # held-out loss (trainer/training/validation.py)
 ENDS = (DONE, STOPPED, FAILED)
 REPORT_ENDS = (REPORT, REPORT_FAILED)
 
@@ -45,7 +45,7 @@ _last_write: dict[Path, float] = {}
 class EventLog:
     def __init__(self, path: Path | None):
         self.path = Path(path) if path else None
-        self.listeners: list = []  # fn(kind, fields) called for every event written (e.g. trainer.tracking)
+        self.listeners: list = []  # fn(kind, fields) called for every event written (e.g. trainer.training.tracking)
 
     def emit(self, kind: str, buffered: bool = False, **fields: Any) -> None:
         """Append one event. `buffered`: a frequent event (a training step) that may wait up to FLUSH_SECONDS

@@ -27,7 +27,7 @@ def pipe_parts(pipe) -> dict[str, torch.nn.Module]:
 
 
 def pipe_kind(pipe) -> str:
-    from trainer.arch import kind_from_configs
+    from trainer.families import kind_from_configs
 
     return kind_from_configs(pipe.unet.config, True, getattr(pipe, "text_encoder_2", None) is not None)
 

@@ -67,8 +67,8 @@ def truncated_lora(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
 
 def effective_delta(f) -> torch.Tensor:
-    """W' − W of one layer's trainer.variants.Factors: the LoRA ΔW, or for DoRA the whole re-normalised change."""
-    from trainer.variants import delta_weight
+    """W' − W of one layer's trainer.adapters.variants.Factors: the LoRA ΔW, or for DoRA the whole re-normalised change."""
+    from trainer.adapters.variants import delta_weight
 
     if f.magnitude is None:
         return delta_weight(f, (f.up.shape[0], *f.down.shape[1:])).float().cpu()

@@ -47,7 +47,7 @@ def _file_key(prefix: str, module: str) -> str:
 
 
 def factors_layout(factors: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """A plain-LoRA diffusers layout from per-module factors (any variant, see trainer.variants.lora_factors).
+    """A plain-LoRA diffusers layout from per-module factors (any variant, see trainer.adapters.variants.lora_factors).
 
     Ranks and alphas may differ per module (AdaLoRA, Delta-LoRA's rank 2r): they go to peft's rank_pattern and
     alpha_pattern with alpha = scale·rank, so diffusers applies exactly scale·up·down.
@@ -83,7 +83,7 @@ def save_diffusers_lora(path: Path, modules: dict[str, torch.nn.Module], metadat
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
     if convert:
-        from trainer.variants import lora_factors
+        from trainer.adapters.variants import lora_factors
 
         tensors, adapter_metadata = factors_layout(lora_factors(modules, delta))
     else:
@@ -102,7 +102,7 @@ def training_metadata(cfg, base_kind: str, step: int, num_images: int, started_a
     """The training facts every adapter file carries (kohya-style ss_* names; all values strings)."""
     import time
 
-    from trainer.arch import KOHYA_VERSION
+    from trainer.families import KOHYA_VERSION
     from trainer.config import to_toml
 
     return {
@@ -131,7 +131,7 @@ def save_plain_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: d
     from trainer.lora_files.dora import PLAIN_KEY, plain_lora_tensors
     from trainer.lora_files.kohya import write_kohya
     from trainer.lora_files.kohya_names import unet_layout
-    from trainer.variants import lora_factors
+    from trainer.adapters.variants import lora_factors
 
     modules = {p: m for p, m in modules.items() if m is not None and getattr(m, "peft_config", None)}
     layout = unet_layout(modules["unet"].config) if kind == "sdxl" and "unet" in modules else None
@@ -153,8 +153,8 @@ def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta:
     kohya_meta = kohya_metadata(meta, rank=cfg.lora.rank, alpha=cfg.lora.alpha, trigger=cfg.data.trigger,
                                 tag_frequency=tag_frequency, base_kind=base_kind, cover_png=cover_png,
                                 rslora=cfg.lora.rslora)
-    if cfg.lora.variant in ("loha", "lokr"):  # LyCORIS keys, what A1111/Forge and ComfyUI read (trainer/lycoris.py)
-        from trainer.lycoris import save_lycoris_kohya
+    if cfg.lora.variant in ("loha", "lokr"):  # LyCORIS keys, what A1111/Forge and ComfyUI read (trainer/adapters/lycoris.py)
+        from trainer.adapters.lycoris import save_lycoris_kohya
 
         kohya = save_lycoris_kohya(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, cfg.lora, base_kind)
     else:

@@ -100,10 +100,10 @@ def kohya_state_dict(modules: dict[str, torch.nn.Module], delta=None, kind: str 
     """The kohya tensors of the 'default' adapter of each module ({"unet": ..., "text_encoder"(_2): ...}) of a
     `kind` base (sd1 | sd2 | sdxl: key names differ, see trainer.lora_files.kohya_names).
 
-    Any variant: trainer.variants.lora_factors gives the exact plain-LoRA factors (VeRA, AdaLoRA, Delta-LoRA
+    Any variant: trainer.adapters.variants.lora_factors gives the exact plain-LoRA factors (VeRA, AdaLoRA, Delta-LoRA
     via `delta`), written at one rank with alpha = rank (uniform_module), so every loader applies the trained ΔW.
     """
-    from trainer.variants import lora_factors, lora_layers
+    from trainer.adapters.variants import lora_factors, lora_layers
 
     modules = {p: m for p, m in modules.items() if m is not None and getattr(m, "peft_config", None)}
     for part, module in modules.items():
@@ -334,7 +334,7 @@ def _base_parts(model) -> dict[str, torch.nn.Module] | None:
     if model is None or isinstance(model, dict):
         return model
     from trainer.config import ModelConfig
-    from trainer.model import load_base
+    from trainer.families.loading import load_base
 
     base = load_base(ModelConfig(path=str(model)))
     return {"unet": base.unet, **base.text_encoders()}

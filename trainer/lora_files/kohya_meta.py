@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from trainer.arch import KOHYA_VERSION, modelspec_architecture
+from trainer.families import KOHYA_VERSION, modelspec_architecture
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer import data as ds
-from trainer.images import load_image
-from trainer.conditioning import encode_text, sdxl_time_ids, unet_kwargs
-from trainer.masks import batch_masks
-from trainer.variants import adalora_orth_loss
+from trainer.data import dataset as ds
+from trainer.data.images import load_image
+from trainer.families.conditioning import encode_text, sdxl_time_ids, unet_kwargs
+from trainer.data.masks import batch_masks
+from trainer.adapters.variants import adalora_orth_loss
 
 TEST_OOM_AT = int(os.environ.get("STYLE_LORA_TEST_OOM_AT_STEP", "-1"))  # test-only: simulate an OOM at micro-batch k
 

@@ -1,6 +1,6 @@
-"""The training loop, top to bottom: `train` -> `_train` = prepare (trainer/run.py) -> `fit` (the steps) -> `finish`.
+"""The training loop, top to bottom: `train` -> `_train` = prepare (trainer/training/run.py) -> `fit` (the steps) -> `finish`.
 
-A micro-batch and its loss are trainer/batch.py's; every random choice of micro-batch k is seeded by (seed, k), so a
+A micro-batch and its loss are trainer/training/batch.py's; every random choice of micro-batch k is seeded by (seed, k), so a
 run resumed at step s draws exactly what the uninterrupted run drew from step s on.
 Data-parallel: process p of P takes micro-batch k = (step*accum + a)*P + p.
 """
@@ -14,22 +14,22 @@ from pathlib import Path
 
 import torch
 
-from trainer import fast_path
-from trainer import data as ds
-from trainer.batch import diffusion_loss, make_batch
-from trainer.checkpoint import prune_checkpoints, save_checkpoint
+from trainer.training import fast_path
+from trainer.data import dataset as ds
+from trainer.training.batch import diffusion_loss, make_batch
+from trainer.training.checkpoint import prune_checkpoints, save_checkpoint
 from trainer.config import Config, LoraConfig
 from trainer.events import ADAPTER, CHECKPOINT, DONE, FAILED, FAST_PATH, SAMPLES, START, STEP, STOP_FILE, STOPPED, \
     WARNING, EventLog
 from trainer.lora_files.export import save_adapters, training_metadata
-from trainer.ema import ema_state, ema_weights, update_ema
+from trainer.training.ema import ema_state, ema_weights, update_ema
 from trainer.io import describe_os_error
-from trainer.model import check_qlora_available, load_base
-from trainer.optimizers import check_optimizer_available
-from trainer.run import Run, attach_models, fill_caches, offload, onload, open_run, resume
-from trainer.sampling import render_samples
-from trainer.validation import validation_state, validation_due
-from trainer.variants import adalora_state, measure_layer_importance, needs_conversion, run_loradrop
+from trainer.families.loading import check_qlora_available, load_base
+from trainer.training.optimizers import check_optimizer_available
+from trainer.training.run import Run, attach_models, fill_caches, offload, onload, open_run, resume
+from trainer.training.sampling import render_samples
+from trainer.training.validation import validation_state, validation_due
+from trainer.adapters.variants import adalora_state, measure_layer_importance, needs_conversion, run_loradrop
 
 
 class OutOfMemory(RuntimeError):
@@ -49,7 +49,7 @@ def oom_hint(cfg: Config) -> str:
 def train(cfg: Config, run_dir: Path, base=None) -> Path:
     """Train the LoRA described by `cfg` into `run_dir`; returns the final adapter path. Any failure is also
     recorded as a `failed` event (message + hint), so the UI shows why without parsing the log.
-    `base`: an already loaded trainer.model.Base to train on instead of loading cfg.model (benchmarks)."""
+    `base`: an already loaded trainer.families.loading.Base to train on instead of loading cfg.model (benchmarks)."""
     def failed(**fields) -> None:  # only into an existing run folder (e.g. QLoRA refused on CPU has no run yet)
         if os.environ.get("RANK", "0") == "0" and Path(run_dir).is_dir():
             try:
@@ -118,7 +118,7 @@ def prepare(cfg: Config, run_dir: Path, lora: LoraConfig, base, fast: bool, prob
 
 
 def enable_fast_path(run: Run) -> None:
-    """Compile the trained models and check one micro-batch against the eager path (trainer/fast_path.py)."""
+    """Compile the trained models and check one micro-batch against the eager path (trainer/training/fast_path.py)."""
     first_k = run.start_step * run.micro_per_step + run.accelerator.process_index
     run.models, check = fast_path.enable(
         run.models, set(run.trained), run.params, run.device,

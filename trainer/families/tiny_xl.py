@@ -1,6 +1,6 @@
-"""Tiny random-weight SDXL and SD2 (v-prediction) pipelines, built in-process like trainer.tiny's SD1.5 one.
+"""Tiny random-weight SDXL and SD2 (v-prediction) pipelines, built in-process like trainer.families.tiny's SD1.5 one.
 
-Same classes, configs keys and folder layout as the real bases, so detection (trainer.arch), training, export and
+Same classes, configs keys and folder layout as the real bases, so detection (trainer.families), training, export and
 preview run the real code paths: SDXL's UNet has `addition_embed_type="text_time"` with pooled text + 6 time ids,
 two CLIP text encoders (the second with a projection, whose pooled output conditions the UNet), hidden states of
 both concatenated; SD2's UNet uses linear projections and its scheduler predicts v. Weights are random: samples
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.tiny import save_pipeline, write_tiny_tokenizer
+from trainer.families.tiny import save_pipeline, write_tiny_tokenizer
 
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                  max_position_embeddings=77)

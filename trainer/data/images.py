@@ -76,7 +76,7 @@ def crop_box(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int, 
 def load_image(path: Path, bucket: tuple[int, int], flip: bool = False) -> "torch.Tensor":
     """Float32 [3, h, w] in [-1, 1]: resized to cover the bucket, center-cropped to it exactly."""
     import numpy as np
-    import torch  # lazy: `from trainer.data import scan_dataset` (the web UI) must not import torch
+    import torch  # lazy: `from trainer.data.dataset import scan_dataset` (the web UI) must not import torch
 
     bw, bh = bucket
     with Image.open(path) as img:

@@ -7,7 +7,7 @@
   `max_adapters` are deleted least-recently-used first.
 - hot-swap (`hotswap=True`; implied by `compile=True`, CUDA only): the UNet has ONE LoRA slot prepared with
   `enable_lora_hotswap(target_rank=max_rank)` before the first load (and before torch.compile). Switching copies the
-  chosen adapter's UNet tensors into that slot in place, so a compiled UNet is never recompiled (trainer.hotswap).
+  chosen adapter's UNet tensors into that slot in place, so a compiled UNet is never recompiled (trainer.preview.hotswap).
   Text-encoder parts (diffusers cannot hot-swap those) are loaded under their own names and activated with
   set_adapters on the text encoder, which is never compiled.
 
@@ -16,8 +16,8 @@ in memory by trainer.lora_files.kohya against the loaded base, so every module k
 loader loses per-module alphas). Every key must name a Linear/Conv2d of the base with fitting shapes, else
 `AdapterError` names the file and the first bad key.
 
-SD1.x, SD2.x and SDXL bases (trainer.arch detects which); SDXL adapters may carry parts for both text encoders.
-`python -m trainer preview --base MODEL` runs trainer.preview_worker.serve: a JSON-lines worker on stdin/stdout
+SD1.x, SD2.x and SDXL bases (trainer.families detects which); SDXL adapters may carry parts for both text encoders.
+`python -m trainer preview --base MODEL` runs trainer.preview.worker.serve: a JSON-lines worker on stdin/stdout
 (app/preview.py talks to it), so the web server never imports torch and a crash or OOM ends only the worker.
 """
 
@@ -33,8 +33,8 @@ import torch
 
 from trainer.config import ModelConfig
 from trainer.lora_files.adapter_files import AdapterError, module_table, pipe_kind, pipe_parts, read_adapter
-from trainer.hotswap import HotSwapSlot
-from trainer.render import draw
+from trainer.preview.hotswap import HotSwapSlot
+from trainer.preview.render import draw
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Previewer:
     def __init__(self, base: str, *, single_file_config: str | None = None, device: str | None = None,
                  dtype: str | None = None, max_adapters: int = 8, hotswap: bool = False, compile: bool = False,
                  max_rank: int = 64, pipeline=None):
-        from trainer.model import load_base
+        from trainer.families.loading import load_base
 
         t0 = time.perf_counter()
         self.base_path = base
@@ -88,7 +88,7 @@ class Previewer:
         self.active: dict[str, float] = {}
         self.released = False
         self._counter = 0
-        # hot-swap mode: the UNet's one slot (trainer/hotswap.py); None in multi-adapter mode
+        # hot-swap mode: the UNet's one slot (trainer/preview/hotswap.py); None in multi-adapter mode
         self.slot = HotSwapSlot(self.pipe, max_rank, compile, self._load_unet_part) if self.hotswap else None
         self.load_ms = _ms(t0)
 

@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from trainer.data import IMAGE_EXTENSIONS, _list_files, _read_caption, split_tags
+from trainer.data.dataset import IMAGE_EXTENSIONS, _list_files, _read_caption, split_tags
 from trainer.io import atomic_path, atomic_write_text
 
 UNDO_FILE = ".caption-undo.json"  # hidden: the dataset scan, uploads and run zips skip dot files

@@ -30,7 +30,7 @@ class Base:
     noise_scheduler: Any  # DDPMScheduler with the base's beta schedule, used for training
     sample_scheduler: Any  # the base's own inference scheduler, for sample images
     prediction_type: str
-    kind: str  # "sd1" | "sd2" | "sdxl", detected from the loaded model (trainer.arch)
+    kind: str  # "sd1" | "sd2" | "sdxl", detected from the loaded model (trainer.families)
     source: str
     text_encoder_2: Any = None  # SDXL's second (OpenCLIP bigG, with projection) text encoder
     tokenizer_2: Any = None
@@ -68,7 +68,7 @@ def _load_quantized_unet(kind: str, where: str, cfg: ModelConfig, bits: int):
 def resolve_source(path: str) -> tuple[str, str]:
     """Classify model.path: ('folder'|'file'|'hub', resolved path or id). Raises ModelError with a clear reason."""
     if path.startswith("builtin:"):
-        from trainer.tiny import builtin_model_path
+        from trainer.families.tiny import builtin_model_path
 
         try:
             return "folder", str(builtin_model_path(path.removeprefix("builtin:")))
@@ -112,7 +112,7 @@ def _pipeline_class(kind: str, where: str, cfg: ModelConfig):
     if kind == "file":
         from safetensors import safe_open
 
-        from trainer.arch import kind_from_checkpoint_keys
+        from trainer.families import kind_from_checkpoint_keys
 
         with safe_open(where, framework="pt") as f:
             xl = kind_from_checkpoint_keys(f.keys()) == "sdxl"
@@ -127,7 +127,7 @@ def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
     """Load the base pipeline in fp32 on CPU (the trainer moves and casts it); QLoRA: UNet quantized on CUDA."""
     from diffusers import DDPMScheduler
 
-    from trainer.arch import kind_from_configs
+    from trainer.families import kind_from_configs
 
     kind, where = resolve_source(cfg.path)
     common = dict(dtype=torch.float32)
@@ -185,7 +185,7 @@ def attach_lora(base: Base, cfg: LoraConfig, total_steps: int = 1000) -> dict[st
 
     Returns the peft tuners of variants that need per-step calls (AdaLoRA), keyed "unet"/"text_encoder"(_2).
     """
-    from trainer.variants import add_adapter, peft_config
+    from trainer.adapters.variants import add_adapter, peft_config
 
     for module in (base.unet, base.vae, *base.text_encoders().values()):
         module.requires_grad_(False)
@@ -198,7 +198,7 @@ def attach_lora(base: Base, cfg: LoraConfig, total_steps: int = 1000) -> dict[st
             continue
         config = peft_config(cfg, targets, total_steps)
         if name == "unet" and cfg.conv_rank:
-            from trainer.lycoris import add_locon
+            from trainer.adapters.lycoris import add_locon
 
             config = add_locon(config, module, cfg)
         try:

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.preview import AdapterError, Previewer
+from trainer.preview.previewer import AdapterError, Previewer
 
 
 def _handle(pv: Previewer, req: dict) -> dict:

@@ -3,7 +3,7 @@ Florence-2, VisionEncoderDecoder such as ViT-GPT2), or booru tags from a WD14-st
 
 Models load from a local folder or a hub id, as safetensors or ONNX only: pickled weights (.bin, .pt, .ckpt) can
 run code when loaded and are refused, and so is hub code (no trust_remote_code). Captions are written beside
-each image as .txt, atomically, through trainer/caption_edit.py (so the command can be undone); an existing
+each image as .txt, atomically, through trainer/data/caption_edit.py (so the command can be undone); an existing
 caption is kept unless `overwrite`. Images that cannot be decoded are named and skipped.
 
 transformers 5 removed pipeline("image-to-text") (it now maps to "image-text-to-text", which needs a chat
@@ -21,8 +21,8 @@ from typing import Callable
 
 from PIL import Image, ImageOps
 
-from trainer.caption_edit import caption_file, list_images, strip_words, write_captions
-from trainer.images import to_rgb
+from trainer.data.caption_edit import caption_file, list_images, strip_words, write_captions
+from trainer.data.images import to_rgb
 
 SENTENCE, TAGS = "sentence", "tags"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from trainer import demo_data
+from trainer.report import demo_data
 from trainer.config import Config
 from trainer.io import atomic_path, atomic_write_text
-from trainer.style_verdict import style_verdict
+from trainer.report.verdict import style_verdict
 
 SCALES = (0.0, 0.5, 1.0)  # 0.0 = the base alone (LoRA disabled)
 GENERIC_PROMPTS = ["{trigger}, a lighthouse on a cliff", "{trigger}, portrait of an old fisherman",
@@ -138,8 +138,8 @@ def render(cfg: Config, adapter: Path, prompts: list[str], device: torch.device,
     """{scale: images in (prompt, seed) order} for the base (0.0) and the LoRA at each other scale; the base's
     images of `ref_prompts` (the training captions, seed = their index): what the base draws without the style;
     and `train_images` through the base's VAE: what of them the base can draw at all."""
-    from trainer.model import load_base
-    from trainer.render import draw, sample_settings
+    from trainer.families.loading import load_base
+    from trainer.preview.render import draw, sample_settings
 
     pipe = load_base(cfg.model).pipeline()  # SD1/SD2/SDXL pipeline of the base's family
     pipe.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -259,8 +259,8 @@ def embed_summary(adapter: Path, summary: dict) -> None:
 
 def write_report(cfg: Config, run_dir: Path) -> dict:
     """Render, measure, and write RUN/report.json, RUN/report.png and the summary in both adapter files."""
-    from trainer import data as ds
-    from trainer.model import resolve_source
+    from trainer.data import dataset as ds
+    from trainer.families.loading import resolve_source
 
     started = time.time()
     run_dir = Path(run_dir)

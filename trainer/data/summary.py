@@ -7,13 +7,13 @@ import math
 from collections import Counter
 
 from trainer.config import Config
-from trainer.data import Item, Problem, epoch_batches
+from trainer.data.dataset import Item, Problem, epoch_batches
 
 LISTED_FILES = 5  # names shown for missing/empty captions before "... and N more"
 
 
 def summarize(items: list[Item], problems: list[Problem], cfg: Config, processes: int = 1) -> dict:
-    """Plain numbers about a scanned dataset (`trainer.data.scan_dataset`) under `cfg`'s batch settings."""
+    """Plain numbers about a scanned dataset (`trainer.data.dataset.scan_dataset`) under `cfg`'s batch settings."""
     concepts: dict[str, dict] = {}
     for item in items:
         c = concepts.setdefault(item.folder, {"images": 0, "seen_per_epoch": 0, "reg": item.is_reg,

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from trainer.config import Config
-from trainer.data import IMAGE_EXTENSIONS
-from trainer.images import crop_box
+from trainer.data.dataset import IMAGE_EXTENSIONS
+from trainer.data.images import crop_box
 from trainer.events import WARNING
 
 MASK_SUFFIX = ".mask"
@@ -37,7 +37,7 @@ def _has_alpha(img: Image.Image) -> bool:
 
 
 def load_mask(image: Path, size: tuple[int, int], bucket: tuple[int, int], flip: bool) -> torch.Tensor | None:
-    """Float32 [h, w] in [0, 1] at the bucket size, cropped and flipped like trainer.images.load_image; None without one."""
+    """Float32 [h, w] in [0, 1] at the bucket size, cropped and flipped like trainer.data.images.load_image; None without one."""
     import numpy as np
 
     sidecar = mask_path(image)

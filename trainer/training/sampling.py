@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config
-from trainer.render import draw, sample_settings
+from trainer.preview.render import draw, sample_settings
 
 
 def sample_prompts(cfg: Config) -> list[str]:

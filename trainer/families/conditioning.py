@@ -40,8 +40,8 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
 
 def sdxl_time_ids(size: tuple[int, int], bucket: tuple[int, int], flip: bool) -> torch.Tensor:
     """SDXL's 6 size/crop conditions of an image of `size` (w, h) resized and center-cropped to `bucket` (w, h)
-    as trainer.images.load_image does it; a flipped image's crop is measured from the other side, like kohya."""
-    from trainer.images import crop_box
+    as trainer.data.images.load_image does it; a flipped image's crop is measured from the other side, like kohya."""
+    from trainer.data.images import crop_box
 
     (w, h), (bw, bh) = size, bucket
     left, top, resized_w, _ = crop_box(size, bucket)

@@ -179,7 +179,7 @@ def _lora_params(shapes: dict[str, list[int]], targets: list[str], rank: int) ->
 
 def estimate_lora_params(cfg) -> int | None:
     """Adapter parameter count from the base's weight headers; None when the base is not a local file/folder."""
-    from trainer.model import resolve_source
+    from trainer.families.loading import resolve_source
 
     lc = cfg.lora
     try:

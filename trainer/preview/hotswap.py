@@ -3,7 +3,7 @@ never recompiled (diffusers' `enable_lora_hotswap` + `load_lora_weights(..., hot
 
 Strength and mixing are folded into the tensors: a mix is the adapters' factors concatenated along the rank, each
 B scaled by weight·alpha/r, zero-padded to the slot's rank; the slot's own scale is 1. The base image is the slot
-with B zeroed. Text-encoder parts never go here (diffusers cannot hot-swap them): trainer.preview loads those under
+with B zeroed. Text-encoder parts never go here (diffusers cannot hot-swap them): trainer.preview.previewer loads those under
 their own names.
 """
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer import data as ds
-from trainer.images import load_image
+from trainer.data import dataset as ds
+from trainer.data.images import load_image
 from trainer.config import Config
-from trainer.batch import encode_latent_dist
+from trainer.training.batch import encode_latent_dist
 from trainer.events import BEST, PROBLEM, VALIDATION, VALIDATION_SET
 
 BEST_LOSS, BEST_STEP = "validation.best_loss", "validation.best_step"
@@ -61,7 +61,7 @@ class Validator:
     """Fixed latents, noise, timesteps and text conditions of the held-out images; `loss()` runs the model on them."""
 
     def __init__(self, cfg: Config, base, items: list, device, weight_dtype, trains_text: bool):
-        from trainer.conditioning import encode_text, sdxl_time_ids
+        from trainer.families.conditioning import encode_text, sdxl_time_ids
 
         self.cfg, self.base, self.device, self.weight_dtype = cfg, base, device, weight_dtype
         self.trains_text = trains_text
@@ -88,7 +88,7 @@ class Validator:
 
     @torch.no_grad()
     def loss(self, unet, text_encoders: dict) -> float:
-        from trainer.conditioning import encode_text, unet_kwargs
+        from trainer.families.conditioning import encode_text, unet_kwargs
 
         modes = {m: m.training for m in (unet, *text_encoders.values())}
         for m in modes:
@@ -114,7 +114,7 @@ class Validator:
     def run(self, step: int, unet, text_encoders: dict, events, ema, save_best) -> float:
         """The `validation` event of this step (EMA weights with train.ema); with train.keep_best, `save_best()` on a
         new lowest loss (it applies the EMA weights itself)."""
-        from trainer.ema import ema_weights
+        from trainer.training.ema import ema_weights
 
         with ema_weights(ema):
             value = self.loss(unet, text_encoders)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from PIL import Image, features
 
-from trainer.concepts import ConceptError, concept_for, load_concepts
+from trainer.data.concepts import ConceptError, concept_for, load_concepts
 from trainer.config import MAX_REPEATS, DataConfig
-from trainer.images import choose_bucket
+from trainer.data.images import choose_bucket
 
 # Compared lowercase. GIF and animated WebP train on their first frame (with a warning); AVIF where Pillow reads it.
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"} | ({".avif"} if features.check("avif") else set())
@@ -175,7 +175,7 @@ def _scan_folder(cfg: DataConfig, setting: str, folder: str, reg: bool = False) 
     except ConceptError as err:
         raise DatasetError(f"{setting}: {err}") from None
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    # `name.mask.png` beside `name.png` is that image's loss mask (trainer/masks.py, data.masked_loss), not an image
+    # `name.mask.png` beside `name.png` is that image's loss mask (trainer/data/masks.py, data.masked_loss), not an image
     stems = {p.with_suffix("") for p in images}
     images = [p for p in images if not (p.stem.endswith(".mask") and p.parent / p.stem[: -len(".mask")] in stems)]
     image_stems = {p.with_suffix("") for p in images}

@@ -143,9 +143,9 @@ def _low_rank(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def lycoris_factors(layer):
-    """The layer's exact ΔW as plain-LoRA trainer.variants.Factors (scale 1): the closed form, or the full-rank SVD
+    """The layer's exact ΔW as plain-LoRA trainer.adapters.variants.Factors (scale 1): the closed form, or the full-rank SVD
     when that is smaller. Used for the diffusers file and anything else that needs a plain LoRA."""
-    from trainer.variants import Factors
+    from trainer.adapters.variants import Factors
 
     delta, up, down = _low_rank(layer)
     if up.shape[1] >= min(delta.shape[0], delta[0].numel()):  # full rank: the SVD (float64) is exact and no larger
@@ -172,7 +172,7 @@ def lycoris_module_tensors(layer) -> dict[str, torch.Tensor]:
 
 def lycoris_state_dict(modules: dict[str, torch.nn.Module], kind: str = "sd1") -> dict[str, torch.Tensor]:
     from trainer.lora_files.kohya_names import kohya_name, unet_layout
-    from trainer.variants import lora_layers
+    from trainer.adapters.variants import lora_layers
 
     layout = unet_layout(modules["unet"].config) if kind == "sdxl" and "unet" in modules else None
     tensors: dict[str, torch.Tensor] = {}

@@ -33,7 +33,7 @@ def peft_config(cfg: LoraConfig, targets: list[str], total_steps: int):
         return VeraConfig(r=cfg.vera_rank, target_modules=targets, vera_dropout=cfg.dropout,
                           d_initial=cfg.vera_d_initial, save_projection=True)
     if cfg.variant in ("loha", "lokr"):
-        from trainer.lycoris import lycoris_config
+        from trainer.adapters.lycoris import lycoris_config
 
         return lycoris_config(cfg, targets)
     if cfg.variant == "adalora":
@@ -176,9 +176,9 @@ def _factors_of(layer, delta: DeltaLora | None, name: str) -> Factors:
     from peft.tuners.adalora.layer import AdaLoraLayer
     from peft.tuners.vera.layer import VeraLayer
 
-    from trainer.lycoris import is_lycoris, lycoris_factors
+    from trainer.adapters.lycoris import is_lycoris, lycoris_factors
 
-    if is_lycoris(layer):  # LoHa / LoKr: their exact ΔW in closed low-rank form (trainer/lycoris.py)
+    if is_lycoris(layer):  # LoHa / LoKr: their exact ΔW in closed low-rank form (trainer/adapters/lycoris.py)
         return lycoris_factors(layer)
     if isinstance(layer, VeraLayer):  # ΔW = diag(b)·B·diag(d)·A
         a = layer.vera_A[ADAPTER][:, : layer.in_features].float()

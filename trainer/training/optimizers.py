@@ -1,6 +1,6 @@
 """The optimizers of `train.optimizer`, each from the library made for it.
 
-- adamw: torch's AdamW (fused on CUDA); LoRA+ / LoRA-FA through peft's factories (trainer.variants.make_optimizer).
+- adamw: torch's AdamW (fused on CUDA); LoRA+ / LoRA-FA through peft's factories (trainer.adapters.variants.make_optimizer).
 - adamw8bit: bitsandbytes' AdamW8bit (CUDA only: refused before anything loads, `check_optimizer_available`).
 - prodigy: prodigyopt's Prodigy, learning-rate free (the lr multiplies its estimate: 1.0), decoupled weight decay
   and bias correction as the community style-LoRA recipes use it; warmup protected by safeguard_warmup.
@@ -8,7 +8,7 @@
   rate, as kohya's presets use it.
 - lion: lion-pytorch's Lion (sign updates; use a 3-10x lower learning rate than AdamW).
 
-Every one keeps its state as tensors plus plain numbers, so trainer.checkpoint saves it without pickle and a resumed
+Every one keeps its state as tensors plus plain numbers, so trainer.training.checkpoint saves it without pickle and a resumed
 run continues bit-exactly (tests/test_optimizers.py).
 """
 
@@ -35,7 +35,7 @@ def check_optimizer_available(tc: TrainConfig) -> None:
 
 def build_optimizer(tc: TrainConfig, lora: LoraConfig, parts: list[tuple[torch.nn.Module, float]], fused: bool):
     """One optimizer over the adapter parameters of every (module, learning rate) part."""
-    from trainer.variants import make_optimizer
+    from trainer.adapters.variants import make_optimizer
 
     adamw = dict(betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay)
     if tc.optimizer == "adamw":

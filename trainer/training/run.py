@@ -1,4 +1,4 @@
-"""What one training run holds (`Run`) and the set-up steps that fill it, in the order trainer.loop calls them:
+"""What one training run holds (`Run`) and the set-up steps that fill it, in the order trainer.training.loop calls them:
 open_run (accelerator, run folder, dataset) -> attach_models (LoRA, optimizer, accelerate) -> resume -> fill_caches.
 """
 
@@ -13,22 +13,22 @@ from typing import Any
 
 import torch
 
-from trainer import data as ds
-from trainer.images import load_image
-from trainer.batch import encode_latent_dist
-from trainer.checkpoint import check_disk_space, resume_from
-from trainer.conditioning import encode_text
+from trainer.data import dataset as ds
+from trainer.data.images import load_image
+from trainer.training.batch import encode_latent_dist
+from trainer.training.checkpoint import check_disk_space, resume_from
+from trainer.families.conditioning import encode_text
 from trainer.config import Config, LoraConfig, save_config
-from trainer.dataset_summary import format_summary, summarize as summarize_dataset
+from trainer.data.summary import format_summary, summarize as summarize_dataset
 from trainer.events import DATASET, PROBLEM, RESUMED, STOP_FILE, EventLog
 from trainer.io import seal_jsonl
-from trainer.model import attach_lora, lora_parameters
-from trainer.ema import load_ema_state, make_ema
-from trainer.masks import make_masks
-from trainer.optimizers import build_optimizer
-from trainer.tracking import start_trackers, tracker_args
-from trainer.validation import load_validation_state, make_validator, split_validation
-from trainer.variants import DeltaLora, load_adalora_state
+from trainer.families.loading import attach_lora, lora_parameters
+from trainer.training.ema import load_ema_state, make_ema
+from trainer.data.masks import make_masks
+from trainer.training.optimizers import build_optimizer
+from trainer.training.tracking import start_trackers, tracker_args
+from trainer.training.validation import load_validation_state, make_validator, split_validation
+from trainer.adapters.variants import DeltaLora, load_adalora_state
 
 
 @dataclass
@@ -38,13 +38,13 @@ class Run:
     run_dir: Path
     accelerator: Any
     events: EventLog
-    items: list  # trainer.data.Item, style images then regularisation images
+    items: list  # trainer.data.dataset.Item, style images then regularisation images
     problems: list
     batches_per_epoch: int
     total_steps: int
     disk: dict  # check_disk_space's estimate (main process only)
     started_at: float
-    base: Any = None  # trainer.model.Base
+    base: Any = None  # trainer.families.loading.Base
     trained: dict = field(default_factory=dict)  # "unet"/"text_encoder"(_2) -> module with LoRA parameters
     wrapped: dict = field(default_factory=dict)  # the same, as accelerate prepared them (DDP on several GPUs)
     models: dict = field(default_factory=dict)  # what the loss calls: prepared (eager) or compiled modules
@@ -53,14 +53,14 @@ class Run:
     params: list = field(default_factory=list)
     tuners: dict = field(default_factory=dict)  # AdaLoRA's peft tuners, which need a call per step
     delta: DeltaLora | None = None
-    ema: Any = None  # EMA of the adapter weights (trainer/ema.py), None when train.ema is off
-    validator: Any = None  # the held-out validation loss (trainer/validation.py), None without held-out images
+    ema: Any = None  # EMA of the adapter weights (trainer/training/ema.py), None when train.ema is off
+    validator: Any = None  # the held-out validation loss (trainer/training/validation.py), None without held-out images
     validation_items: list = field(default_factory=list)
-    masks: Any = None  # data.masked_loss's per-image masks (trainer/masks.py), None when off
+    masks: Any = None  # data.masked_loss's per-image masks (trainer/data/masks.py), None when off
     latent_cache: dict = field(default_factory=dict)  # (item, flipped) -> (mean, std) of the VAE's latent
     text_cache: dict = field(default_factory=dict)  # item -> (hidden, pooled) when the text encoder is frozen
     idle: list = field(default_factory=list)  # frozen modules waiting on the CPU while their outputs are cached
-    epoch_order: dict = field(default_factory=dict)  # epoch -> its batches (trainer.batch.batch_indices)
+    epoch_order: dict = field(default_factory=dict)  # epoch -> its batches (trainer.training.batch.batch_indices)
     start_step: int = 0
     fast: bool = False
 
@@ -108,15 +108,15 @@ def open_run(cfg: Config, run_dir: Path, lora: LoraConfig) -> Run:
         seal_jsonl(run_dir / "events.jsonl")  # a line torn by kill -9 must not swallow this run's first event
         save_config(cfg, run_dir / "config.toml")
         (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
-        start_trackers(accelerator, cfg, events)  # TensorBoard follows the events (trainer/tracking.py)
+        start_trackers(accelerator, cfg, events)  # TensorBoard follows the events (trainer/training/tracking.py)
     items, problems = ds.scan_dataset(cfg.data)
     for problem in problems:
         events.emit(PROBLEM, path=str(problem.path), reason=problem.reason)
         if main:
             print(f"skipped/warning: {problem}")
-    items, validation_items = split_validation(items, cfg, events)  # held-out images (trainer/validation.py)
+    items, validation_items = split_validation(items, cfg, events)  # held-out images (trainer/training/validation.py)
     batches_per_epoch = len(ds.epoch_batches(items, tc.batch_size, tc.seed, 0))
-    if main:  # what is about to train, before minutes of loading (trainer/dataset_summary.py)
+    if main:  # what is about to train, before minutes of loading (trainer/data/summary.py)
         summary = summarize_dataset(items, problems, cfg, accelerator.num_processes)
         events.emit(DATASET, **summary)
         print(format_summary(summary, tc.steps, tc.epochs))
@@ -125,7 +125,7 @@ def open_run(cfg: Config, run_dir: Path, lora: LoraConfig) -> Run:
     disk = check_disk_space(cfg, run_dir, total_steps) if main else {}  # DiskSpaceError names both sizes
     run = Run(cfg, lora, run_dir, accelerator, events, items, problems, batches_per_epoch, total_steps, disk,
               started_at, validation_items=validation_items)
-    run.masks = make_masks(cfg, items, events)  # data.masked_loss (trainer/masks.py), None when off
+    run.masks = make_masks(cfg, items, events)  # data.masked_loss (trainer/data/masks.py), None when off
     return run
 
 

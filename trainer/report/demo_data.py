@@ -2,7 +2,7 @@
 
 One coloured shape (circle, square, triangle) at one position (left, right, top, bottom, center) on a plain
 background, captioned "a red circle on a blue background, left". Every word is a whole token of the tiny CLIP
-tokenizer (trainer/tiny.py _WORDS), so the text encoder sees one token per concept.
+tokenizer (trainer/families/tiny.py _WORDS), so the text encoder sees one token per concept.
 
 The demo *style* ("stripes") is what the base never saw while it learned to draw: the background painted in
 two wide diagonal stripes of its colour and a lighter (or, for white, darker) tint. Content colours, shape and

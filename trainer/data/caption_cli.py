@@ -18,7 +18,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from trainer import caption_edit as ce
+from trainer.data import caption_edit as ce
 
 
 def add_parser(sub) -> None:
@@ -84,12 +84,12 @@ def run(args) -> int:
                                                   *(label for label, _, _ in edits)])))
     code = 0
     if args.model:
-        from trainer.caption import load_captioner
+        from trainer.data.caption import load_captioner
 
         emit({"event": "loading", "message": f"loading {args.model}"})
         captioner, mode = load_captioner(args.model, args.mode, args.device, args.prompt, args.max_new_tokens,
                                          args.threshold, args.character_threshold)
-        from trainer.caption import caption_folder
+        from trainer.data.caption import caption_folder
 
         result = caption_folder(folder, captioner, undo, overwrite=args.overwrite,
                                 strip=[w for w in args.strip.split(",") if w.strip()], as_tags=mode == "tags",
@@ -110,7 +110,7 @@ def run(args) -> int:
     return code
 
 
-def main(argv: list[str]) -> int:  # for `python -m trainer.caption_cli` while debugging
+def main(argv: list[str]) -> int:  # for `python -m trainer.data.caption_cli` while debugging
     parser = argparse.ArgumentParser(prog="python -m trainer")
     add_parser(parser.add_subparsers(dest="command", required=True))
     return run(parser.parse_args(["caption", *argv]))
