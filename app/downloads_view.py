@@ -13,7 +13,7 @@ from trainer.io import read_safetensors_header
 # Header entries written by trainer/lora_files/dora.py (kept equal by a test; importing it would import torch).
 DORA_SCALE_KEY = "style_lora_dora_scale"
 PLAIN_KEY = "style_lora_plain"
-LYCORIS_KEY = "style_lora_lycoris"  # trainer/adapters/lycoris.py
+LYCORIS_KEY = "style_lora_lycoris"  # trainer/lora_files/lycoris.py
 STEP = re.compile(r"-step\d{6}\.(diffusers\.|plain\.)?safetensors$")
 
 

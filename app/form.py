@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from trainer import families as arch
+from trainer import families
 from trainer.config import PRESETS_DIR, Config, ConfigError, apply_override, list_presets, load_config, parse_override
 
 DEFAULT_PRESET = "demo-style"  # trains on BUILTIN_BASE: the whole flow works offline and shows a real result
@@ -230,7 +230,7 @@ def _single_file_kind(path) -> str:
     """The family of a single-file checkpoint from its tensor names (safetensors header only; no torch)."""
     from trainer.io import read_safetensors_header
 
-    return arch.kind_from_checkpoint_keys(read_safetensors_header(path))
+    return families.from_checkpoint_keys(read_safetensors_header(path)).NAME
 
 
 def describe_base(path: str | None) -> str:
@@ -240,21 +240,23 @@ def describe_base(path: str | None) -> str:
     path = (path or "").strip()
     if not path:
         return "Base: none chosen."
+    builtin = families.BUILTIN_KINDS.get(path.removeprefix("builtin:")) if path.startswith("builtin:") else None
     if path == BUILTIN_BASE:
-        return ("Base: **SD 1.x** layout — demo: a tiny model trained on procedural shapes (32 px), not a real SD base "
-                "(docs/demo-base.md).")
-    if path.startswith("builtin:"):
-        return "Base: **SD 1.x** layout (built-in tiny model, offline)."
+        return (f"Base: **{families.get(builtin).LABEL}** layout — demo: a tiny model trained on procedural shapes "
+                "(32 px), not a real SD base (docs/demo-base.md).")
+    if builtin:
+        return f"Base: **{families.get(builtin).LABEL}** layout (built-in tiny model, offline)."
     p = Path(path).expanduser()
     if p.is_dir():
-        found = arch.describe_folder(p)
+        found = families.describe_folder(p)
         if "error" in found:
             return f"Base: {found['error']}"
-        return f"Base: **{arch.describe(found['kind'], found['prediction_type'])}** (detected from the model's configs)."
+        return f"Base: **{families.describe(found['kind'], found['prediction_type'])}** (detected from the model's configs)."
     if p.is_file() and p.suffix.lower() == ".safetensors":
         try:
             kind = _single_file_kind(p)
         except (OSError, ValueError) as err:
             return f"Base: {p.name}: not a readable .safetensors checkpoint ({err})."
-        return f"Base: **{arch.LABELS[kind]}** (from the checkpoint's tensor names; v-prediction is read when loading)."
-    return "Base: hub id or path not found here; its family (SD 1.x / 2.x / XL) is detected when the run loads it."
+        return f"Base: **{families.get(kind).LABEL}** (from the checkpoint's tensor names; v-prediction is read when loading)."
+    known = " / ".join(families.get(name).LABEL for name in families.NAMES)
+    return f"Base: hub id or path not found here; its family ({known}) is detected when the run loads it."

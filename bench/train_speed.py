@@ -36,7 +36,10 @@ def random_base(arch: str, tiny: bool, folder: Path, device: str | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from trainer.config import ModelConfig
-    from trainer.lora_files.kohya_names import CLIP_L, OPENCLIP_BIGG, SD15_UNET, SDXL_UNET
+    from trainer import families
+    from trainer.families.clip import CLIP_L, OPENCLIP_BIGG
+    from trainer.families.sd1 import REFERENCE_UNET as SD15_UNET
+    from trainer.families.sdxl import REFERENCE_UNET as SDXL_UNET
     from trainer.families.loading import Base, load_base
     from trainer.families.tiny import build_tiny_sd15, write_tiny_tokenizer
     from trainer.families.tiny_xl import build_tiny_sdxl
@@ -64,7 +67,7 @@ def random_base(arch: str, tiny: bool, folder: Path, device: str | None = None):
                else DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False))
     return Base(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 noise_scheduler=DDPMScheduler(**betas), sample_scheduler=sampler, prediction_type="epsilon",
-                kind="sdxl" if arch == "sdxl" else "sd1", source=f"random {arch}", text_encoder_2=text_encoder_2,
+                family=families.get("sdxl" if arch == "sdxl" else "sd1"), source=f"random {arch}", text_encoder_2=text_encoder_2,
                 tokenizer_2=tokenizer if arch == "sdxl" else None)
 
 
@@ -86,16 +89,14 @@ def flops_per_image(base, resolution: int) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.families.conditioning import encode_text, sdxl_time_ids, unet_kwargs
-
     device = next(base.unet.parameters()).device
     dtype = next(base.unet.parameters()).dtype
     latent = torch.randn(1, 4, resolution // 8, resolution // 8, device=device, dtype=dtype)
     with FlopCounterMode(display=False) as counter:
-        hidden, pooled = encode_text(base, base.text_encoders(), ["a red circle on a blue background"], device)
-        time_ids = sdxl_time_ids((resolution, resolution), (resolution, resolution), False)[None] if pooled is not None else None
-        out = base.unet(latent, torch.tensor([500], device=device), hidden.to(dtype),
-                        **unet_kwargs(pooled, time_ids, dtype)).sample
+        hidden, pooled = base.family.encode_text(base, base.text_encoders(), ["a red circle on a blue background"],
+                                                 device)
+        size = ((resolution, resolution), (resolution, resolution), False)
+        out = base.family.predict(base.unet, latent, torch.tensor([500], device=device), hidden, pooled, [size], dtype)
         out.float().square().mean().backward()
     return float(counter.get_total_flops())
 
@@ -105,11 +106,13 @@ def quantized_unet(unet, folder: Path, bits: int):
     user's base would be."""
     import torch
 
+    from trainer import families
     from trainer.config import ModelConfig
     from trainer.families.loading import _load_quantized_unet
 
+    family = families.from_configs(unet.config, {"text_encoder", "text_encoder_2"})
     unet.to(dtype=torch.bfloat16).save_pretrained(folder / "unet")
-    return _load_quantized_unet("folder", str(folder), ModelConfig(path=str(folder)), bits)
+    return _load_quantized_unet(family, "folder", str(folder), ModelConfig(path=str(folder)), bits)
 
 
 def train_config(arch: str, batch: int, path: str, tiny: bool, warmup: int, steps: int, text_encoder: bool,

@@ -399,8 +399,8 @@ def test_per_module_ranks_and_alphas_load_exactly_through_diffusers_at_full_sd15
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig
 
-    from trainer.lora_files.kohya_names import SD15_UNET
-    from trainer.adapters.variants import lora_factors
+    from trainer.families.sd1 import REFERENCE_UNET as SD15_UNET
+    from trainer.adapters.factors import lora_factors
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET)

@@ -157,7 +157,7 @@ def test_lycoris_settings_that_cannot_work_are_refused(make_cfg):
 
 def test_downloads_guide_sends_lycoris_files_to_a1111_and_comfyui(make_cfg, tmp_path):
     import app.downloads_view as view
-    from trainer.adapters import lycoris
+    from trainer.lora_files import lycoris
 
     assert view.LYCORIS_KEY == lycoris.LYCORIS_KEY
     loop.train(make_cfg("train.steps=1", 'lora.variant="loha"'), tmp_path / "run")

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.config import LoraConfig, ModelConfig
-from trainer.families.loading import ModelError, attach_lora, load_base, resolve_source
+from trainer.adapters.attach import attach_lora
+from trainer.families.loading import ModelError, load_base, resolve_source
 
 
 def test_folder_loads_and_reads_prediction_type(tiny_base):

@@ -22,7 +22,8 @@ def make_adapter(tiny_base: Path, folder: Path, stem: str, seed: int, rank: int 
     from trainer.config import LoraConfig, ModelConfig
     from trainer.lora_files.export import save_diffusers_lora
     from trainer.lora_files.kohya import save_kohya_lora
-    from trainer.families.loading import attach_lora, load_base
+    from trainer.adapters.attach import attach_lora
+    from trainer.families.loading import load_base
 
     base = load_base(ModelConfig(path=str(tiny_base)))
     extra = {"unet_targets": targets} if targets else {}

@@ -72,7 +72,7 @@ def test_base_family_is_detected_from_the_model(tiny_sdxl, tiny_sd2, tiny_base):
 
 
 def test_sdxl_time_ids_follow_the_crop():
-    from trainer.families.conditioning import sdxl_time_ids
+    from trainer.families.sdxl import sdxl_time_ids
     from trainer.data.images import crop_box
 
     # 300x200 (w x h) into a 128x64 bucket: resized to 128x85, cropped 10 px from the top (rounding: (85-64)//2).

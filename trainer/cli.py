@@ -2,8 +2,8 @@
 
   python -m trainer train CONFIG.toml [--set section.key=value ...] [--run-dir DIR]
   python -m trainer resume RUN_DIR [--set ...]
-  python -m trainer convert IN.safetensors OUT.safetensors --to kohya|diffusers [--base sd1|sd2|sdxl] [--model BASE]
-  python -m trainer build-tiny DIR [--kind sd1|sd2|sdxl]
+  python -m trainer convert IN.safetensors OUT.safetensors --to kohya|diffusers [--base FAMILY] [--model BASE]
+  python -m trainer build-tiny DIR [--kind FAMILY]     (FAMILY: a base family of trainer/families/, e.g. sdxl)
   python -m trainer preview --base MODEL [--hotswap] [--compile]   (JSON-lines preview worker on stdin/stdout)
   python -m trainer caption FOLDER --model PATH_OR_HUB_ID [--mode sentence|tags] [--overwrite] [--strip W1,W2]
                     [--prefix P] [--suffix S] [--replace FIND REPL] [--remove-tag T] [--undo] [--list-tags]
@@ -18,6 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from trainer import families
 from trainer.data import caption_cli
 from trainer.config import Config, ConfigError, load_config
 from trainer.io import describe_os_error
@@ -109,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     p_conv.add_argument("src")
     p_conv.add_argument("dst")
     p_conv.add_argument("--to", required=True, choices=["kohya", "diffusers"])
-    p_conv.add_argument("--base", choices=["sd1", "sd2", "sdxl"],
+    p_conv.add_argument("--base", choices=families.NAMES,
                         help="base family, only needed when the file's metadata and keys do not tell")
     p_conv.add_argument("--model", help="base model (folder, hub id, .safetensors, builtin:...): needed only for DoRA "
                         "files, whose kohya dora_scale is relative to the base weights (ComfyUI's formula)")
     p_tiny = sub.add_parser("build-tiny", help="write a tiny random test model (SD1.5, SD2 v-pred or SDXL layout)")
     p_tiny.add_argument("folder")
-    p_tiny.add_argument("--kind", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    p_tiny.add_argument("--kind", choices=families.NAMES, default=families.FALLBACK.NAME)
     p_prev = sub.add_parser("preview", help="preview worker: one base in memory, adapters switched by JSON-lines "
                             "requests on stdin (see trainer/preview/previewer.py)")
     p_prev.add_argument("--base", required=True, help="base model: diffusers folder, hub id, .safetensors, builtin:...")
@@ -139,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "caption":
             return caption_cli.run(args)
         if args.command == "build-tiny":
-            from trainer.families.tiny import build_tiny_sd15
-            from trainer.families.tiny_xl import build_tiny_sd2, build_tiny_sdxl
-
-            build = {"sd1": build_tiny_sd15, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl}[args.kind]
-            print(build(args.folder))
+            print(families.get(args.kind).build_tiny(args.folder))
             return 0
         if args.command == "preview":
             from trainer.preview.worker import serve

@@ -21,8 +21,6 @@ used instead (also exact, and smaller). The file's rank per module is in its pef
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 
@@ -31,7 +29,6 @@ from trainer.config import LoraConfig
 ADAPTER = "default"
 LYCORIS = ("loha", "lokr")
 LOCON_BLOCKS = (".resnets.", ".downsamplers.", ".upsamplers.")
-LYCORIS_KEY = "style_lora_lycoris"  # header entry: how the LyCORIS tensors are to be read
 
 
 # ----------------------------------------------------------------------------- attaching
@@ -82,16 +79,16 @@ def is_lycoris(layer) -> bool:
 # ----------------------------------------------------------------------------- the factors of a layer
 
 
-def _get(layer, name: str) -> torch.Tensor | None:
+def layer_tensor(layer, name: str) -> torch.Tensor | None:
     params = getattr(layer, name, {})
     return params[ADAPTER].detach().double() if ADAPTER in params else None
 
 
-def _kind(layer) -> str:
+def lycoris_kind(layer) -> str:
     from peft.tuners.loha.layer import LoHaLayer
     from peft.tuners.lokr.layer import LoKrLayer
 
-    if (_get(layer, "hada_t1") if isinstance(layer, LoHaLayer) else _get(layer, "lokr_t2")) is not None:
+    if (layer_tensor(layer, "hada_t1") if isinstance(layer, LoHaLayer) else layer_tensor(layer, "lokr_t2")) is not None:
         raise ValueError(f"{type(layer).__name__}: Tucker-decomposed (use_effective_conv2d) factors are not exported")
     if isinstance(layer, LoHaLayer):
         return "loha"
@@ -102,12 +99,12 @@ def _kind(layer) -> str:
 
 def lokr_full_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """(w1 [a, c], w2 [b, d(, kh, kw)]) of a peft LoKr layer, products taken (float64, unscaled)."""
-    w1 = _get(layer, "lokr_w1")
+    w1 = layer_tensor(layer, "lokr_w1")
     if w1 is None:
-        w1 = _get(layer, "lokr_w1_a") @ _get(layer, "lokr_w1_b")
-    w2 = _get(layer, "lokr_w2")
+        w1 = layer_tensor(layer, "lokr_w1_a") @ layer_tensor(layer, "lokr_w1_b")
+    w2 = layer_tensor(layer, "lokr_w2")
     if w2 is None:
-        w2 = _get(layer, "lokr_w2_a") @ _get(layer, "lokr_w2_b")
+        w2 = layer_tensor(layer, "lokr_w2_a") @ layer_tensor(layer, "lokr_w2_b")
     weight = layer.get_base_layer().weight
     if weight.dim() == 4 and w2.dim() == 2:  # conv: [b, d·kh·kw] -> [b, d, kh, kw] (same kron, reshaped)
         w2 = w2.reshape(w2.shape[0], -1, *weight.shape[2:])
@@ -123,15 +120,15 @@ def _split(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def lycoris_delta(layer) -> torch.Tensor:
     """peft's ΔW of the layer (float64, W's shape)."""
-    return _low_rank(layer)[0]
+    return low_rank(layer)[0]
 
 
-def _low_rank(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def low_rank(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ΔW, up [out, k], down [k, in·kh·kw]) with ΔW = up·down exactly (float64; closed form, see the module doc)."""
     scale = float(layer.scaling[ADAPTER])
     shape = layer.get_base_layer().weight.shape
-    if _kind(layer) == "loha":
-        a1, b1, a2, b2 = (_get(layer, n) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+    if lycoris_kind(layer) == "loha":
+        a1, b1, a2, b2 = (layer_tensor(layer, n) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
         up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1) * scale
         down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
         return ((a1 @ b1) * (a2 @ b2) * scale).reshape(shape), up, down
@@ -140,72 +137,3 @@ def _low_rank(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     u2, v2 = _split(w2.flatten(1))
     delta = torch.kron(w1[:, :, None, None] if w2.dim() == 4 else w1, w2) * scale
     return delta.reshape(shape), torch.kron(u1, u2) * scale, torch.kron(v1, v2)
-
-
-def lycoris_factors(layer):
-    """The layer's exact ΔW as plain-LoRA trainer.adapters.variants.Factors (scale 1): the closed form, or the full-rank SVD
-    when that is smaller. Used for the diffusers file and anything else that needs a plain LoRA."""
-    from trainer.adapters.variants import Factors
-
-    delta, up, down = _low_rank(layer)
-    if up.shape[1] >= min(delta.shape[0], delta[0].numel()):  # full rank: the SVD (float64) is exact and no larger
-        u, s, vh = torch.linalg.svd(delta.flatten(1), full_matrices=False)
-        up, down = u * s.sqrt(), s.sqrt()[:, None] * vh
-    if delta.dim() == 4:
-        up, down = up[:, :, None, None], down.reshape(-1, *delta.shape[1:])
-    return Factors(up=up.float().contiguous(), down=down.float().contiguous(), scale=1.0)
-
-
-# ----------------------------------------------------------------------------- the kohya/LyCORIS file
-
-
-def lycoris_module_tensors(layer) -> dict[str, torch.Tensor]:
-    """One module's tensors in the LyCORIS layout (see the module doc), fp32."""
-    if _kind(layer) == "loha":
-        out = {n: _get(layer, n).float().contiguous() for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
-        out["alpha"] = torch.tensor(float(layer.alpha[ADAPTER]), dtype=torch.float32)
-        return out
-    w1, w2 = lokr_full_factors(layer)
-    return {"lokr_w1": (w1 * float(layer.scaling[ADAPTER])).float().contiguous(), "lokr_w2": w2.float().contiguous(),
-            "alpha": torch.tensor(float(layer.r[ADAPTER]), dtype=torch.float32)}
-
-
-def lycoris_state_dict(modules: dict[str, torch.nn.Module], kind: str = "sd1") -> dict[str, torch.Tensor]:
-    from trainer.lora_files.kohya_names import kohya_name, unet_layout
-    from trainer.adapters.variants import lora_layers
-
-    layout = unet_layout(modules["unet"].config) if kind == "sdxl" and "unet" in modules else None
-    tensors: dict[str, torch.Tensor] = {}
-    for part, module in modules.items():
-        if module is None or not getattr(module, "peft_config", None):
-            continue
-        for name, layer in lora_layers(module).items():
-            key = kohya_name(part, name.removeprefix("base_model.model."), kind, layout)
-            tensors.update({f"{key}.{suffix}": t for suffix, t in lycoris_module_tensors(layer).items()})
-    return tensors
-
-
-def save_lycoris_kohya(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str], cfg: LoraConfig,
-                       kind: str = "sd1") -> Path:
-    """Write the LyCORIS-layout file atomically, with the network args LyCORIS records and kohya's hashes."""
-    from safetensors.torch import save_file
-
-    from trainer.io import atomic_path
-    from trainer.lora_files.kohya_meta import addnet_hashes
-
-    tensors = lycoris_state_dict(modules, kind)
-    if not tensors:
-        raise ValueError("no LyCORIS weights to save: neither the UNet nor the text encoder has an adapter")
-    metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_") and k != "modelspec.hash_sha256"}
-    args = {"algo": cfg.variant, "conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.conv_alpha)}
-    if cfg.variant == "lokr":
-        args["factor"] = str(cfg.lokr_factor)
-    metadata.update(ss_network_module="lycoris.kohya", ss_network_args=json.dumps(args))
-    metadata[LYCORIS_KEY] = ("loha: peft's alpha per module (alpha/r, r = hada_w1_b rows)" if cfg.variant == "loha" else
-                             "lokr: full lokr_w1/lokr_w2 with the trained scale folded into lokr_w1 (alpha unused)")
-    model_hash, legacy_hash = addnet_hashes(tensors, metadata)
-    metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
-    metadata["modelspec.hash_sha256"] = f"0x{model_hash}"
-    with atomic_path(Path(path)) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    return Path(path)

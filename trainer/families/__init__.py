@@ -1,57 +1,140 @@
-"""Which Stable Diffusion family a base is (sd1 / sd2 / sdxl), told from its configs, and what follows from it.
+"""Base families: everything that differs between Stable Diffusion bases, one module per family.
 
-No torch import: the web UI uses `describe_folder` to show the detected base before anything is loaded.
+  sd1.py     SD 1.x, the worked example (docs/adding-a-base.md)      clip.py     CLIP tokenising, file spellings
+  sd2.py     SD 2.x: SD1's parts, OpenCLIP-H, v-prediction            ddpm.py     the UNet families' noise rule
+  sdxl.py    SDXL: two encoders, pooled text + time ids, SGM names   loading.py  load_base / Base: a loaded base
+  tiny.py, tiny_xl.py   tiny random pipelines for tests, the builtin: bases
 
-Detection (no user flag): SDXL's UNet takes pooled text + size/crop time ids (`addition_embed_type = "text_time"`)
-and the pipeline has a second text encoder; SD2.x UNets use linear projections in their transformers
-(`use_linear_projection`, SD1.x uses 1x1 convs) and OpenCLIP-H's 1024-wide text states. Everything else is SD1.x.
-The SDXL refiner (text_time but no first text encoder) is refused: it is an img2img model that style LoRAs skip.
+A family module provides the names of `Family` below (a module satisfies the protocol). The trainer, the files, the
+preview, the report and the UI ask the family of a base instead of testing which base it is; a new base is one new
+module here and its line in FAMILIES.
+
+This package imports no torch at module level: the web UI uses it to describe a base before anything loads.
+May import: trainer.config, trainer.io, trainer.data
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Protocol
 
-KINDS = ("sd1", "sd2", "sdxl")
-LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-PIPELINE_CLASS = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
-# Text encoders per family, as the diffusers pipeline attributes and LoRA-file prefixes name them.
-TEXT_ENCODERS = {"sd1": ("text_encoder",), "sd2": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
-# kohya's ss_base_model_version values (sd-scripts library/sdxl_model_util.py, train_network.py).
-KOHYA_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+from trainer.families import sd1, sd2, sdxl
+
+# Detection asks the most specific family first; SD1.x claims what no other family does, so it comes last.
+FAMILIES = (sdxl, sd2, sd1)
+FALLBACK = FAMILIES[-1]  # what a file whose keys and metadata name no family is taken for
+
+
+class Family(Protocol):
+    """What a family module provides (sd1.py documents each name)."""
+
+    NAME: str  # "sd1": in events (base_kind), metadata, `convert --base`, `build-tiny --kind`
+    LABEL: str  # "SD 1.x": what the UI shows
+    PIPELINE_CLASS: str  # the diffusers pipeline class name
+    PIPELINE_KWARGS: dict  # extra from_pretrained/from_single_file arguments
+    TEXT_ENCODERS: tuple[str, ...]  # pipeline attributes and LoRA-file part names of the text encoders
+    TOKENIZERS: tuple[str, ...]
+    DENOISER_CLASS: str  # the diffusers class of the denoiser (the `unet` part), for QLoRA's quantized load
+    KOHYA_PREFIXES: dict[str, str]  # part -> kohya key prefix
+    KOHYA_LAYOUT: str  # families with the same kohya key spelling share it
+    KOHYA_VERSION: str  # ss_base_model_version
+    V2: bool  # ss_v2
+
+    def matches_configs(self, unet_config: dict, components: set[str]) -> bool: ...
+    def matches_checkpoint_keys(self, keys: set[str]) -> bool: ...
+    def matches_version(self, version: str) -> bool: ...
+    def matches_kohya_keys(self, keys: set[str]) -> bool: ...
+    def matches_diffusers_keys(self, keys: set[str]) -> bool: ...
+    def pipeline(self, base, unet, text_encoders: dict) -> Any: ...
+    def encode_text(self, base, text_encoders: dict, captions: list[str], device) -> tuple: ...
+    def predict(self, unet, noisy, timesteps, hidden, pooled, image_sizes: list, dtype) -> Any: ...
+    def scale_latents(self, vae, sample) -> Any: ...
+    def training_scheduler(self, inference_scheduler, prediction_type: str) -> tuple: ...
+    def draw_timesteps(self, base, count: int, generator, device) -> Any: ...
+    def validation_timesteps(self, base, count: int, device) -> Any: ...
+    def add_noise(self, base, latents, noise, timesteps) -> Any: ...
+    def target(self, base, latents, noise, timesteps) -> Any: ...
+    def loss_weight(self, base, timesteps, min_snr_gamma: float) -> Any: ...
+    def kohya_name(self, part: str, module: str, unet_config=None) -> str: ...
+    def reference_models(self) -> dict: ...
+    def modelspec_architecture(self, v_prediction: bool) -> str: ...
+    def default_resolution(self, v_prediction: bool) -> int: ...
+    def native_size(self, unet_config: dict, vae_config: dict) -> int: ...
+    def build_tiny(self, folder, seed: int = 0) -> Path: ...
+
+
+NAMES = tuple(f.NAME for f in reversed(FAMILIES))  # "sd1", "sd2", "sdxl"
+BUILTIN_KINDS = {"demo-sd": "sd1", "tiny-sd15": "sd1"}  # the family of each builtin: base (trainer.families.tiny)
+
+
+def get(name: str) -> Family:
+    """The family called `name`; ValueError for an unknown one."""
+    for family in FAMILIES:
+        if family.NAME == name:
+            return family
+    raise ValueError(f"unknown base kind {name!r} (expected one of {', '.join(NAMES)})")
+
+
+def from_configs(unet_config: dict, components: set[str]) -> Family:
+    """The family of a diffusers pipeline: its UNet config and the names of its present components."""
+    return next(f for f in FAMILIES if f.matches_configs(unet_config, components))
 
 
 def kind_from_configs(unet_config: dict, has_text_encoder: bool = True, has_text_encoder_2: bool = False) -> str:
-    """'sd1' | 'sd2' | 'sdxl' from a UNet config (dict or diffusers FrozenDict) and which text encoders exist."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        if not has_text_encoder:
-            raise ValueError("this is an SDXL refiner (no first text encoder): train style LoRAs on the SDXL base")
-        if not has_text_encoder_2:
-            raise ValueError("SDXL-type UNet (text_time conditioning) without a second text encoder")
-        return "sdxl"
-    if unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024:
-        return "sd2"
-    return "sd1"
+    """The family name from a UNet config (dict or diffusers FrozenDict) and which text encoders exist."""
+    components = {name for name, present in (("text_encoder", has_text_encoder),
+                                             ("text_encoder_2", has_text_encoder_2)) if present}
+    return from_configs(unet_config, components).NAME
 
 
-def kind_from_checkpoint_keys(keys) -> str:
+def of_pipeline(pipe) -> Family:
+    """The family of a loaded diffusers pipeline."""
+    components = {name for name, part in pipe.components.items() if part is not None}
+    return from_configs(pipe.unet.config, components)
+
+
+def from_checkpoint_keys(keys) -> Family:
     """The family of a single-file (original LDM/SGM layout) checkpoint from its tensor names."""
-    keys = list(keys)
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):  # SDXL's second text encoder
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP-H: SD2.x
-        return "sd2"
-    return "sd1"
+    keys = set(keys)
+    return next(f for f in FAMILIES if f.matches_checkpoint_keys(keys))
 
 
-def modelspec_architecture(kind: str, v_prediction: bool) -> str:
-    """SAI ModelSpec architecture of a LoRA for this base (kohya library/sai_model_spec.py)."""
-    if kind == "sdxl":
-        return "stable-diffusion-xl-v1-base/lora"
-    if kind == "sd2":
-        return "stable-diffusion-v2-768-v/lora" if v_prediction else "stable-diffusion-v2-512/lora"
-    return "stable-diffusion-v1/lora"
+def from_pipeline_class(name: str) -> Family:
+    """The first family whose pipeline class is `name` (model_index.json's _class_name); the loaded configs tell
+    families with one pipeline class apart (SD1/SD2)."""
+    for family in FAMILIES:
+        if family.PIPELINE_CLASS == name:
+            return family
+    known = ", ".join(dict.fromkeys(f.LABEL for f in reversed(FAMILIES)))
+    raise ValueError(f"{name or 'an unknown pipeline'} is not a text-to-image base this trainer knows ({known})")
+
+
+def kohya_file_family(keys) -> Family:
+    """The family whose kohya key spelling these keys use (SD1 stands for SD2 too: they are spelled alike)."""
+    keys = set(keys)
+    return next(f for f in FAMILIES if f.matches_kohya_keys(keys))
+
+
+def kohya_layout_label(family: Family) -> str:
+    """'SD1.x/SD2.x': the families whose kohya files are spelled like `family`'s."""
+    return "/".join(f.LABEL.replace(" ", "") for f in reversed(FAMILIES) if f.KOHYA_LAYOUT == family.KOHYA_LAYOUT)
+
+
+def diffusers_file_family(keys, header: dict) -> Family:
+    """The family of a diffusers-layout LoRA: from its ss_base_model_version, else from its keys."""
+    version = header.get("ss_base_model_version", "")
+    for family in FAMILIES:
+        if version and family.matches_version(version):
+            return family
+    keys = set(keys)
+    for family in FAMILIES:
+        if family.matches_diffusers_keys(keys):
+            return family
+    if any(k.startswith("unet.") for k in keys):
+        raise ValueError("cannot tell which base this UNet LoRA is for (no ss_base_model_version metadata); pass "
+                         f"--base with one of {', '.join(NAMES)}")
+    return FALLBACK
 
 
 def describe_folder(path: str | Path) -> dict:
@@ -65,25 +148,27 @@ def describe_folder(path: str | Path) -> dict:
         return {"error": f"{folder}: not a readable diffusers pipeline folder ({err})"}
     present = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}
     try:
-        kind = kind_from_configs(unet, "text_encoder" in present, "text_encoder_2" in present)
+        family = from_configs(unet, present)
     except ValueError as err:
         return {"error": f"{folder}: {err}"}
     prediction = scheduler.get("prediction_type", "epsilon")
-    return {"kind": kind, "label": LABELS[kind], "prediction_type": prediction}
+    return {"kind": family.NAME, "label": family.LABEL, "prediction_type": prediction}
 
 
 def describe(kind: str, prediction_type: str) -> str:
     """One line for the UI and logs, e.g. 'SD 2.x, v-prediction'."""
-    return f"{LABELS.get(kind, kind)}, {'v-prediction' if prediction_type == 'v_prediction' else 'epsilon-prediction'}"
+    label = next((f.LABEL for f in FAMILIES if f.NAME == kind), kind)
+    return f"{label}, {'v-prediction' if prediction_type == 'v_prediction' else 'epsilon-prediction'}"
 
 
 def native_size(folder: str | Path) -> int | None:
-    """The image side a diffusers folder's UNet was built for (sample_size x the VAE's downsampling), e.g. 512 for
-    SD1.5, 1024 for SDXL, 32 for the demo base; None when the configs cannot be read."""
+    """The image side a diffusers folder's base was built for, e.g. 512 for SD1.5, 1024 for SDXL, 32 for the demo
+    base; None when the configs cannot be read."""
     folder = Path(folder).expanduser()
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        family = from_configs(unet, {"text_encoder", "text_encoder_2"})  # the size needs the family, not the parts
+        return family.native_size(unet, vae)
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion base (diffusers folder, hub id, single .safetensors file) and attach LoRA with peft."""
+"""Load a base (diffusers folder, hub id, single .safetensors file) as its family's pipeline: `load_base` -> `Base`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import LoraConfig, ModelConfig
+from trainer.config import ModelConfig
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -21,48 +21,47 @@ class ModelError(ValueError):
 
 @dataclass
 class Base:
-    """The parts of a Stable Diffusion pipeline the trainer uses."""
+    """The parts of a Stable Diffusion pipeline the trainer uses, and the family (trainer.families) they belong to."""
 
     unet: Any
     vae: Any
     text_encoder: Any
     tokenizer: Any
-    noise_scheduler: Any  # DDPMScheduler with the base's beta schedule, used for training
+    noise_scheduler: Any  # the family's training scheduler with the base's schedule (DDPM for the UNet families)
     sample_scheduler: Any  # the base's own inference scheduler, for sample images
     prediction_type: str
-    kind: str  # "sd1" | "sd2" | "sdxl", detected from the loaded model (trainer.families)
+    family: Any  # the base's family module (trainer.families.Family), detected from the loaded model
     source: str
-    text_encoder_2: Any = None  # SDXL's second (OpenCLIP bigG, with projection) text encoder
+    text_encoder_2: Any = None  # a second text encoder where the family has one (SDXL's OpenCLIP bigG)
     tokenizer_2: Any = None
+
+    @property
+    def kind(self) -> str:
+        """The family's name, as events and file metadata record it."""
+        return self.family.NAME
 
     def text_encoders(self) -> dict[str, Any]:
         """{"text_encoder": ..., "text_encoder_2": ...} as the pipeline and LoRA files name them."""
-        return {n: m for n, m in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2)) if m is not None}
+        return {n: getattr(self, n) for n in self.family.TEXT_ENCODERS if getattr(self, n) is not None}
 
     def pipeline(self, unet=None, text_encoders: dict[str, Any] | None = None):
         """A diffusers inference pipeline of this base's family over these parts (trained ones where given)."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        tes = {**self.text_encoders(), **(text_encoders or {})}
-        parts = dict(vae=self.vae, unet=unet or self.unet, scheduler=self.sample_scheduler, tokenizer=self.tokenizer)
-        if self.kind == "sdxl":
-            return StableDiffusionXLPipeline(**parts, tokenizer_2=self.tokenizer_2, **tes)
-        return StableDiffusionPipeline(**parts, **tes, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        return self.family.pipeline(self, unet or self.unet, {**self.text_encoders(), **(text_encoders or {})})
 
 
-def _load_quantized_unet(kind: str, where: str, cfg: ModelConfig, bits: int):
-    from diffusers import BitsAndBytesConfig, UNet2DConditionModel
+def _load_quantized_unet(family, kind: str, where: str, cfg: ModelConfig, bits: int):
+    import diffusers
+    from diffusers import BitsAndBytesConfig
 
     check_qlora_available()
+    denoiser_class = getattr(diffusers, family.DENOISER_CLASS)
     quant = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
                                bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
     if kind == "file":
-        return UNet2DConditionModel.from_single_file(where, config=cfg.single_file_config, subfolder="unet",
-                                                     quantization_config=quant, dtype=torch.bfloat16)
-    return UNet2DConditionModel.from_pretrained(where, subfolder="unet", revision=cfg.revision, variant=cfg.variant,
-                                                use_safetensors=True,
-                                                quantization_config=quant, dtype=torch.bfloat16)
+        return denoiser_class.from_single_file(where, config=cfg.single_file_config, subfolder="unet",
+                                               quantization_config=quant, dtype=torch.bfloat16)
+    return denoiser_class.from_pretrained(where, subfolder="unet", revision=cfg.revision, variant=cfg.variant,
+                                          use_safetensors=True, quantization_config=quant, dtype=torch.bfloat16)
 
 
 def resolve_source(path: str) -> tuple[str, str]:
@@ -104,67 +103,48 @@ def check_qlora_available() -> None:
         raise ModelError("lora.variant = qlora needs the bitsandbytes package: pip install bitsandbytes") from None
 
 
-def _pipeline_class(kind: str, where: str, cfg: ModelConfig):
-    """StableDiffusionXLPipeline or StableDiffusionPipeline, from model_index.json (folder, hub) or the keys of a
-    single-file checkpoint (SDXL's has a second text encoder under conditioner.embedders.1)."""
+def source_family(kind: str, where: str, cfg: ModelConfig):
+    """The family whose pipeline class loads this source: from model_index.json (folder, hub) or from the keys of a
+    single-file checkpoint. Families that share a pipeline class (SD1/SD2) are told apart after loading."""
     import diffusers
+
+    from trainer import families
 
     if kind == "file":
         from safetensors import safe_open
 
-        from trainer.families import kind_from_checkpoint_keys
-
         with safe_open(where, framework="pt") as f:
-            xl = kind_from_checkpoint_keys(f.keys()) == "sdxl"
-        return diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
-    name = diffusers.DiffusionPipeline.load_config(where, revision=cfg.revision).get("_class_name", "")
-    if name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
-        raise ValueError(f"{name or 'an unknown pipeline'} is not a Stable Diffusion 1.x/2.x/XL text-to-image base")
-    return getattr(diffusers, name)
+            return families.from_checkpoint_keys(f.keys())
+    return families.from_pipeline_class(diffusers.DiffusionPipeline.load_config(where, revision=cfg.revision)
+                                        .get("_class_name", ""))
 
 
 def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
     """Load the base pipeline in fp32 on CPU (the trainer moves and casts it); QLoRA: UNet quantized on CUDA."""
-    from diffusers import DDPMScheduler
+    import diffusers
 
-    from trainer.families import kind_from_configs
+    from trainer import families
 
     kind, where = resolve_source(cfg.path)
     common = dict(dtype=torch.float32)
-    if quantize_bits:
-        common["unet"] = _load_quantized_unet(kind, where, cfg, quantize_bits)
     try:
-        pipeline_class = _pipeline_class(kind, where, cfg)
-        if pipeline_class.__name__ == "StableDiffusionPipeline":
-            common.update(safety_checker=None, requires_safety_checker=False)
+        family = source_family(kind, where, cfg)
+        if quantize_bits:
+            common["unet"] = _load_quantized_unet(family, kind, where, cfg, quantize_bits)
+        pipeline_class = getattr(diffusers, family.PIPELINE_CLASS)
+        common.update(family.PIPELINE_KWARGS)
         if kind == "file":
             pipe = pipeline_class.from_single_file(where, config=cfg.single_file_config, **common)
         else:
             # use_safetensors: never fall back to unpickling *.bin weights of a folder or repo
             pipe = pipeline_class.from_pretrained(where, revision=cfg.revision, variant=cfg.variant,
                                                   use_safetensors=True, **common)
-        te2 = getattr(pipe, "text_encoder_2", None)
-        family = kind_from_configs(pipe.unet.config, pipe.text_encoder is not None, te2 is not None)
+        family = families.of_pipeline(pipe)
+    except ModelError:
+        raise
     except Exception as err:  # diffusers raises many types (OSError, ValueError, SingleFileComponentError...)
-        text = str(err).strip()
-        first_line = text.splitlines()[0] if text else type(err).__name__
-        from huggingface_hub.constants import HF_HUB_OFFLINE
-
-        offline = HF_HUB_OFFLINE or any(w in text for w in ("offline", "cached", "connect", "Hub"))
-        hint = ""
-        if offline and kind == "hub":
-            hint = " (no hub access here? pass a local diffusers folder or .safetensors file)"
-        elif offline and kind == "file":
-            hint = " (offline, a single-file checkpoint needs model.single_file_config: a local diffusers folder of the same architecture)"
-        elif kind == "file":
-            hint = " (is it a full Stable Diffusion checkpoint, not a LoRA or a VAE?)"
-        raise ModelError(f"model.path {cfg.path!r}: cannot load: {first_line}{hint}") from None
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = cfg.prediction_type
-    if prediction_type == "auto":
-        prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    noise_scheduler.register_to_config(prediction_type=prediction_type)
+        raise ModelError(load_error(cfg.path, kind, err)) from None
+    noise_scheduler, prediction_type = family.training_scheduler(pipe.scheduler, cfg.prediction_type)
     return Base(
         unet=pipe.unet,
         vae=pipe.vae,
@@ -173,54 +153,25 @@ def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
         noise_scheduler=noise_scheduler,
         sample_scheduler=pipe.scheduler,
         prediction_type=prediction_type,
-        kind=family,
+        family=family,
         source=cfg.path,
-        text_encoder_2=te2,
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
         tokenizer_2=getattr(pipe, "tokenizer_2", None),
     )
 
 
-def attach_lora(base: Base, cfg: LoraConfig, total_steps: int = 1000) -> dict[str, object]:
-    """Freeze the base and add the trainable adapter 'default' (of cfg.variant) to the UNet and/or text encoder.
+def load_error(path: str, kind: str, err: Exception) -> str:
+    """One line: why the base at `path` did not load, with a hint where the cause is likely the offline machine."""
+    text = str(err).strip()
+    first_line = text.splitlines()[0] if text else type(err).__name__
+    from huggingface_hub.constants import HF_HUB_OFFLINE
 
-    Returns the peft tuners of variants that need per-step calls (AdaLoRA), keyed "unet"/"text_encoder"(_2).
-    """
-    from trainer.adapters.variants import add_adapter, peft_config
-
-    for module in (base.unet, base.vae, *base.text_encoders().values()):
-        module.requires_grad_(False)
-    tuners = {}
-    parts = [("unet", base.unet, cfg.train_unet, cfg.unet_targets)]
-    for name, text_encoder in base.text_encoders().items():  # SDXL: both encoders, same targets
-        parts.append((name, text_encoder, cfg.train_text_encoder, cfg.text_encoder_targets))
-    for name, module, wanted, targets in parts:
-        if not wanted:
-            continue
-        config = peft_config(cfg, targets, total_steps)
-        if name == "unet" and cfg.conv_rank:
-            from trainer.adapters.lycoris import add_locon
-
-            config = add_locon(config, module, cfg)
-        try:
-            tuner = add_adapter(module, config)
-        except ValueError as err:
-            raise ModelError(attach_error(name, targets, err)) from None
-        if tuner is not None:
-            tuners[name] = tuner
-    return tuners
-
-
-def attach_error(part: str, targets: list[str], err: Exception) -> str:
-    """What to tell the user when peft (or transformers under it) refuses to attach LoRA to `part`."""
-    part = part.replace("_", " ")
-    if "not found in the base model" in str(err) or "did not match" in str(err):  # peft: a real target mismatch
-        return f"lora: the {part} has no module matching {targets}: {err}"
-    from trainer.versions import incompatible_versions
-
-    # anything else is the library's own reason (e.g. a peft too old for this transformers): pass it on as it is
-    return f"lora: peft could not attach LoRA to the {part}: {err}" + (f" ({incompatible_versions()})"
-                                                                       if incompatible_versions() else "")
-
-
-def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
+    offline = HF_HUB_OFFLINE or any(w in text for w in ("offline", "cached", "connect", "Hub"))
+    hint = ""
+    if offline and kind == "hub":
+        hint = " (no hub access here? pass a local diffusers folder or .safetensors file)"
+    elif offline and kind == "file":
+        hint = " (offline, a single-file checkpoint needs model.single_file_config: a local diffusers folder of the same architecture)"
+    elif kind == "file":
+        hint = " (is it a full Stable Diffusion checkpoint, not a LoRA or a VAE?)"
+    return f"model.path {path!r}: cannot load: {first_line}{hint}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-BUILTIN_CACHE = Path(os.environ.get("STYLE_LORA_BUILTIN_DIR", Path(__file__).resolve().parent.parent / "outputs" / ".builtin"))
+BUILTIN_CACHE = Path(os.environ.get("STYLE_LORA_BUILTIN_DIR", Path(__file__).resolve().parents[2] / "outputs" / ".builtin"))
 
 # Words the tiny tokenizer knows as whole tokens; anything else falls back to single characters.
 _WORDS = (
@@ -136,7 +136,7 @@ def save_pipeline(pipe, folder: str | Path) -> Path:
 
 # builtin:demo-sd is shipped in the repo (trained by scripts/train_demo_base.py, docs/demo-base.md) and used in
 # place: nothing is copied or built.
-DEMO_SD = Path(__file__).resolve().parent.parent / "assets" / "demo-sd"
+DEMO_SD = Path(__file__).resolve().parents[2] / "assets" / "demo-sd"
 BUILTINS = ("demo-sd", "tiny-sd15")
 
 

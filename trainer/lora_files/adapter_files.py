@@ -12,24 +12,22 @@ from pathlib import Path
 
 import torch
 
+from trainer import families
 from trainer.lora_files.kohya import DIFFUSERS_SUFFIXES, group_modules, peft_scaling, read_adapter_file, kohya_to_diffusers
-
-PARTS = ("unet", "text_encoder", "text_encoder_2")
-
 
 class AdapterError(ValueError):
     """An adapter file cannot be used with this base; the message names the file and the reason."""
 
 
 def pipe_parts(pipe) -> dict[str, torch.nn.Module]:
-    """The LoRA-able models of a pipeline: unet, text_encoder and (SDXL) text_encoder_2."""
-    return {p: getattr(pipe, p) for p in PARTS if getattr(pipe, p, None) is not None}
+    """The LoRA-able models of a pipeline: the unet and its family's text encoders."""
+    parts = ("unet", *families.of_pipeline(pipe).TEXT_ENCODERS)
+    return {p: getattr(pipe, p) for p in parts if getattr(pipe, p, None) is not None}
 
 
 def pipe_kind(pipe) -> str:
-    from trainer.families import kind_from_configs
-
-    return kind_from_configs(pipe.unet.config, True, getattr(pipe, "text_encoder_2", None) is not None)
+    """The name of the pipeline's family."""
+    return families.of_pipeline(pipe).NAME
 
 
 def module_table(pipe) -> dict[str, dict[str, torch.nn.Module]]:

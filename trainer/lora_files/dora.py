@@ -67,8 +67,8 @@ def truncated_lora(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
 
 def effective_delta(f) -> torch.Tensor:
-    """W' − W of one layer's trainer.adapters.variants.Factors: the LoRA ΔW, or for DoRA the whole re-normalised change."""
-    from trainer.adapters.variants import delta_weight
+    """W' − W of one layer's trainer.adapters.factors.Factors: the LoRA ΔW, or for DoRA the whole re-normalised change."""
+    from trainer.adapters.factors import delta_weight
 
     if f.magnitude is None:
         return delta_weight(f, (f.up.shape[0], *f.down.shape[1:])).float().cpu()
@@ -77,16 +77,17 @@ def effective_delta(f) -> torch.Tensor:
     return (dora_weight(weight, delta, f.magnitude.double().cpu()) - weight).float()
 
 
-def plain_lora_tensors(factors: dict, rank: int, kind: str, layout=None) -> tuple[dict[str, torch.Tensor], dict]:
+def plain_lora_tensors(factors: dict, rank: int, kind: str | None,
+                       unet_config=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Every layer's effective ΔW as a plain kohya LoRA of one rank (alpha = rank, scale 1), and what the SVD lost:
     {"rank", "rel_error": {part: ‖ΔW − ΔW_k‖/‖ΔW‖ over the part}, "max_layer_rel_error", "worst_layer"}."""
-    from trainer.lora_files.kohya_names import kohya_name
+    from trainer.lora_files.kohya_names import family_of
 
     pieces, lost, total, worst = {}, {}, {}, (0.0, "")
     for full_name, f in factors.items():
         part, name = full_name.split(".", 1)
         up, down, miss, norm = truncated_lora(effective_delta(f), rank)
-        pieces[kohya_name(part, name.removeprefix("base_model.model."), kind, layout)] = (up, down)
+        pieces[family_of(kind).kohya_name(part, name.removeprefix("base_model.model."), unet_config)] = (up, down)
         lost[part], total[part] = lost.get(part, 0.0) + miss, total.get(part, 0.0) + norm
         layer_error = (miss / norm) ** 0.5 if norm else 0.0
         worst = max(worst, (layer_error, full_name))

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.io import atomic_path
-from trainer.lora_files.kohya_names import canonical_text_module
+from trainer.lora_files.kohya_names import canonical_text_module, unet_config
 
 
 def _adapter_config(module: torch.nn.Module) -> dict:
@@ -47,7 +47,7 @@ def _file_key(prefix: str, module: str) -> str:
 
 
 def factors_layout(factors: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """A plain-LoRA diffusers layout from per-module factors (any variant, see trainer.adapters.variants.lora_factors).
+    """A plain-LoRA diffusers layout from per-module factors (any variant, see trainer.adapters.factors.lora_factors).
 
     Ranks and alphas may differ per module (AdaLoRA, Delta-LoRA's rank 2r): they go to peft's rank_pattern and
     alpha_pattern with alpha = scale·rank, so diffusers applies exactly scale·up·down.
@@ -83,7 +83,7 @@ def save_diffusers_lora(path: Path, modules: dict[str, torch.nn.Module], metadat
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
     if convert:
-        from trainer.adapters.variants import lora_factors
+        from trainer.adapters.factors import lora_factors
 
         tensors, adapter_metadata = factors_layout(lora_factors(modules, delta))
     else:
@@ -102,13 +102,13 @@ def training_metadata(cfg, base_kind: str, step: int, num_images: int, started_a
     """The training facts every adapter file carries (kohya-style ss_* names; all values strings)."""
     import time
 
-    from trainer.families import KOHYA_VERSION
+    from trainer import families
     from trainer.config import to_toml
 
     return {
         "ss_output_name": cfg.output.name,
-        "ss_base_model_version": KOHYA_VERSION[base_kind],
-        "ss_v2": str(base_kind == "sd2"),
+        "ss_base_model_version": families.get(base_kind).KOHYA_VERSION,
+        "ss_v2": str(families.get(base_kind).V2),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_network_dim": str(cfg.lora.rank),
         "ss_network_alpha": str(cfg.lora.alpha),
@@ -125,17 +125,15 @@ def training_metadata(cfg, base_kind: str, step: int, num_images: int, started_a
 
 
 def save_plain_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str], rank: int,
-                    kind: str = "sd1", delta=None) -> tuple[Path, dict]:
+                    kind: str | None = None, delta=None) -> tuple[Path, dict]:
     """Write every adapted layer's effective ΔW (DoRA: the whole re-normalised change) as a plain kohya LoRA of
     `rank`, truncated by SVD; returns (path, report) with the measured relative error, also in the header."""
     from trainer.lora_files.dora import PLAIN_KEY, plain_lora_tensors
     from trainer.lora_files.kohya import write_kohya
-    from trainer.lora_files.kohya_names import unet_layout
-    from trainer.adapters.variants import lora_factors
+    from trainer.adapters.factors import lora_factors
 
     modules = {p: m for p, m in modules.items() if m is not None and getattr(m, "peft_config", None)}
-    layout = unet_layout(modules["unet"].config) if kind == "sdxl" and "unet" in modules else None
-    tensors, report = plain_lora_tensors(lora_factors(modules, delta), rank, kind, layout)
+    tensors, report = plain_lora_tensors(lora_factors(modules, delta), rank, kind, unet_config(modules))
     # ss_network_dim / ss_network_alpha keep describing the training; this file's own rank is in PLAIN_KEY
     return write_kohya(Path(path), tensors, {**metadata, PLAIN_KEY: json.dumps(report)}), report
 
@@ -154,7 +152,7 @@ def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta:
                                 tag_frequency=tag_frequency, base_kind=base_kind, cover_png=cover_png,
                                 rslora=cfg.lora.rslora)
     if cfg.lora.variant in ("loha", "lokr"):  # LyCORIS keys, what A1111/Forge and ComfyUI read (trainer/adapters/lycoris.py)
-        from trainer.adapters.lycoris import save_lycoris_kohya
+        from trainer.lora_files.lycoris import save_lycoris_kohya
 
         kohya = save_lycoris_kohya(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, cfg.lora, base_kind)
     else:

@@ -1,7 +1,7 @@
 """kohya/A1111 LoRA files (what A1111/Forge and ComfyUI load) and conversion to/from the diffusers/PEFT layout.
 
-Keys (trainer.lora_files.kohya_names, per base family): `lora_unet_<module>` and `lora_te_text_model_<path>` (SD1.x/SD2.x),
-SGM UNet names and `lora_te1_`/`lora_te2_` (SDXL), each with `.lora_down.weight` [r, in(, kh, kw)],
+Keys (spelled by the base's family, trainer.families; trainer.lora_files.kohya_names builds the tables), e.g.
+`lora_unet_<module>` and `lora_te_text_model_<path>`, each with `.lora_down.weight` [r, in(, kh, kw)],
 `.lora_up.weight` [out, r(, 1, 1)] and `.alpha` (0-dim fp32). Readers apply up·down·(alpha/r)·multiplier, but not
 all of them per module: diffusers' kohya loader keeps one alpha per model part (its alpha_pattern keys miss the
 attention modules of the full-size SD1.5 UNet) and then scales a module of another rank by alpha/its rank. So every
@@ -31,8 +31,9 @@ from safetensors.torch import save_file
 from trainer.lora_files.dora import DORA_SCALE_KEY, DORA_SCALE_NOTE, comfy_dora_scale, magnitude_from_comfy_scale
 from trainer.io import atomic_path
 from trainer.lora_files.kohya_meta import addnet_hashes, kohya_metadata  # noqa: F401 (kohya_metadata: part of this API)
-from trainer.lora_files.kohya_names import (PREFIXES, diffusers_file_kind, kohya_file_kind, kohya_name, module_names, peft_key,
-                                 reference_names, unet_layout)
+from trainer import families
+from trainer.lora_files.kohya_names import (diffusers_file_kind, family_of, kohya_file_kind, module_names, peft_key,
+                                            reference_names, unet_config)
 
 ADAPTER = "default"
 # peft saves the DoRA magnitude as `.lora_magnitude_vector` for diffusers models and `.lora_magnitude_vector.weight`
@@ -96,26 +97,28 @@ def base_weight(models: dict[str, torch.nn.Module], part: str, module: str) -> t
     raise ValueError(f"{part}.{module}: no such module in the base model")
 
 
-def kohya_state_dict(modules: dict[str, torch.nn.Module], delta=None, kind: str = "sd1") -> dict[str, torch.Tensor]:
+def kohya_state_dict(modules: dict[str, torch.nn.Module], delta=None,
+                     kind: str | None = None) -> dict[str, torch.Tensor]:
     """The kohya tensors of the 'default' adapter of each module ({"unet": ..., "text_encoder"(_2): ...}) of a
-    `kind` base (sd1 | sd2 | sdxl: key names differ, see trainer.lora_files.kohya_names).
+    `kind` base (a family name: key names differ, see trainer.families).
 
-    Any variant: trainer.adapters.variants.lora_factors gives the exact plain-LoRA factors (VeRA, AdaLoRA, Delta-LoRA
+    Any variant: trainer.adapters.factors.lora_factors gives the exact plain-LoRA factors (VeRA, AdaLoRA, Delta-LoRA
     via `delta`), written at one rank with alpha = rank (uniform_module), so every loader applies the trained ΔW.
     """
-    from trainer.adapters.variants import lora_factors, lora_layers
+    from trainer.adapters.factors import lora_factors
+    from trainer.adapters.variants import lora_layers
 
     modules = {p: m for p, m in modules.items() if m is not None and getattr(m, "peft_config", None)}
     for part, module in modules.items():
         for name, layer in lora_layers(module).items():
             _check_layer(f"{part}.{name}", layer)
-    layout = unet_layout(modules["unet"].config) if kind == "sdxl" and "unet" in modules else None
+    family, config = family_of(kind), unet_config(modules)
     factors = lora_factors(modules, delta)
     rank = max((f.down.shape[0] for f in factors.values()), default=0)
     tensors: dict[str, torch.Tensor] = {}
     for full_name, f in factors.items():
         part, name = full_name.split(".", 1)
-        key = kohya_name(part, name.removeprefix("base_model.model."), kind, layout)
+        key = family.kohya_name(part, name.removeprefix("base_model.model."), config)
         group = uniform_module(f.down.cpu(), f.up.cpu(), f.scale, rank)
         if f.magnitude is not None:  # DoRA: peft's m is [out] (Linear) or [1, out, 1, 1] (Conv2d)
             weight = f.weight.float().cpu()
@@ -148,7 +151,7 @@ def write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
 
 
 def save_kohya_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str], delta=None,
-                    kind: str = "sd1") -> Path:
+                    kind: str | None = None) -> Path:
     """Write `path` atomically in the kohya layout, with sshs_model_hash / sshs_legacy_hash as kohya computes them."""
     return write_kohya(path, kohya_state_dict(modules, delta, kind), dict(metadata))
 
@@ -187,6 +190,16 @@ def group_modules(state: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> 
     return groups
 
 
+def check_kohya_family(file_kind: str, kind: str | None) -> None:
+    """Refuse a kohya file spelled for one family on a base (`kind`) whose files are spelled otherwise."""
+    if kind is None:
+        return
+    file_family, base_family = family_of(file_kind), family_of(kind)
+    if file_family.KOHYA_LAYOUT != base_family.KOHYA_LAYOUT:
+        raise ValueError(f"a LoRA for {families.kohya_layout_label(file_family)} cannot be used with this "
+                         f"{families.kohya_layout_label(base_family)} base")
+
+
 def kohya_to_diffusers(
     state: dict[str, torch.Tensor], model_modules: dict[str, torch.nn.Module] | None = None, kind: str | None = None,
     header: dict[str, str] | None = None,
@@ -198,9 +211,7 @@ def kohya_to_diffusers(
     transformer_blocks), so only real names disambiguate. `header`: the file's metadata; a dora_scale written for
     ComfyUI (DORA_SCALE_KEY) turns back into peft's magnitude with the base weights of `model_modules`."""
     file_kind = kohya_file_kind(state)
-    if kind is not None and (file_kind == "sdxl") != (kind == "sdxl"):
-        raise ValueError(f"a LoRA for {'SDXL' if file_kind == 'sdxl' else 'SD1.x/SD2.x'} cannot be used with this "
-                         f"{'SDXL' if kind == 'sdxl' else 'SD1.x/SD2.x'} base")
+    check_kohya_family(file_kind, kind)
     table = module_names(model_modules, kind or file_kind) if model_modules else reference_names(file_kind)
     comfy_dora = DORA_SCALE_KEY in (header or {})
     tensors: dict[str, torch.Tensor] = {}
@@ -209,7 +220,9 @@ def kohya_to_diffusers(
     for name, group in sorted(group_modules(state, KOHYA_SUFFIXES).items()):
         # SD1/SD2 files sometimes spell the one text encoder lora_te1_; files written before the fix spell SDXL's
         # projection lora_te2_text_model_text_projection (ComfyUI's key map knows lora_te2_text_projection only)
-        lookup = "lora_te_" + name.removeprefix("lora_te1_") if file_kind != "sdxl" and name.startswith("lora_te1_") else name
+        lookup = name
+        if name.startswith("lora_te1_") and "text_encoder_2" not in family_of(file_kind).KOHYA_PREFIXES:
+            lookup = "lora_te_" + name.removeprefix("lora_te1_")
         lookup = lookup.replace("_text_model_text_projection", "_text_projection")
         if lookup not in table:
             unknown.append(name)
@@ -264,12 +277,13 @@ def peft_scaling(config: dict, part: str, module: str, rank: int) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict, kind: str = "sd1",
+def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict, kind: str | None = None,
                        model_modules: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
     """peft-layout tensors (`unet.<module>.lora_A.weight`, ...) + diffusers adapter metadata -> kohya tensors of a
     `kind` base (SDXL UNet modules get SGM names for the real SDXL layout), at one rank with alpha = rank (see
     uniform_module). DoRA modules need the base weights (`model_modules`) for ComfyUI's dora_scale."""
-    prefixes = PREFIXES[kind]
+    family = family_of(kind)
+    prefixes = family.KOHYA_PREFIXES
     configs = {
         part: {k.removeprefix(f"{part}."): v for k, v in (adapter_metadata or {}).items() if k.startswith(f"{part}.")}
         for part in prefixes
@@ -299,7 +313,7 @@ def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict, k
         if magnitude is not None:
             weight = base_weight(model_modules, part, module).float().cpu()
             group["dora_scale"] = comfy_dora_scale(magnitude, weight, file_delta(group, weight.shape))
-        key = kohya_name(part, module, kind)
+        key = family.kohya_name(part, module)
         tensors.update({f"{key}.{suffix}": t for suffix, t in group.items()})
     if guessed:
         warnings.warn(f"no lora_adapter_metadata for {', '.join(sorted(guessed))}: assuming alpha = rank (scale 1.0, "
@@ -370,7 +384,7 @@ def convert_file(src: Path, dst: Path, to: str, base: str | None = None, model=N
     if to == "diffusers":
         if not is_kohya:
             raise ValueError(f"{src}: not a kohya LoRA (no lora_unet_/lora_te_ keys)")
-        if base and (base == "sdxl") != (kohya_file_kind(state) == "sdxl"):
+        if base and family_of(base).KOHYA_LAYOUT != family_of(kohya_file_kind(state)).KOHYA_LAYOUT:
             raise ValueError(f"{src}: its keys are not those of a {base} LoRA")
         tensors, adapter_metadata = kohya_to_diffusers(state, parts, kind=base, header=file_header)
         header.update(format="pt")

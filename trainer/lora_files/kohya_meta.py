@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from trainer.families import KOHYA_VERSION, modelspec_architecture
+from trainer import families
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -22,11 +22,10 @@ def kohya_metadata(
     cover_png: bytes | None, rslora: bool = False,
 ) -> dict[str, str]:
     """kohya ss_* and SAI modelspec.* header entries on top of `base` (e.g. export.training_metadata). All strings."""
-    if base_kind not in KOHYA_VERSION:
-        raise ValueError(f"unknown base kind {base_kind!r} (expected one of {', '.join(KOHYA_VERSION)})")
+    family = families.get(base_kind)
     meta = {k: str(v) for k, v in base.items()}
     v_prediction = meta.get("ss_v_parameterization") == "True"
-    default = "1024" if base_kind == "sdxl" else "768" if base_kind == "sd2" and v_prediction else "512"
+    default = str(family.default_resolution(v_prediction))
     resolution = re.findall(r"\d+", meta.get("ss_resolution", "")) or [default, default]
     started = float(meta.get("ss_training_started_at", 0) or 0) or datetime.datetime.now().timestamp()
     meta.update({
@@ -34,13 +33,13 @@ def kohya_metadata(
         "ss_network_dim": str(rank),
         # ss_network_alpha uses kohya's alpha/r convention; rsLoRA's alpha/sqrt(r) is the same scale at alpha·sqrt(r).
         "ss_network_alpha": str(alpha * math.sqrt(rank) if rslora else alpha),
-        "ss_base_model_version": KOHYA_VERSION[base_kind],
-        "ss_v2": str(base_kind == "sd2"),
+        "ss_base_model_version": family.KOHYA_VERSION,
+        "ss_v2": str(family.V2),
         "ss_v_parameterization": str(v_prediction),
         "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
         # modelspec values as kohya's library/sai_model_spec.py writes them for a LoRA.
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": modelspec_architecture(base_kind, v_prediction),
+        "modelspec.architecture": family.modelspec_architecture(v_prediction),
         "modelspec.implementation": "diffusers",
         "modelspec.title": meta.get("modelspec.title") or meta.get("ss_output_name") or "LoRA",
         "modelspec.resolution": f"{resolution[0]}x{resolution[-1]}",

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from trainer.data import dataset as ds
 from trainer.data.images import load_image
-from trainer.families.conditioning import encode_text, sdxl_time_ids, unet_kwargs
 from trainer.data.masks import batch_masks
 from trainer.adapters.variants import adalora_orth_loss
 
@@ -75,14 +74,13 @@ def make_batch(run, k: int) -> Batch:
     def randn(shape) -> torch.Tensor:
         return torch.randn(shape, generator=gen, device=gen.device).to(device)
 
-    latents = (mean.to(device) + std.to(device) * randn(mean.shape)) * run.base.vae.config.scaling_factor
+    base = run.base
+    latents = base.family.scale_latents(base.vae, mean.to(device) + std.to(device) * randn(mean.shape))
     noise = randn(latents.shape)
     if tc.noise_offset:
         noise += tc.noise_offset * randn((latents.shape[0], latents.shape[1], 1, 1))
-    scheduler = run.base.noise_scheduler
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen,
-                              device=gen.device).to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps).to(run.weight_dtype)
+    timesteps = base.family.draw_timesteps(base, latents.shape[0], gen, device)
+    noisy = base.family.add_noise(base, latents, noise, timesteps).to(run.weight_dtype)
     return Batch(indices, flips, captions, latents, noise, timesteps, noisy)
 
 
@@ -90,36 +88,27 @@ def text_conditioning(run, models: dict, batch: Batch) -> tuple[torch.Tensor, to
     """(hidden states, pooled or None) of the batch's captions: from the cache when the text encoder is frozen."""
     if run.text_cache:
         hidden = torch.stack([run.text_cache[i][0] for i in batch.indices])
-        pooled = None if run.base.kind != "sdxl" else torch.stack([run.text_cache[i][1] for i in batch.indices])
-        return hidden, pooled
+        pooled = [run.text_cache[i][1] for i in batch.indices]
+        return hidden, None if pooled[0] is None else torch.stack(pooled)
     encoders = {n: models[n] for n in run.base.text_encoders()}
     # grad only when training the TE, and never inside a no_grad caller (LoRA-drop's importance pass)
     with torch.set_grad_enabled(run.trains_text and torch.is_grad_enabled()):
-        return encode_text(run.base, encoders, batch.captions, run.device)
+        return run.base.family.encode_text(run.base, encoders, batch.captions, run.device)
 
 
 def diffusion_loss(run, models: dict, batch: Batch) -> torch.Tensor:
     """Mean denoising loss of `models` ({"unet", "text_encoder"(_2)}: eager or compiled) on `batch`: MSE to the
-    noise (or to v for v-prediction bases), min-SNR weighted, regularisation images at their weight."""
-    from diffusers.training_utils import compute_snr
-
-    base, tc, dtype = run.base, run.cfg.train, run.weight_dtype
+    family's target (the noise, or v for v-prediction bases), min-SNR weighted, regularisation images at their
+    weight."""
+    base, tc, dtype, family = run.base, run.cfg.train, run.weight_dtype, run.base.family
     hidden, pooled = text_conditioning(run, models, batch)
-    time_ids = None
-    if base.kind == "sdxl":
-        time_ids = torch.stack([sdxl_time_ids(run.items[i].size, run.items[i].bucket, f)
-                                for i, f in zip(batch.indices, batch.flips)])
-    pred = models["unet"](batch.noisy, batch.timesteps, hidden.to(dtype),
-                          **unet_kwargs(pooled, time_ids, dtype)).sample.float()
-    scheduler = base.noise_scheduler
-    target = (batch.noise if base.prediction_type == "epsilon"
-              else scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps))
+    image_sizes = [(run.items[i].size, run.items[i].bucket, f) for i, f in zip(batch.indices, batch.flips)]
+    pred = family.predict(models["unet"], batch.noisy, batch.timesteps, hidden, pooled, image_sizes, dtype).float()
+    target = family.target(base, batch.latents, batch.noise, batch.timesteps)
     weight_map = batch_masks(run.masks, batch.indices, batch.flips, pred)  # masked loss: 0 where masked out, else 1
     loss = (F.mse_loss(pred, target.float(), reduction="none") * weight_map).mean(dim=(1, 2, 3))
     if tc.min_snr_gamma:
-        snr = compute_snr(scheduler, batch.timesteps)
-        weight = snr.clamp(max=tc.min_snr_gamma) / (snr + 1 if base.prediction_type == "v_prediction" else snr)
-        loss = loss * weight
+        loss = loss * family.loss_weight(base, batch.timesteps, tc.min_snr_gamma)
     reg_weights = [run.items[i].loss_weight for i in batch.indices]  # data.reg_weight for regularisation images
     if any(w != 1.0 for w in reg_weights):
         loss = loss * torch.tensor(reg_weights, device=loss.device)

@@ -188,9 +188,9 @@ def estimate_lora_params(cfg) -> int | None:
         return None  # the loader reports the real problem right after
     parts = []  # (shapes, targets)
     if kind == "folder":
+        encoders = sorted(p.name for p in Path(where).glob("text_encoder*") if p.is_dir())  # one or more: the family's
         for sub, wanted, targets in (("unet", lc.train_unet, lc.unet_targets),
-                                     ("text_encoder", lc.train_text_encoder, lc.text_encoder_targets),
-                                     ("text_encoder_2", lc.train_text_encoder, lc.text_encoder_targets)):  # SDXL
+                                     *((name, lc.train_text_encoder, lc.text_encoder_targets) for name in encoders)):
             if wanted:
                 shapes = {}
                 for f in sorted((Path(where) / sub).glob("*.safetensors")):

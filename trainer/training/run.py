@@ -17,12 +17,11 @@ from trainer.data import dataset as ds
 from trainer.data.images import load_image
 from trainer.training.batch import encode_latent_dist
 from trainer.training.checkpoint import check_disk_space, resume_from
-from trainer.families.conditioning import encode_text
 from trainer.config import Config, LoraConfig, save_config
 from trainer.data.summary import format_summary, summarize as summarize_dataset
 from trainer.events import DATASET, PROBLEM, RESUMED, STOP_FILE, EventLog
 from trainer.io import seal_jsonl
-from trainer.families.loading import attach_lora, lora_parameters
+from trainer.adapters.attach import attach_lora, lora_parameters
 from trainer.training.ema import load_ema_state, make_ema
 from trainer.data.masks import make_masks
 from trainer.training.optimizers import build_optimizer
@@ -151,8 +150,8 @@ def attach_models(run: Run, base, probe: bool = False) -> None:
         unet.enable_gradient_checkpointing()
         for name in run.trained.keys() - {"unet"}:
             run.trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lrs = {"unet": tc.lr_unet, "text_encoder": tc.lr_text_encoder, "text_encoder_2": tc.lr_text_encoder}
-    optimizer = build_optimizer(tc, lora, [(m, lrs[n]) for n, m in run.trained.items()], fused=device.type == "cuda")
+    lrs = [(m, tc.lr_unet if n == "unet" else tc.lr_text_encoder) for n, m in run.trained.items()]
+    optimizer = build_optimizer(tc, lora, lrs, fused=device.type == "cuda")
     if lora.variant == "deltalora":
         run.delta = DeltaLora(run.trained, lora.deltalora_lambda, lora.deltalora_start)
     run.lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
@@ -198,7 +197,7 @@ def fill_caches(run: Run) -> None:
         with torch.no_grad():
             for i, item in enumerate(run.items):
                 caption = ds.build_caption(item.caption, cfg.data, random.Random(0), item.trigger)
-                hidden, pooled = encode_text(base, base.text_encoders(), [caption], run.device)
+                hidden, pooled = base.family.encode_text(base, base.text_encoders(), [caption], run.device)
                 run.text_cache[i] = hidden[0], None if pooled is None else pooled[0]
     run.idle = [base.vae] * bool(run.latent_cache) + list(base.text_encoders().values()) * bool(run.text_cache)
     offload(run.idle, run.device)

@@ -61,15 +61,11 @@ class Validator:
     """Fixed latents, noise, timesteps and text conditions of the held-out images; `loss()` runs the model on them."""
 
     def __init__(self, cfg: Config, base, items: list, device, weight_dtype, trains_text: bool):
-        from trainer.families.conditioning import encode_text, sdxl_time_ids
-
         self.cfg, self.base, self.device, self.weight_dtype = cfg, base, device, weight_dtype
         self.trains_text = trains_text
         self.best: tuple[float, int] | None = None
-        scheduler = base.noise_scheduler
-        n = scheduler.config.num_train_timesteps
-        k = cfg.train.validation_timesteps
-        self.timesteps = torch.tensor([int((j + 0.5) * n / k) for j in range(k)], device=device)
+        family, k = base.family, cfg.train.validation_timesteps
+        self.timesteps = family.validation_timesteps(base, k, device)
         caption_cfg = cfg.data.model_copy(update={"caption_dropout": 0.0, "shuffle_captions": False})
         self.captions = [ds.build_caption(item.caption, caption_cfg, random.Random(0), item.trigger) for item in items]
         self.samples = []
@@ -77,34 +73,30 @@ class Validator:
         with torch.no_grad():
             for i, item in enumerate(items):
                 mean, _ = encode_latent_dist(vae, load_image(item.path, item.bucket))
-                latent = mean[None] * vae.config.scaling_factor
+                latent = family.scale_latents(vae, mean[None])
                 gen = torch.Generator("cpu").manual_seed(cfg.train.seed * 7919 + i)
                 noise = torch.randn((k, *latent.shape[1:]), generator=gen).to(device)
-                time_ids = sdxl_time_ids(item.size, item.bucket, False) if base.kind == "sdxl" else None
-                self.samples.append((latent.to(device), noise, time_ids))
+                self.samples.append((latent.to(device), noise, (item.size, item.bucket, False)))
             # frozen text encoders: encoded once here (they may leave the GPU during training)
-            self.text = None if trains_text else [encode_text(base, base.text_encoders(), [c], device)
+            self.text = None if trains_text else [family.encode_text(base, base.text_encoders(), [c], device)
                                                   for c in self.captions]
 
     @torch.no_grad()
     def loss(self, unet, text_encoders: dict) -> float:
-        from trainer.families.conditioning import encode_text, unet_kwargs
-
         modes = {m: m.training for m in (unet, *text_encoders.values())}
         for m in modes:
             m.eval()  # no LoRA / rank dropout
-        scheduler, k, total = self.base.noise_scheduler, len(self.timesteps), 0.0
+        base, family, k, total = self.base, self.base.family, len(self.timesteps), 0.0
         try:
-            for i, (latent, noise, time_ids) in enumerate(self.samples):
-                hidden, pooled = self.text[i] if self.text else encode_text(self.base, text_encoders,
-                                                                            [self.captions[i]], self.device)
+            for i, (latent, noise, image_size) in enumerate(self.samples):
+                hidden, pooled = self.text[i] if self.text else family.encode_text(base, text_encoders,
+                                                                                   [self.captions[i]], self.device)
                 latents = latent.expand(k, *latent.shape[1:])
-                noisy = scheduler.add_noise(latents, noise, self.timesteps).to(self.weight_dtype)
-                extra = unet_kwargs(None if pooled is None else pooled.expand(k, -1),
-                                    None if time_ids is None else time_ids[None].expand(k, -1), self.weight_dtype)
-                pred = unet(noisy, self.timesteps, hidden.expand(k, -1, -1).to(self.weight_dtype), **extra).sample
-                target = noise if self.base.prediction_type == "epsilon" else scheduler.get_velocity(
-                    latents, noise, self.timesteps)
+                noisy = family.add_noise(base, latents, noise, self.timesteps).to(self.weight_dtype)
+                pred = family.predict(unet, noisy, self.timesteps, hidden.expand(k, -1, -1),
+                                      None if pooled is None else pooled.expand(k, -1), [image_size] * k,
+                                      self.weight_dtype)
+                target = family.target(base, latents, noise, self.timesteps)
                 total += float(F.mse_loss(pred.float(), target.float()))
         finally:
             for m, mode in modes.items():

@@ -1,0 +1,142 @@
+"""Stable Diffusion 1.x: one CLIP-L text encoder, a UNet conditioned on its last hidden states, DDPM noise (epsilon).
+
+The worked example of docs/adding-a-base.md: every name below is part of the family protocol (trainer.families.Family)
+that the loop, the files, the preview and the UI ask instead of testing which base they have.
+
+Detection: SD1.x is what is left when no other family claims a base (FAMILIES lists it last): a UNet with 1x1-conv
+transformer projections and 768-wide cross-attention; a single-file checkpoint with a CLIP-L `cond_stage_model`.
+kohya keys (sd-scripts trains SD1/SD2 on diffusers-named UNets): `lora_unet_<diffusers path, . -> _>` and
+`lora_te_text_model_<path>`.
+
+No torch import at module level: the web UI imports the families to describe a base.
+"""
+
+from __future__ import annotations
+
+from trainer.families.clip import OPENCLIP_H, kohya_key, token_ids
+from trainer.families.ddpm import (add_noise, draw_timesteps, loss_weight, target,  # noqa: F401 (SD's noise rule)
+                                   training_scheduler, validation_timesteps)
+
+NAME = "sd1"  # in events (base_kind), `convert --base`, `build-tiny --kind`
+LABEL = "SD 1.x"  # what the UI shows
+PIPELINE_CLASS = "StableDiffusionPipeline"
+PIPELINE_KWARGS = {"safety_checker": None, "requires_safety_checker": False}  # from_pretrained/from_single_file
+TEXT_ENCODERS = ("text_encoder",)  # pipeline attributes, also the part names of LoRA files
+TOKENIZERS = ("tokenizer",)
+DENOISER_CLASS = "UNet2DConditionModel"
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_LAYOUT = "sd1"  # families whose kohya keys are spelled alike name the same layout (SD2's are SD1's)
+KOHYA_VERSION = "sd_v1"  # ss_base_model_version (sd-scripts library/sdxl_model_util.py, train_network.py)
+V2 = False  # ss_v2
+
+# The real SD1.5 UNet and a 24-layer CLIP text model (OpenCLIP-H's depth covers CLIP-L's 12 layers), built on the
+# meta device to resolve kohya names without a base model: module names depend on the layout, not on the sizes.
+REFERENCE_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def matches_configs(unet_config: dict, components: set[str]) -> bool:
+    """Whether a diffusers pipeline (its UNet config and the names of its present components) is this family."""
+    return True  # the fallback: asked last
+
+
+def matches_checkpoint_keys(keys: set[str]) -> bool:
+    """Whether a single-file (original LDM) checkpoint with these tensor names is this family."""
+    return True  # the fallback: asked last
+
+
+def matches_version(version: str) -> bool:
+    """Whether a LoRA file's ss_base_model_version names this family."""
+    return version.startswith("sd_v1")
+
+
+def matches_kohya_keys(keys: set[str]) -> bool:
+    """Whether kohya keys are spelled this family's way (SD1 and SD2 share one spelling: the fallback)."""
+    return True
+
+
+def matches_diffusers_keys(keys: set[str]) -> bool:
+    """Whether a diffusers-layout LoRA's keys show this family without metadata: SD1/SD2 UNets have attention in
+    their first down level and four levels."""
+    return any(k.startswith(("unet.down_blocks.0.attentions", "unet.down_blocks.3", "unet.up_blocks.3")) for k in keys)
+
+
+# ----------------------------------------------------------------------------- loading and conditioning
+
+
+def pipeline(base, unet, text_encoders: dict):
+    """A diffusers inference pipeline over these parts."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=base.vae, unet=unet, scheduler=base.sample_scheduler, tokenizer=base.tokenizer,
+                                   **text_encoders, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def encode_text(base, text_encoders: dict, captions: list[str], device):
+    """(hidden states [B, 77, D], None) of `captions`: the last hidden states of CLIP, what StableDiffusionPipeline
+    feeds at inference. `text_encoders` maps "text_encoder" to the module to run (trained, wrapped or frozen)."""
+    return text_encoders["text_encoder"](token_ids(base.tokenizer, captions, device))[0], None
+
+
+def predict(unet, noisy, timesteps, hidden, pooled, image_sizes: list, dtype):
+    """The UNet's prediction for a batch. `pooled` and `image_sizes` ((size, bucket, flipped) per image) are SDXL's
+    extra conditions: unused here."""
+    return unet(noisy, timesteps, hidden.to(dtype)).sample
+
+
+def scale_latents(vae, sample):
+    """A VAE latent sample as the denoiser sees it."""
+    return sample * vae.config.scaling_factor
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def kohya_name(part: str, module: str, unet_config=None) -> str:
+    """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`; text-encoder modules
+    as files spell them (`text_model.` kept, see trainer.families.clip.canonical_text_module)."""
+    return kohya_key(KOHYA_PREFIXES, NAME, part, module)
+
+
+def reference_models() -> dict:
+    """{part: model on the meta device} of the real base, for kohya names without a base model."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        return {"unet": UNet2DConditionModel(**REFERENCE_UNET),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**OPENCLIP_H))}
+
+
+def modelspec_architecture(v_prediction: bool) -> str:
+    """SAI ModelSpec architecture of a LoRA for this base (kohya library/sai_model_spec.py)."""
+    return "stable-diffusion-v1/lora"
+
+
+def default_resolution(v_prediction: bool) -> int:
+    """The training side kohya's metadata assumes when a file does not say."""
+    return 512
+
+
+# ----------------------------------------------------------------------------- sizes and tests
+
+
+def native_size(unet_config: dict, vae_config: dict) -> int:
+    """The image side the base was built for: the UNet's sample size times the VAE's downsampling."""
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def build_tiny(folder, seed: int = 0):
+    """Write a tiny random pipeline of this family to `folder` (tests, `python -m trainer build-tiny`)."""
+    from trainer.families.tiny import build_tiny_sd15
+
+    return build_tiny_sd15(folder, seed)
