@@ -19,7 +19,7 @@ BUILTIN_BASE = "builtin:demo-sd"
 BASE_CHOICES = [  # (label, value); any other text is accepted too (hub id, diffusers folder, .safetensors)
     ("builtin:demo-sd (demo: tiny model trained on procedural shapes — not a real SD base)", BUILTIN_BASE),
     ("builtin:tiny-sd15 (test: random tiny model, proves the pipeline; samples are noise)", "builtin:tiny-sd15"),
-    ("stable-diffusion-v1-5/stable-diffusion-v1-5 (hub id, SD1.5)", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5 (hub id)", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
 ]
 
 # (config field path, widget kind, label). Kinds: text, lines (list[str], one per line), int, float, bool,

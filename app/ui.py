@@ -149,7 +149,7 @@ def train_layout(defaults: dict[str, Any]) -> SimpleNamespace:
     with gr.Tab("Train", id="train"):
         preset = gr.Dropdown(choices=list_presets(), value=form.DEFAULT_PRESET, label="Preset",
                              info="demo-style: the demo style set on the demo base, ~3 min on a CPU; "
-                             "tiny-test: seconds, random base; sd15-style: real SD1.5 training")
+                             "tiny-test: seconds, random base; sd15-style and the other -style presets: real training on a full-size base")
         widgets: dict[str, Any] = {}
         with gr.Row():
             for spec in form.BASIC_SPECS[:2]:

@@ -31,10 +31,11 @@ RUNS = {  # name: (base kind, extra --set values)
     "sdxl-locon": ("sdxl", ["lora.conv_rank=2"]),
     "sdxl-loha": ("sdxl", ["lora.variant=\"loha\""]),
 }
-VOLATILE = ("date", "started_at", "output_name", "training_comment", "session_id", "cover_images", "ss_dataset_dirs")
+# Header entries that differ between two runs of the same code: times, and the hashes kohya computes over the header.
+VOLATILE = ("date", "started_at", "finished_at", "sshs_")
 
 
-def tensor_hash(path: Path) -> tuple[str, str]:
+def tensor_hash(path: Path, out: Path) -> tuple[str, str]:
     digest = hashlib.sha256()
     with safe_open(str(path), framework="pt") as f:
         for key in sorted(f.keys()):
@@ -42,7 +43,7 @@ def tensor_hash(path: Path) -> tuple[str, str]:
             digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
             digest.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
         meta = {k: v for k, v in (f.metadata() or {}).items() if not any(w in k for w in VOLATILE)}
-    meta_text = json.dumps(meta, sort_keys=True)
+    meta_text = json.dumps(meta, sort_keys=True).replace(str(out), "OUT")  # run folders differ between runs
     return digest.hexdigest()[:16], hashlib.sha256(meta_text.encode()).hexdigest()[:16]
 
 
@@ -69,7 +70,7 @@ def main() -> int:
                 cmd += ["--set", s]
             subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
         for path in sorted(run_dir.glob("*.safetensors")):
-            tensors, meta = tensor_hash(path)
+            tensors, meta = tensor_hash(path, out)
             print(f"{name:12s} {path.name:42s} tensors {tensors} meta {meta}", flush=True)
     return 0
 

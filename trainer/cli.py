@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="base family, only needed when the file's metadata and keys do not tell")
     p_conv.add_argument("--model", help="base model (folder, hub id, .safetensors, builtin:...): needed only for DoRA "
                         "files, whose kohya dora_scale is relative to the base weights (ComfyUI's formula)")
-    p_tiny = sub.add_parser("build-tiny", help="write a tiny random test model (SD1.5, SD2 v-pred or SDXL layout)")
+    p_tiny = sub.add_parser("build-tiny", help="write a tiny random test model of a base family's layout")
     p_tiny.add_argument("folder")
     p_tiny.add_argument("--kind", choices=families.NAMES, default=families.FALLBACK.NAME)
     p_prev = sub.add_parser("preview", help="preview worker: one base in memory, adapters switched by JSON-lines "

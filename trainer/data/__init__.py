@@ -1,0 +1,12 @@
+"""The dataset: folders of images and captions, and the tools that edit them. Nothing here loads a model.
+
+  dataset.py       scan_dataset (images, captions, repeats, buckets, problems by file), captions per step, batches
+  images.py        decoding with size limits, buckets, the resize/crop every consumer shares
+  masks.py         masked loss: per-image masks (name.mask.png or alpha)
+  concepts.py      per-folder trigger/prefix/repeats (concept.toml)
+  summary.py       the dataset summary shown before training
+  caption.py       captioning with a local model (BLIP-style or a WD14 tagger); caption_cli.py its CLI;
+  caption_edit.py  bulk caption edits with undo
+
+May import: trainer.config, trainer.events, trainer.io
+"""
