@@ -127,6 +127,8 @@ def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
 
     kind, where = resolve_source(cfg.path)
     common = dict(dtype=torch.float32)
+    if quantize_bits:
+        check_qlora_available()  # before anything loads: the reason is the machine, not the model
     try:
         family = source_family(kind, where, cfg)
         if quantize_bits:
