@@ -197,3 +197,66 @@ def test_caption_files_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert modes == {"a.txt": 0o644, "b.txt": 0o644} and restored == 0o644
+
+
+# ----------------------------------------------------------------------------- majors 2 and 3: masks checked up front
+
+CORPUS = Path(__file__).parent / "bad_inputs"
+PRESET = Path(__file__).parent.parent / "presets" / "tiny-test.toml"
+
+
+def mask_cases() -> list[dict]:
+    import json
+
+    return [c for c in json.loads((CORPUS / "manifest.json").read_text()) if c["where"] == "masks"]
+
+
+@pytest.mark.parametrize("case", mask_cases(), ids=lambda c: c["name"])
+def test_masks_are_checked_when_the_dataset_is_scanned(case):
+    from trainer.config import DataConfig
+    from trainer.data import DatasetError, scan_dataset
+
+    folder = CORPUS / "masks" / Path(case["about"]).parent
+    mask = CORPUS / "masks" / case["about"]
+    if case["expect"] == "refuse":
+        with pytest.raises(DatasetError) as err:
+            scan_dataset(DataConfig(path=str(folder), masked_loss=True))
+        first = str(err.value).splitlines()[0]
+        assert case["says"] in first and str(mask) in first and "data.masked_loss" in first
+    else:  # an empty mask: its image is skipped with a problem that names the mask; the other image trains
+        items, problems = scan_dataset(DataConfig(path=str(folder), masked_loss=True))
+        assert [i.path.name for i in items] == ["other.png"] and items[0].mask_share == 1.0
+        assert [(p.path, p.skipped) for p in problems if case["says"] in p.reason] == [(mask, True)]
+    items, _ = scan_dataset(DataConfig(path=str(folder)))  # without masked loss the masks are not read at all
+    assert sorted(i.path.name for i in items) == ["img.png", "other.png"]
+
+
+@pytest.mark.parametrize("case", [c for c in mask_cases() if c["expect"] == "refuse"], ids=lambda c: c["name"])
+def test_a_run_with_a_bad_mask_is_refused_before_the_model_loads(case, tmp_path, capsys, monkeypatch):
+    import trainer.loop as loop
+
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    folder = CORPUS / "masks" / Path(case["about"]).parent
+    code = main(["train", str(PRESET), "--set", f'data.path="{folder}"', "--set", "data.masked_loss=true",
+                 "--set", f'output.dir="{tmp_path / "out"}"'])
+    err = capsys.readouterr().err
+    assert code == 2 and case["says"] in err and case["about"].split("/")[-1] in err and "Traceback" not in err
+
+
+def test_the_dataset_summary_shows_the_masked_share(tmp_path):
+    from trainer.config import load_config
+    from trainer.data import scan_dataset
+    from trainer.dataset_summary import format_summary, summarize
+
+    for name, fill in (("half", (0, 0, 48, 96)), ("whole", None), ("plain", None)):
+        Image.new("RGB", (96, 96), (90, 20, 20)).save(tmp_path / f"{name}.png")
+        if name != "plain":
+            mask = Image.new("L", (96, 96), 255)
+            if fill:
+                mask.paste(0, fill)
+            mask.save(tmp_path / f"{name}.mask.png")
+    cfg = load_config(PRESET, [f'data.path="{tmp_path}"', "data.masked_loss=true", "data.resolution=64"])
+    items, problems = scan_dataset(cfg.data)
+    text = format_summary(summarize(items, problems, cfg))
+    assert "- masked loss: 2 of 3 images have a mask, keeping 75% of their area on average; the others train whole" \
+        in text

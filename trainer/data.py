@@ -53,6 +53,7 @@ class Item:
     loss_weight: float = 1.0  # data.reg_weight for regularisation images
     is_reg: bool = False  # from data.reg_path
     caption_state: str = "ok"  # "ok" | "missing" (no caption file) | "empty" (blank file) | "unreadable"
+    mask_share: float | None = None  # data.masked_loss: the mean of its mask where it trains; None = no mask
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -158,6 +159,10 @@ def scan_dataset(cfg: DataConfig) -> tuple[list[Item], list[Problem]]:
                                "another (regularisation images would also train as style images)")
         reg_items, reg_problems = _scan_folder(cfg, "data.reg_path", cfg.reg_path, reg=True)
         items, problems = items + reg_items, problems + reg_problems
+    if cfg.masked_loss:  # masks are decoded and checked now, not at the step that draws them
+        from trainer.mask_files import check_masks  # it imports this module
+
+        items, problems = check_masks("data.masked_loss", items, problems)
     return items, problems
 
 
