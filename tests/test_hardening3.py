@@ -260,3 +260,57 @@ def test_the_dataset_summary_shows_the_masked_share(tmp_path):
     text = format_summary(summarize(items, problems, cfg))
     assert "- masked loss: 2 of 3 images have a mask, keeping 75% of their area on average; the others train whole" \
         in text
+
+
+# ----------------------------------------------------------------------------- major 4: every module's shapes
+
+KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def kohya_file(path: Path, down: tuple, up: tuple) -> Path:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({f"{KEY}.lora_down.weight": np.full(down, 0.01, dtype=np.float32),
+               f"{KEY}.lora_up.weight": np.full(up, 0.01, dtype=np.float32),
+               f"{KEY}.alpha": np.array(4.0, dtype=np.float32)}, str(path))
+    return path
+
+
+def test_convert_refuses_a_module_whose_ranks_disagree(tmp_path, capsys):
+    src = kohya_file(tmp_path / "broken.safetensors", (7, 35), (32, 4))
+    for to in ("diffusers", "kohya"):
+        code = main(["convert", str(src), str(tmp_path / f"out-{to}.safetensors"), "--to", to])
+        line = one_line(capsys.readouterr().err)
+        assert code == 2 and f"module {KEY}: down [7, 35] has rank 7 but up [32, 4] has rank 4" in line
+        assert not (tmp_path / f"out-{to}.safetensors").exists()
+
+
+def test_convert_with_a_model_refuses_a_module_that_does_not_fit_the_base(tiny_base, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from trainer.lora_files.kohya import convert_file
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base / "unet")
+    weight = tuple(unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q").weight.shape)
+    src = kohya_file(tmp_path / "other-base.safetensors", (4, weight[1] + 3), (weight[0], 4))  # consistent, wrong base
+    convert_file(src, tmp_path / "unchecked.safetensors", "diffusers")  # without a model only the ranks can be checked
+    with pytest.raises(ValueError, match=r"module unet\.down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q: "
+                                         r"down \[4, \d+\] / up \[\d+, 4\] do not fit the base model's weight"):
+        convert_file(src, tmp_path / "out.safetensors", "diffusers", model={"unet": unet})
+    assert not (tmp_path / "out.safetensors").exists()
+    good = kohya_file(tmp_path / "good.safetensors", (4, weight[1]), (weight[0], 4))
+    assert convert_file(good, tmp_path / "good-out.safetensors", "diffusers", model={"unet": unet}).is_file()
+
+
+def test_a_broken_adapter_upload_is_refused_from_its_header_before_any_worker(tmp_path, monkeypatch):
+    from app import preview_client
+    from trainer.lora_files.kohya import read_adapter_file
+
+    src = kohya_file(tmp_path / "broken.safetensors", (7, 35), (32, 4))
+    monkeypatch.setattr(preview_client, "get_worker", lambda *a, **k: pytest.fail("a worker was asked to load it"))
+    with pytest.raises(preview_client.PreviewError, match=f"broken.safetensors: module {KEY}: down .* has rank 7"):
+        preview_client.upload(tmp_path / "outputs", src, "builtin:demo-sd")
+    assert not list((tmp_path / "outputs").rglob("*.safetensors"))
+    with pytest.raises(ValueError, match=f"module {KEY}: down .* has rank 7"):  # the worker's own reader, and convert
+        read_adapter_file(src)

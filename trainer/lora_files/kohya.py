@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from trainer.lora_files.dora import DORA_SCALE_KEY, DORA_SCALE_NOTE, comfy_dora_scale, magnitude_from_comfy_scale
 from trainer.io import atomic_path
 from trainer.lora_files.kohya_meta import addnet_hashes, kohya_metadata  # noqa: F401 (kohya_metadata: part of this API)
+from trainer.lora_files.shapes import check_base_fit, check_shapes
 from trainer.lora_files.kohya_names import (PREFIXES, diffusers_file_kind, kohya_file_kind, kohya_name, module_names, peft_key,
                                  reference_names, unet_layout)
 
@@ -322,6 +323,7 @@ def read_adapter_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             state, header = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable .safetensors file ({err})") from None
+    check_shapes(str(path), {k: tuple(t.shape) for k, t in state.items()})  # rank agreement of every module
     for key, tensor in state.items():  # NaN/Inf weights render black or noise images everywhere the file is used
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{path}: tensor {key} holds NaN/Inf values, so the adapter is broken (its training "
@@ -363,7 +365,13 @@ def convert_file(src: Path, dst: Path, to: str, base: str | None = None, model=N
     if dora and model is None and (to == "kohya" or DORA_SCALE_KEY in header):
         raise ValueError(f"{src}: a DoRA LoRA; its kohya dora_scale is relative to the base model's weights (ComfyUI's "
                          "formula), so converting it needs the base model: pass --model")
-    parts, file_header = _base_parts(model) if dora else None, dict(header)
+    parts, file_header = _base_parts(model) if dora or model is not None else None, dict(header)
+
+    def fits_base(tensors: dict[str, torch.Tensor]) -> None:  # with --model: every module fits its base weight
+        if parts:
+            check_base_fit(str(src), {k: tuple(t.shape) for k, t in tensors.items()},
+                           lambda part, module: base_weight(parts, part, module).shape)
+
     # Hashes describe the old payload and would be wrong for the new one; the layout notes describe the old layout.
     header = {k: v for k, v in header.items() if not k.startswith("sshs_") and k not in (
         "format", "modelspec.hash_sha256", DORA_SCALE_KEY, "style_lora_alpha")}
@@ -373,6 +381,7 @@ def convert_file(src: Path, dst: Path, to: str, base: str | None = None, model=N
         if base and (base == "sdxl") != (kohya_file_kind(state) == "sdxl"):
             raise ValueError(f"{src}: its keys are not those of a {base} LoRA")
         tensors, adapter_metadata = kohya_to_diffusers(state, parts, kind=base, header=file_header)
+        fits_base(tensors)
         header.update(format="pt")
         header[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata, indent=2, sort_keys=True, default=str)
         with atomic_path(dst) as tmp:
@@ -380,6 +389,7 @@ def convert_file(src: Path, dst: Path, to: str, base: str | None = None, model=N
         return dst
     if is_kohya:
         raise ValueError(f"{src}: already a kohya LoRA")
+    fits_base(state)
     raw = header.pop(LORA_ADAPTER_METADATA_KEY, None)
     kind = base or diffusers_file_kind(state, header)
     return write_kohya(dst, diffusers_to_kohya(state, json.loads(raw) if raw else {}, kind, parts), header)
