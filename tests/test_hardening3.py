@@ -314,3 +314,30 @@ def test_a_broken_adapter_upload_is_refused_from_its_header_before_any_worker(tm
     assert not list((tmp_path / "outputs").rglob("*.safetensors"))
     with pytest.raises(ValueError, match=f"module {KEY}: down .* has rank 7"):  # the worker's own reader, and convert
         read_adapter_file(src)
+
+
+# ----------------------------------------------------------------------------- minor: data.validation_path
+
+
+@pytest.mark.parametrize("where, says", [
+    ("missing", "data.validation_path: folder '{path}' does not exist"),
+    ("same", "data.validation_path: '{path}' and data.path '{data}' must not contain one another"),
+    ("inside", "data.validation_path: '{path}' and data.path '{data}' must not contain one another"),
+])
+def test_validation_path_errors_name_it_and_it_must_be_held_out(where, says, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import trainer.loop as loop
+    from tests.conftest import TINY_STYLE
+
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    data = tmp_path / "data"
+    shutil.copytree(TINY_STYLE, data)
+    path = {"missing": tmp_path / "nowhere", "same": data, "inside": data / "held"}[where]
+    if where == "inside":
+        path.mkdir()
+        shutil.copy(next(data.glob("*.png")), path / "held.png")
+    code = main(["train", str(PRESET), "--set", f'data.path="{data}"', "--set", f'data.validation_path="{path}"',
+                 "--set", f'output.dir="{tmp_path / "out"}"'])
+    err = capsys.readouterr().err
+    assert code == 2 and says.format(path=path, data=data) in err, err
