@@ -341,3 +341,21 @@ def test_validation_path_errors_name_it_and_it_must_be_held_out(where, says, tmp
                  "--set", f'output.dir="{tmp_path / "out"}"'])
     err = capsys.readouterr().err
     assert code == 2 and says.format(path=path, data=data) in err, err
+
+
+# ----------------------------------------------------------------------------- minor: Prodigy with a shipped preset
+
+
+@pytest.mark.parametrize("preset", sorted((PRESET.parent).glob("*.toml")), ids=lambda p: p.stem)
+def test_choosing_prodigy_sets_its_learning_rates_unless_the_user_set_them(preset):
+    from trainer.config import ConfigError, load_config
+
+    for how in ("override", "ui"):
+        cfg = (load_config(preset, ["train.optimizer=prodigy"]) if how == "override"
+               else load_config(preset, extra={"train": {"optimizer": "prodigy"}}))
+        assert (cfg.train.optimizer, cfg.train.lr_unet, cfg.train.lr_text_encoder) == ("prodigy", 1.0, 1.0)
+    cfg = load_config(preset, ["train.optimizer=prodigy", "train.lr_unet=0.5", "train.lr_text_encoder=0.5"])
+    assert (cfg.train.lr_unet, cfg.train.lr_text_encoder) == (0.5, 0.5)  # set by the user: kept
+    with pytest.raises(ConfigError, match="prodigy needs one learning rate"):  # an explicit conflict: still refused
+        load_config(preset, ["train.optimizer=prodigy", "lora.train_unet=true", "lora.train_text_encoder=true",
+                             "train.lr_unet=1.0", "train.lr_text_encoder=0.5"])
