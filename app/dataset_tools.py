@@ -119,16 +119,25 @@ def bulk_edit(run_dir: Path, prefix: str = "", suffix: str = "", find: str = "",
                           (find, replace) if find else None, prefix, suffix)
     if not edits:
         return ["nothing to do: fill in a prefix, suffix, find/replace, tag to remove or words to strip"]
-    undo = ce.start_undo(" + ".join(label for label, _, _ in edits))
-    return ce.apply_edits(Path(run_dir) / "dataset", edits, undo, only or None)
+    label = " + ".join(label for label, _, _ in edits)
+    dataset = Path(run_dir) / "dataset"
+    try:
+        with ce.caption_lock(dataset, label):  # never interleaved with a captioner or another edit
+            undo = ce.start_undo(label)
+            messages = ce.apply_edits(dataset, edits, undo, only or None)
+            ce.finish_undo(dataset, undo)
+    except ce.EditError as err:
+        return [str(err).replace(str(dataset) + ": ", "")]
+    return messages
 
 
 def undo(run_dir: Path) -> str:
+    dataset = Path(run_dir) / "dataset"
     try:
-        label, count = ce.undo_last(Path(run_dir) / "dataset")
+        with ce.caption_lock(dataset, "undo"):
+            return ce.undo_last(dataset).message()
     except ce.EditError as err:
         return str(err).split(": ", 1)[-1]
-    return f"undone: {label} ({count} caption files restored)"
 
 
 def tag_rows(run_dir: Path | None) -> list[list]:

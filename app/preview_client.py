@@ -32,7 +32,8 @@ from typing import Any
 from app import jobs
 from app.uploads import sanitize_name
 from trainer.events import DONE, STOPPED
-from trainer.io import describe_os_error
+from trainer.io import describe_os_error, read_safetensors_header
+from trainer.lora_files.shapes import check_shapes
 
 WORKER_CMD = [sys.executable, "-m", "trainer", "preview"]
 START_TIMEOUT_S = 600
@@ -263,6 +264,14 @@ def upload(outputs: Path, src: str | Path, base: str, user: str | None = None) -
     if not name.lower().endswith(".safetensors"):
         raise PreviewError(f"{src.name}: only .safetensors adapters are accepted (other formats such as .ckpt/.pt "
                            "may be Python pickles, which can run code when loaded)")
+    try:  # a broken file is refused here, from its header, before a worker starts (trainer/lora_files/shapes.py)
+        header = read_safetensors_header(src)
+        check_shapes(src.name, {k: tuple(v.get("shape", ())) for k, v in header.items()
+                                if k != "__metadata__" and isinstance(v, dict)})
+    except ValueError as err:
+        raise PreviewError(str(err).replace(str(src), src.name)) from None
+    except OSError as err:
+        raise PreviewError(f"{src.name}: cannot read the upload: {describe_os_error(err, with_file=False)}") from None
     folder = uploads_dir(outputs, user)
     staging = None
     try:

@@ -10,9 +10,10 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from trainer.data import caption_edit as ce
 from trainer.data.concepts import CONCEPT_FILE
 from trainer.data.dataset import IMAGE_EXTENSIONS, folder_repeats, read_caption_bytes
-from trainer.io import atomic_write_text, describe_os_error
+from trainer.io import describe_os_error
 
 IMAGE_EXTS = set(IMAGE_EXTENSIONS)  # the trainer's list (PIL only, no torch), so an accepted upload can train
 CAPTION_EXTS = {".txt"}
@@ -264,9 +265,10 @@ def dataset_items(run_dir: Path, min_image_size: int = 64) -> tuple[list[dict], 
 
 
 def save_captions(run_dir: Path, captions: dict[str, str]) -> list[str]:
-    """Write RUN/dataset/<image stem>.txt for each {relative image path: caption}. Returns what was refused."""
+    """Write RUN/dataset/<image stem>.txt for each {relative image path: caption}, as one undoable operation under
+    the dataset's caption lock (trainer/data/caption_journal.py). Returns what was refused."""
     dataset = Path(run_dir) / "dataset"
-    refused = []
+    refused, writes = [], {}
     for rel, caption in captions.items():
         if PurePosixPath(rel).suffix.lower() in CAPTION_EXTS:
             continue  # the grid's row for a caption file without an image: nothing to save
@@ -274,5 +276,20 @@ def save_captions(run_dir: Path, captions: dict[str, str]) -> list[str]:
         if not _inside(image, dataset) or not image.is_file() or image.suffix.lower() not in IMAGE_EXTS:
             refused.append(f"{rel}: not an image of this dataset")
             continue
-        atomic_write_text(image.with_suffix(".txt"), (caption or "").strip() + "\n")
+        cap = image.with_suffix(".txt")
+        try:
+            unchanged = ce.read_caption(cap) == (caption or "").strip()
+        except (UnicodeDecodeError, OSError):
+            unchanged = False
+        if not unchanged:
+            writes[cap] = caption or ""
+    if not writes:
+        return refused
+    try:
+        with ce.caption_lock(dataset, "save captions"):
+            undo = ce.start_undo("save captions")
+            refused += ce.write_captions(dataset, writes, undo)
+            ce.finish_undo(dataset, undo)
+    except ce.EditError as err:
+        refused.append(str(err).replace(str(dataset) + ": ", ""))
     return refused

@@ -6,6 +6,7 @@ DEST/dataset/   one training folder: every bad image/caption case beside a few g
                 that each case gets its own message and the rest still trains
 DEST/uploads/   files offered to the UI upload path only (zips with '../' entries or symlinks, pickles)
 DEST/models/    files offered as a base model or an adapter (pickles, a pickle renamed .safetensors, NaN/Inf weights)
+DEST/masks/     one small dataset per case for data.masked_loss: an image with a broken, misshapen or empty mask
 DEST/settings/  sparse config TOMLs laid over presets/tiny-test.toml that must be refused before anything loads
 DEST/manifest.json   one entry per case: the files, what must happen (skip | warn | train | refuse) and a phrase
                 the message must contain. Tests read it, so a case added here is tested everywhere.
@@ -108,13 +109,14 @@ def build(dest: Path) -> list[dict]:
     dest = Path(dest)
     shutil.rmtree(dest, ignore_errors=True)
     data, uploads, models, settings = dest / "dataset", dest / "uploads", dest / "models", dest / "settings"
-    for d in (data, uploads, models, settings):
+    masks = dest / "masks"
+    for d in (data, uploads, models, settings, masks):
         d.mkdir(parents=True)
     cases: list[dict] = []
 
     def case(name: str, files: dict[str, bytes], expect: str, says: str, where: str = "dataset", about: str = "",
              note: str = "") -> None:
-        folder = {"dataset": data, "uploads": uploads, "models": models, "settings": settings}[where]
+        folder = {"dataset": data, "uploads": uploads, "models": models, "settings": settings, "masks": masks}[where]
         for rel, blob in files.items():
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             (folder / rel).write_bytes(blob)
@@ -238,6 +240,26 @@ def build(dest: Path) -> list[dict]:
     case("adapter-nan", {"nan_adapter.safetensors": _adapter(float("nan"))}, "refuse", "NaN/Inf", where="models",
          note="as an adapter (preview, convert): it would render black images")
     case("adapter-inf", {"inf_adapter.safetensors": _adapter(float("inf"))}, "refuse", "NaN/Inf", where="models")
+
+    # --- masks (data.masked_loss), one dataset each: a broken mask refuses the run before any model loads, naming
+    # the file; an empty mask skips its image; all masks empty refuses the run
+    def masked(name: str, mask: bytes, other_mask: bytes | None = None) -> dict[str, bytes]:
+        white = _png(Image.new("L", (96, 96), 255))
+        return {f"{name}/img.png": png, f"{name}/img.mask.png": mask, f"{name}/other.png": png,
+                f"{name}/other.mask.png": white if other_mask is None else other_mask}
+
+    for name, mask, expect, says in [
+        ("mask-text", b"this is a text file, not a mask\n", "refuse", "cannot decode mask"),
+        ("mask-zero-byte", b"", "refuse", "empty file (0 bytes)"),
+        ("mask-bomb", _bomb_png(30000), "refuse", "mask too large to decode safely"),
+        ("mask-wrong-shape", _png(Image.new("L", (96, 24), 255)), "refuse", "mask is 96x24 px but its image is 96x96"),
+        ("mask-empty", _png(Image.new("L", (96, 96), 0)), "skip", "mask is empty where the image trains"),
+    ]:
+        case(name, masked(name.replace("-", "_"), mask), expect, says, where="masks",
+             about=f"{name.replace('-', '_')}/img.mask.png")
+    black = _png(Image.new("L", (96, 96), 0))
+    case("mask-all-empty", masked("mask_all_empty", black, black), "refuse", "every mask is empty", where="masks",
+         about="mask_all_empty/img.mask.png")
 
     # --- settings (over presets/tiny-test.toml): refused before any model loads, the message names the setting
     for name, toml, says in [

@@ -54,6 +54,7 @@ def captions(root: Path) -> dict[str, str]:
 
 def test_cli_captions_a_folder_with_a_tiny_blip(blip, tmp_path):
     root = make_folder(tmp_path / "data")
+    first = captions(root)
     out = cli(root, "--model", blip, "--max-new-tokens", "4", "--batch-size", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     got = captions(root)
@@ -77,7 +78,8 @@ def test_cli_captions_a_folder_with_a_tiny_blip(blip, tmp_path):
     undone = cli(root, "--undo")
     assert undone.returncode == 0, undone.stderr
     assert captions(root) == before
-    assert cli(root, "--undo").returncode == 2  # one level: nothing left to undo
+    assert cli(root, "--undo").returncode == 0 and captions(root) == first  # a history: the command before it
+    assert cli(root, "--undo").returncode == 2  # nothing left to undo
 
 
 def test_vision_encoder_decoder_layout(tmp_path):

@@ -61,9 +61,12 @@ def test_bulk_edits_selection_and_undo(tmp_path):
     changed, _ = ce.bulk_edit(root, lambda c: ce.remove_tag(c, "long hair"), ce.start_undo("remove"),
                               only=["a.png", "b.png"])
     assert changed == ["a.png"] and texts(root)["sub/c.txt"] == "zk, Long Hair, smile\n"
-    assert ce.undo_last(root) == ("remove", 1)
+    assert ce.undo_last(root)[:2] == ("remove", ["a.txt"])
     assert texts(root)["a.txt"] == "zk, 1girl, long_hair, watermark\n"
-    with pytest.raises(ce.EditError, match="nothing to undo"):  # one level
+    assert ce.undo_last(root)[:2] == ("prefix", ["a.txt", "b.txt", "d.txt", "sub/c.txt"])  # a history, not one level
+    assert texts(root) == {"a.txt": "1girl, long_hair, watermark\n", "b.txt": "a watercolor painting of a cat\n",
+                           "sub/c.txt": "Long Hair, smile\n"}
+    with pytest.raises(ce.EditError, match="nothing to undo"):
         ce.undo_last(root)
     with pytest.raises(ce.EditError, match="not images of this folder: nope.png"):
         ce.bulk_edit(root, str.upper, ce.start_undo("x"), only=["nope.png"])
@@ -76,16 +79,19 @@ def test_undo_restores_bytes_and_deletes_created_files(tmp_path):
     undo = ce.start_undo("caption")
     changed, problems = ce.bulk_edit(root, lambda c: c + " x", undo)
     assert changed == ["b.png", "sub/c.png"] and "a.txt: caption not edited, cannot read it as UTF-8" in problems[0]
-    ce.write_captions(root, {root / "a.txt": "new a", root / "d.txt": "new d"}, undo)  # same command, same step
-    assert ce.undo_last(root) == ("caption", 4)
+    # same command, same step; a caption that is not readable text is never replaced
+    assert ce.write_captions(root, {root / "a.txt": "new a", root / "d.txt": "new d"}, undo) == [
+        "a.txt: exists and is not a caption we can read as text; not replaced"]
+    assert ce.undo_last(root)[:2] == ("caption", ["b.txt", "sub/c.txt", "d.txt"])
     assert {p: p.read_bytes() for p in root.rglob("*.txt")} == original
     assert not (root / "d.txt").exists()
 
 
 def test_undo_record_cannot_touch_images_or_escape(tmp_path):
     root = dataset(tmp_path / "d")
+    (root / ".caption-undo").mkdir()
     for rel in ("../outside.txt", "a.png"):
-        (root / ce.UNDO_FILE).write_text(json.dumps({"label": "x", "files": {rel: "pwned"}}))
+        (root / ".caption-undo" / "000001.json").write_text(json.dumps({"label": "x", "files": {rel: "pwned"}}))
         with pytest.raises(ce.EditError, match="refuses to touch"):
             ce.undo_last(root)
     assert not (tmp_path / "outside.txt").exists() and Image.open(root / "a.png").size == (32, 32)
@@ -120,7 +126,7 @@ def test_cli_bulk_flags_are_one_undo_step(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--undo", "--prefix", "x"], "--undo runs alone"),
+    (["--undo", "--prefix", "x"], "--undo and --clear-undo run alone"),
     ([], "nothing to do"),
     (["--prefix", "x", "--only", "missing.png"], "not images of this folder"),
 ])

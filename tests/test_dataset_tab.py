@@ -82,7 +82,7 @@ def test_bulk_edit_tags_selection_undo_and_concepts(tmp_path):
     assert dt.images_with_tag(run, "zkstyle") == names[:1]
     assert dt.bulk_edit(run) == ["nothing to do: fill in a prefix, suffix, find/replace, tag to remove or words "
                                  "to strip"]
-    assert dt.undo(run) == "undone: prefix zkstyle (1 caption files restored)"
+    assert dt.undo(run) == "'prefix zkstyle' undone: 1 caption files restored"
     assert dt.images_with_tag(run, "zkstyle") == [] and dt.undo(run) == "nothing to undo"
 
     sub = run / "dataset" / "3_castles"

@@ -18,9 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_save
 
+import trainer.lora_files.convert as convert
 import trainer.lora_files.kohya as kohya
+from trainer.lora_files.convert import convert_file
 from trainer.lora_files.kohya import (
-    convert_file,
     diffusers_to_kohya,
     kohya_metadata,
     kohya_state_dict,
@@ -292,6 +293,7 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(tiny_base, tmp_path, 
         raise OSError("disk full")
 
     monkeypatch.setattr(kohya, "save_file", crash)
+    monkeypatch.setattr(convert, "save_file", crash)  # convert writes diffusers files itself
     target = tmp_path / "new.safetensors"
     with pytest.raises(OSError, match="disk full"):
         save_kohya_lora(target, modules, {})

@@ -1,11 +1,14 @@
 """data.masked_loss: a masked-out area gives no gradient at all, and a fully masked-out image cannot change the LoRA."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 import trainer.training.loop as loop
+from trainer.data.dataset import DatasetError
 from trainer.events import read_events
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -60,15 +63,25 @@ def test_masked_out_pixels_give_no_gradient(make_cfg, tmp_path, monkeypatch):
         assert torch.count_nonzero(grad[..., half:]) == grad[..., half:].numel(), "the white half trains"
 
 
-def test_fully_masked_out_images_leave_the_lora_unchanged(make_cfg, tmp_path):
+def test_fully_masked_out_images_are_refused_before_training(make_cfg, tmp_path, monkeypatch):
+    """Every mask empty: the run would end `done` with every loss 0.0 and lora_B exactly zero; it is refused up
+    front instead, before the model loads."""
     data = make_images(tmp_path / "transparent", 4, mode="RGBA", alpha=0)  # the alpha channel is the mask
-    final = load_file(loop.train(make_cfg(*settings(data, "train.steps=3")), tmp_path / "run"))
-    lora_b = {k: v for k, v in final.items() if ".lora_B." in k}
-    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b.values()), "no pixel trained: B stays zero"
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    with pytest.raises(DatasetError, match="every mask is empty .*img0.png"):
+        loop.train(make_cfg(*settings(data, "train.steps=3")), tmp_path / "run")
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
 
-    unmasked = load_file(loop.train(make_cfg(*settings(data, "train.steps=3"), "data.masked_loss=false"),
-                                    tmp_path / "unmasked"))
-    assert all(torch.count_nonzero(unmasked[k]) > 0 for k in lora_b), "the same images without masked loss train"
+
+def test_an_image_with_an_empty_mask_is_skipped_and_named(make_cfg, tmp_path):
+    data = make_images(tmp_path / "data", 3, sidecar_half=True)
+    Image.new("L", (64, 64), 0).save(data / "img2.mask.png")
+    final = load_file(loop.train(make_cfg(*settings(data, "train.steps=2")), tmp_path / "run"))
+    events, _ = read_events(tmp_path / "run" / "events.jsonl")
+    start = next(e for e in events if e["type"] == "start")
+    skipped = [e for e in events if e["type"] == "problem" and "mask is empty" in e["reason"]]
+    assert start["images"] == 2 and [Path(e["path"]).name for e in skipped] == ["img2.mask.png"]
+    assert any(torch.count_nonzero(v) > 0 for k, v in final.items() if ".lora_B." in k), "the others train"
 
 
 def test_images_without_a_mask_train_whole_and_are_named(make_cfg, tmp_path):

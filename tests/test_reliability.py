@@ -171,7 +171,7 @@ def test_pickles_are_never_loaded(corpus, tmp_path, monkeypatch):
     import torch
 
     from trainer.config import ModelConfig
-    from trainer.lora_files.kohya import convert_file
+    from trainer.lora_files.convert import convert_file
     from trainer.families.loading import ModelError, load_base, resolve_source
 
     dest, _ = corpus

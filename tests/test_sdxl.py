@@ -86,7 +86,7 @@ def test_sdxl_time_ids_follow_the_crop():
 def test_sdxl_trains_exports_and_loads_in_diffusers(tiny_sdxl, tmp_path, train_capturing):
     from diffusers import StableDiffusionXLPipeline
 
-    from trainer.lora_files.kohya import convert_file
+    from trainer.lora_files.convert import convert_file
 
     run = tmp_path / "run"
     cfg = config(tiny_sdxl, tmp_path, "output.name=\"xl\"", "lora.alpha=8.0", "lora.rank=4",
@@ -246,7 +246,8 @@ def test_sdxl_text_projection_uses_comfyuis_key_both_ways(tiny_sdxl, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from trainer.lora_files.export import save_diffusers_lora
-    from trainer.lora_files.kohya import convert_file, save_kohya_lora
+    from trainer.lora_files.convert import convert_file
+    from trainer.lora_files.kohya import save_kohya_lora
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     te2 = pipe.text_encoder_2

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                          max_adapters=args.max_adapters, hotswap=args.hotswap, compile=args.compile,
                          max_rank=args.max_rank)
         if args.command == "convert":
-            from trainer.lora_files.kohya import convert_file
+            from trainer.lora_files.convert import convert_file
 
             print(convert_file(Path(args.src), Path(args.dst), args.to, base=args.base, model=args.model))
             return 0

@@ -369,8 +369,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), extra
     data = read_toml(path) if path else {}
     if extra:
         data = deep_merge(data, extra)
+    user = deep_merge({}, extra or {})  # what the user chose here, over the file
     for text in overrides:
         apply_override(data, *parse_override(text))
+        apply_override(user, *parse_override(text))
+    if user.get("train", {}).get("optimizer") == "prodigy" and not {"lr_unet", "lr_text_encoder"} & user["train"].keys():
+        data["train"].update(lr_unet=1.0, lr_text_encoder=1.0)  # no lr chosen: Prodigy's lr multiplies its estimate
     return validate(data, str(path) if path else "config")
 
 

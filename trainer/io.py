@@ -28,13 +28,22 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
+def atomic_path(path: Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`. `mode`: the
+    permissions a plain open() would give (e.g. 0o666, less the umask) instead of the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    if mode is not None:
+        os.chmod(tmp, mode & ~current_umask())
     try:
         yield Path(tmp)
         fsync_file(Path(tmp))
@@ -45,8 +54,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    with atomic_path(path, mode) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 

@@ -21,7 +21,8 @@ from typing import Callable
 
 from PIL import Image, ImageOps
 
-from trainer.data.caption_edit import caption_file, list_images, strip_words, write_captions
+from trainer.data.caption_edit import (caption_file, check_caption_extension, list_images, not_regular_files, strip_words,
+                                  write_captions)
 from trainer.data.images import to_rgb
 
 SENTENCE, TAGS = "sentence", "tags"
@@ -262,14 +263,18 @@ def caption_folder(folder: Path, captioner: Captioner, undo: dict, *, overwrite:
     `progress` gets one dict per image: done, total, file, status (written | kept | bad) and caption or reason.
     Returns {"written": [...], "kept": [...], "bad": ["file: reason", ...]}."""
     folder = Path(folder)
+    ext = check_caption_extension(ext)
     images = list_images(folder, only)
+    special = [] if only else not_regular_files(folder)
     result: dict[str, list[str]] = {"written": [], "kept": [], "bad": []}
-    total, todo = len(images), []
+    total, todo = len(images) + len(special), []
 
     def report(rel: str, status: str, **extra) -> None:
         result[status].append(rel if status != "bad" else f"{rel}: {extra['reason']}")
         progress({"done": sum(map(len, result.values())), "total": total, "file": rel, "status": status, **extra})
 
+    for path in special:
+        report(path.relative_to(folder).as_posix(), "bad", reason="not a regular file (a pipe, socket or device)")
     for image in images:
         if caption_file(image, ext).exists() and not overwrite:
             report(image.relative_to(folder).as_posix(), "kept", reason="caption exists (--overwrite replaces it)")
@@ -297,7 +302,11 @@ def caption_folder(folder: Path, captioner: Captioner, undo: dict, *, overwrite:
                 continue
             new[caption_file(image, ext)] = text
             done.append(image)
-        write_captions(folder, new, undo)
+        refused = dict(line.split(": ", 1) for line in write_captions(folder, new, undo))
         for image in done:
-            report(image.relative_to(folder).as_posix(), "written", caption=new[caption_file(image, ext)])
+            rel, cap = image.relative_to(folder).as_posix(), caption_file(image, ext).relative_to(folder).as_posix()
+            if cap in refused:
+                report(rel, "bad", reason=f"caption {cap} {refused[cap]}")
+            else:
+                report(rel, "written", caption=new[caption_file(image, ext)])
     return result

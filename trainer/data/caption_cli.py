@@ -3,10 +3,13 @@
   python -m trainer caption my-data --model Salesforce/blip-image-captioning-large --strip "painting,watercolor"
   python -m trainer caption my-data --model SmilingWolf/wd-swinv2-tagger-v3          (booru tags, ONNX)
   python -m trainer caption my-data --prefix zkstyle --remove-tag "watermark" --replace "girl" "woman"
-  python -m trainer caption my-data --undo          (puts back what the last caption-changing command changed)
+  python -m trainer caption my-data --undo          (puts back what the last caption-changing command changed;
+                                                     again: the one before it)
+  python -m trainer caption my-data --clear-undo    (forget the undo history)
   python -m trainer caption my-data --list-tags     (tag frequency)
 
-One command is one undo step. Order within a command: model captions (with --strip), then --strip on existing
+One command is one undo step. Commands that change the captions of one folder run one at a time: a second one
+is refused while the first runs. Order within a command: model captions (with --strip), then --strip on existing
 captions when no --model, --remove-tag, --replace, --prefix, --suffix.
 """
 
@@ -44,9 +47,12 @@ def add_parser(sub) -> None:
     p.add_argument("--remove-tag", action="append", default=[], metavar="TAG", help="remove a tag everywhere")
     p.add_argument("--only", action="append", metavar="IMAGE", help="limit to these images (paths relative to "
                    "FOLDER; repeatable)")
-    p.add_argument("--undo", action="store_true", help="undo the last command that changed captions here")
+    p.add_argument("--undo", action="store_true", help="undo the last command that changed captions here (repeat "
+                   "to go further back)")
+    p.add_argument("--clear-undo", action="store_true", help="forget the undo history of this folder's captions")
     p.add_argument("--list-tags", action="store_true", help="print the tag frequency table")
-    p.add_argument("--caption-extension", default=".txt")
+    p.add_argument("--caption-extension", default=".txt", help="a text extension (.txt, .caption); never an "
+                   "image type")
     p.add_argument("--json-progress", action="store_true", help="one JSON object per line (for the web UI)")
 
 
@@ -70,27 +76,47 @@ def run(args) -> int:
     folder = Path(args.folder).expanduser()
     emit = partial(_emit, args.json_progress)
     edits = _edits(args)
-    if args.undo:
-        if args.model or edits:
-            raise ce.EditError("--undo runs alone (it undoes the last command; nothing else in the same one)")
-        label, count = ce.undo_last(folder)
-        emit({"event": "undone", "message": f"{label}: {count} caption files restored"})
+    args.caption_extension = ce.check_caption_extension(args.caption_extension)
+    if args.undo or args.clear_undo:
+        if args.model or edits or (args.undo and args.clear_undo):
+            raise ce.EditError("--undo and --clear-undo run alone (nothing else in the same command)")
+        with ce.caption_lock(folder, "undo" if args.undo else "clear undo"):
+            if args.clear_undo:
+                emit({"event": "undo", "message": f"history cleared ({ce.clear_undo(folder)} steps)"})
+            else:
+                emit({"event": "undo", "message": ce.undo_last(folder).message()})
         return 0
     if not (args.model or edits or args.list_tags):
         raise ce.EditError("nothing to do: give --model, a bulk edit (--prefix, --suffix, --replace, --remove-tag, "
                            "--strip), --undo or --list-tags")
     ce.list_images(folder, args.only)  # a wrong folder or selection fails before a model loads
-    undo = ce.start_undo(" + ".join(filter(None, [f"caption with {args.model}" if args.model else "",
-                                                  *(label for label, _, _ in edits)])))
+    label = " + ".join(filter(None, [f"caption with {args.model}" if args.model else "",
+                                     *(label for label, _, _ in edits)]))
+    code = 0
+    if label:
+        with ce.caption_lock(folder, label):
+            undo = ce.start_undo(label)
+            code = _change_captions(args, folder, edits, undo, emit)
+            ce.finish_undo(folder, undo)
+    if args.list_tags:
+        table = ce.tag_table(folder, args.caption_extension)
+        if args.json_progress:
+            emit({"event": "tags", "tags": [[tag, n] for tag, n, _ in table]})
+        else:
+            for tag, n, _ in table:
+                print(f"{n:6d}  {tag}")
+    return code
+
+
+def _change_captions(args, folder: Path, edits: list, undo: dict, emit) -> int:
+    """Model captions, then the bulk edits, under one undo record. Returns the exit code."""
     code = 0
     if args.model:
-        from trainer.data.caption import load_captioner
+        from trainer.data.caption import caption_folder, load_captioner
 
         emit({"event": "loading", "message": f"loading {args.model}"})
         captioner, mode = load_captioner(args.model, args.mode, args.device, args.prompt, args.max_new_tokens,
                                          args.threshold, args.character_threshold)
-        from trainer.data.caption import caption_folder
-
         result = caption_folder(folder, captioner, undo, overwrite=args.overwrite,
                                 strip=[w for w in args.strip.split(",") if w.strip()], as_tags=mode == "tags",
                                 batch_size=args.batch_size, only=args.only, ext=args.caption_extension,
@@ -100,13 +126,6 @@ def run(args) -> int:
         code = 1 if result["bad"] and not result["written"] and not result["kept"] else 0
     for message in ce.apply_edits(folder, edits, undo, args.only, args.caption_extension):
         emit({"event": "edited", "message": message})
-    if args.list_tags:
-        table = ce.tag_table(folder, args.caption_extension)
-        if args.json_progress:
-            emit({"event": "tags", "tags": [[tag, n] for tag, n, _ in table]})
-        else:
-            for tag, n, _ in table:
-                print(f"{n:6d}  {tag}")
     return code
 
 

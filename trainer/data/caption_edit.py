@@ -1,40 +1,66 @@
-"""Bulk caption edits over a dataset folder, with one level of undo.
+"""Bulk caption edits over a dataset folder, with an undo history.
 
-Every command that changes captions (a bulk edit, or captioning with a model) first records the old text of each
-caption file it touches in FOLDER/.caption-undo.json, then writes the new ones atomically; `undo_last` puts the
-old texts back (and deletes captions that did not exist before). No torch, no gradio: the UI uses this too.
+A caption is only ever written to a caption extension (.txt, .caption, or another text extension that no image
+loader claims), and an existing file is only replaced when it is a caption we can read as text: captioning never
+touches an image. Each operation records what it changes in its own journal and holds the folder's lock while it
+runs (trainer/data/caption_journal.py), so `undo_last` puts back exactly what the last operation changed. No torch, no
+gradio: the UI uses this too.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import time
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from trainer.data.dataset import IMAGE_EXTENSIONS, _list_files, _read_caption, split_tags
-from trainer.io import atomic_path, atomic_write_text
+from PIL import Image
 
-UNDO_FILE = ".caption-undo.json"  # hidden: the dataset scan, uploads and run zips skip dot files
+from trainer.data import caption_journal as journal
+from trainer.data.caption_journal import EditError, Undone, caption_lock, clear_undo, finish_undo, start_undo  # noqa: F401
+from trainer.data.dataset import IMAGE_EXTENSIONS, MAX_CAPTION_BYTES, _list_files, _read_caption, split_tags
+from trainer.io import atomic_write_text
+
 CAPTION_EXT = ".txt"
-
-
-class EditError(ValueError):
-    """A bulk edit that cannot run; the message names the folder, file or option."""
+EXTENSION = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_-]{0,15}")
+# the project's own files beside the images: a caption must never be written over one of them
+NOT_CAPTIONS = {".toml", ".json", ".jsonl", ".safetensors", ".log", ".zip", ".py", ".onnx", ".csv"}
 
 
 # ----------------------------------------------------------------------------- files
 
 
+def check_caption_extension(ext: str, setting: str = "--caption-extension") -> str:
+    """`ext` with its dot, when captions may be written to it; else EditError naming `setting`."""
+    given, ext = ext, ext if ext.startswith(".") else "." + ext
+    if not EXTENSION.fullmatch(ext):
+        raise EditError(f"{setting} '{given}' is not a file extension (letters and digits after one dot); "
+                        "use .txt or .caption")
+    if ext.lower() in IMAGE_EXTENSIONS or ext.lower() in Image.registered_extensions():
+        raise EditError(f"{setting} '{ext}' is an image type, so captions would overwrite images; "
+                        "use .txt or .caption")
+    if ext.lower() in NOT_CAPTIONS:
+        raise EditError(f"{setting} '{ext}' is not a caption file type; use .txt or .caption")
+    return ext
+
+
+def is_caption_path(path: Path, folder: Path | None = None) -> bool:
+    """Whether a caption may be written at `path`: a caption extension, inside `folder` when given."""
+    try:
+        check_caption_extension(path.suffix)
+    except EditError:
+        return False
+    return folder is None or Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
 def list_images(folder: Path, only: list[str] | None = None) -> list[Path]:
     """The images under `folder` (same order and rules as the training scan), or the `only` ones (paths relative
-    to the folder, e.g. the UI's selection); a selected name that is not an image of the folder is an error."""
+    to the folder, e.g. the UI's selection); a selected name that is not an image of the folder is an error.
+    Only regular files: opening a FIFO named 'pipe.png' would wait forever for a writer."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EditError(f"{folder}: not a folder")
-    images = [p for p in _list_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    images = [p for p in _list_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     if only is None:
         return images
     by_rel = {p.relative_to(folder).as_posix(): p for p in images}
@@ -42,6 +68,11 @@ def list_images(folder: Path, only: list[str] | None = None) -> list[Path]:
     if unknown:
         raise EditError(f"{folder}: not images of this folder: {', '.join(unknown[:5])}")
     return [by_rel[rel] for rel in dict.fromkeys(only)]
+
+
+def not_regular_files(folder: Path) -> list[Path]:
+    """Entries named like images that are not regular files (FIFOs, sockets, devices): skipped, and named."""
+    return [p for p in _list_files(Path(folder)) if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_file()]
 
 
 def caption_file(image: Path, ext: str = CAPTION_EXT) -> Path:
@@ -54,49 +85,48 @@ def read_caption(path: Path) -> str | None:
     return _read_caption(path) if path.is_file() else None
 
 
-def start_undo(label: str) -> dict:
-    """A new undo record; pass it to every write_captions call of one command."""
-    return {"label": label, "time": time.time(), "files": {}}
+def _why_not_writable(path: Path, text: str) -> str:
+    """"" when `text` may be written at `path`, else why not (one phrase)."""
+    if not is_caption_path(path):
+        return f"'{path.suffix}' is not a caption extension; nothing written"
+    if len(text.strip().encode("utf-8")) + 1 > MAX_CAPTION_BYTES:
+        return f"the caption would be larger than {MAX_CAPTION_BYTES // 1024} KiB, the most training reads; not written"
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        return "exists and is not a regular file; not replaced"
+    if path.exists():
+        try:
+            _read_caption(path)
+        except (UnicodeDecodeError, OSError):
+            return "exists and is not a caption we can read as text; not replaced"
+    return ""
 
 
-def write_captions(folder: Path, captions: dict[Path, str], undo: dict) -> None:
-    """Write {caption path: text}, each atomically, after recording the old contents in the undo file."""
+def write_captions(folder: Path, captions: dict[Path, str], undo: dict) -> list[str]:
+    """Write {caption path: text}, each atomically, after recording the old contents in the operation's journal.
+    A path that is not a caption extension, or an existing file that is not a readable caption, is left alone.
+    Returns one problem per file not written ("rel: why"). The caller holds the folder's caption_lock."""
     folder = Path(folder)
-    if not captions:
-        return  # a command that changes nothing keeps the previous command's undo
-    for path in captions:
-        rel = path.relative_to(folder).as_posix()
-        if rel not in undo["files"]:  # the text before this command, not before its previous batch
-            undo["files"][rel] = path.read_bytes().decode("utf-8", "surrogateescape") if path.is_file() else None
-    # ASCII JSON: a non-UTF-8 old caption travels as escaped surrogates and comes back byte for byte
-    atomic_write_text(folder / UNDO_FILE, json.dumps(undo, indent=1))
+    problems, todo = [], {}
     for path, text in captions.items():
-        atomic_write_text(path, text.strip() + "\n")
-
-
-def undo_last(folder: Path) -> tuple[str, int]:
-    """Put back the captions of the last command that changed any. Returns (its label, files restored)."""
-    folder = Path(folder)
-    path = folder / UNDO_FILE
-    try:
-        undo = json.loads(path.read_text(encoding="utf-8"))
-        files = dict(undo["files"])
-    except FileNotFoundError:
-        raise EditError(f"{folder}: nothing to undo") from None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise EditError(f"{path}: unreadable undo record ({err})") from None
-    for rel in files:
-        target = folder / rel
-        if not target.resolve().is_relative_to(folder.resolve()) or target.suffix.lower() in IMAGE_EXTENSIONS:
-            raise EditError(f"{path}: refuses to touch '{rel}' (not a caption file inside {folder})")
-    for rel, old in files.items():
-        if old is None:
-            (folder / rel).unlink(missing_ok=True)
+        rel = path.relative_to(folder).as_posix()
+        why = _why_not_writable(path, text)
+        if why:
+            problems.append(f"{rel}: {why}")
         else:
-            with atomic_path(folder / rel) as tmp:  # exactly the old bytes, even an encoding we could not edit
-                tmp.write_bytes(old.encode("utf-8", "surrogateescape"))
-    path.unlink()
-    return str(undo.get("label", "edit")), len(files)
+            todo[rel] = text.strip()
+    if not todo:
+        return problems
+    old = {rel: (folder / rel).read_bytes() if (folder / rel).is_file() else None for rel in todo}
+    journal.record(folder, undo, old, todo)
+    for rel, text in todo.items():
+        atomic_write_text(folder / rel, text + "\n", journal.CAPTION_MODE)
+    return problems
+
+
+def undo_last(folder: Path) -> Undone:
+    """Put back the captions the last operation changed (see trainer/data/caption_journal.py)."""
+    folder = Path(folder)
+    return journal.undo_last(folder, partial(is_caption_path, folder=folder))
 
 
 # ----------------------------------------------------------------------------- edits of one caption
@@ -170,7 +200,8 @@ def bulk_edit(folder: Path, edit: Callable[[str], str], undo: dict, only: list[s
     alone unless `create_missing` (prefix/suffix: the new caption is just the added text).
     Returns (images whose caption changed, problems by file)."""
     folder = Path(folder)
-    changes, changed, problems = {}, [], []
+    ext = check_caption_extension(ext)
+    changes, changed, problems = {}, {}, []
     for image in list_images(folder, only):
         path = caption_file(image, ext)
         try:
@@ -183,9 +214,12 @@ def bulk_edit(folder: Path, edit: Callable[[str], str], undo: dict, only: list[s
         new = edit(old or "").strip()
         if new != (old or "").strip() or (old is None and new):
             changes[path] = new
-            changed.append(image.relative_to(folder).as_posix())
-    write_captions(folder, changes, undo)
-    return changed, problems
+            changed[path.relative_to(folder).as_posix()] = image.relative_to(folder).as_posix()
+    refused = write_captions(folder, changes, undo)
+    problems += refused
+    for line in refused:
+        changed.pop(line.split(": ", 1)[0], None)
+    return list(changed.values()), problems
 
 
 def tag_table(folder: Path, ext: str = CAPTION_EXT) -> list[tuple[str, int, list[str]]]:

@@ -13,14 +13,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, features
+from PIL import Image
 
 from trainer.data.concepts import ConceptError, concept_for, load_concepts
 from trainer.config import MAX_REPEATS, DataConfig
-from trainer.data.images import choose_bucket
+from trainer.data.images import IMAGE_EXTENSIONS, choose_bucket
+from trainer.data.mask_files import check_mask, mask_path
 
-# Compared lowercase. GIF and animated WebP train on their first frame (with a warning); AVIF where Pillow reads it.
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"} | ({".avif"} if features.check("avif") else set())
 KOHYA_FOLDER = re.compile(r"^([1-9]\d*)_.+")  # '10_mystyle' -> every image inside is repeated 10 times
 ORIENTATION_TAG = 0x0112
 MAX_LISTED_PROBLEMS = 10
@@ -53,6 +52,7 @@ class Item:
     loss_weight: float = 1.0  # data.reg_weight for regularisation images
     is_reg: bool = False  # from data.reg_path
     caption_state: str = "ok"  # "ok" | "missing" (no caption file) | "empty" (blank file) | "unreadable"
+    mask_share: float | None = None  # data.masked_loss: the mean of its mask where it trains; None = no mask
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -158,6 +158,8 @@ def scan_dataset(cfg: DataConfig) -> tuple[list[Item], list[Problem]]:
                                "another (regularisation images would also train as style images)")
         reg_items, reg_problems = _scan_folder(cfg, "data.reg_path", cfg.reg_path, reg=True)
         items, problems = items + reg_items, problems + reg_problems
+    if cfg.masked_loss:  # masks are decoded and checked now, not at the step that draws them
+        items, problems = check_masks("data.masked_loss", items, problems)
     return items, problems
 
 
@@ -335,3 +337,29 @@ def epoch_batches(items: list[Item], batch_size: int, seed: int, epoch: int) -> 
         batches += [idx[j: j + batch_size] for j in range(0, len(idx), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def check_masks(setting: str, items: list[Item], problems: list[Problem]) -> tuple[list[Item], list[Problem]]:
+    """Items with their mask_share set; images whose mask is empty skipped (a Problem each). Raises DatasetError
+    naming the files when a mask cannot be used, or when every mask is empty."""
+    kept, broken, empty = [], [], []
+    for item in items:
+        share, why = check_mask(item)
+        where = mask_path(item.path) or item.path
+        if why:
+            broken.append(f"{where}: {why}")
+        elif share == 0.0:
+            empty.append(Problem(where, "mask is empty where the image trains (all black, fully transparent or "
+                                        "cropped away): this image would train nothing; skipped"))
+        else:
+            item.mask_share = share
+            kept.append(item)
+    if broken:  # the first on one line (the CLI's error line), then the next ones
+        others = [f"  {line}" for line in broken[1:MAX_LISTED_PROBLEMS]]
+        others += [f"  ... and {len(broken) - MAX_LISTED_PROBLEMS} more"] if len(broken) > MAX_LISTED_PROBLEMS else []
+        raise DatasetError("\n".join([f"{setting}: mask {broken[0]}; fix or remove it (or turn data.masked_loss off)"
+                                      + (f"; {len(broken) - 1} more:" if others else ""), *others]))
+    if empty and not any(item.mask_share for item in kept):
+        raise DatasetError(f"{setting}: every mask is empty (e.g. {empty[0].path}): with data.masked_loss nothing "
+                           "would train; draw the masks white where the style is (or turn data.masked_loss off)")
+    return kept, problems + empty

@@ -9,9 +9,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
 from trainer.config import DataConfig
+
+# Compared lowercase. GIF and animated WebP train on their first frame (with a warning); AVIF where Pillow reads it.
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"} | ({".avif"} if features.check("avif") else set())
 
 if TYPE_CHECKING:
     import torch

@@ -13,51 +13,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
 from trainer.config import Config
-from trainer.data.dataset import IMAGE_EXTENSIONS
-from trainer.data.images import crop_box
 from trainer.events import WARNING
-
-MASK_SUFFIX = ".mask"
-
-
-def mask_path(image: Path) -> Path | None:
-    """`name.mask.png` (or another image extension) beside `image`, if there is one."""
-    for ext in sorted(IMAGE_EXTENSIONS):
-        candidate = image.with_name(f"{image.stem}{MASK_SUFFIX}{ext}")
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _has_alpha(img: Image.Image) -> bool:
-    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+from trainer.data.mask_files import MASK_SUFFIX, bucket_mask
 
 
 def load_mask(image: Path, size: tuple[int, int], bucket: tuple[int, int], flip: bool) -> torch.Tensor | None:
-    """Float32 [h, w] in [0, 1] at the bucket size, cropped and flipped like trainer.data.images.load_image; None without one."""
+    """Float32 [h, w] in [0, 1] at the bucket size, cropped and flipped like trainer.images.load_image; None without one."""
     import numpy as np
 
-    sidecar = mask_path(image)
-    with Image.open(sidecar or image) as img:
-        img = ImageOps.exif_transpose(img)
-        if sidecar is not None:
-            mask = img.convert("L")
-        elif _has_alpha(img):
-            mask = img.convert("RGBA").getchannel("A")
-        else:
-            return None
-    if mask.size != tuple(size):  # a sidecar drawn at another size: stretched onto the image
-        mask = mask.resize(tuple(size), Image.Resampling.BILINEAR)
-    left, top, nw, nh = crop_box(mask.size, bucket)
-    if (nw, nh) != mask.size:
-        mask = mask.resize((nw, nh), Image.Resampling.BILINEAR)  # no overshoot: a 0 area stays 0
-    mask = mask.crop((left, top, left + bucket[0], top + bucket[1]))
-    if flip:
-        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
+    mask = bucket_mask(image, size, bucket, flip)
+    return None if mask is None else torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
 
 
 class MaskCache:
@@ -66,7 +33,8 @@ class MaskCache:
     def __init__(self, items: list, events):
         self.items = items
         self.cache: dict[tuple[int, bool, tuple[int, int]], torch.Tensor] = {}
-        self.masked = [mask_path(item.path) is not None or _image_has_alpha(item.path) for item in items]
+        # the dataset scan checked every mask (trainer/data/mask_files.py) and skipped the empty ones
+        self.masked = [item.mask_share is not None for item in items]
         missing = [item.path.name for item, has in zip(items, self.masked) if not has]
         if missing:
             events.emit(WARNING, reason=f"data.masked_loss: {len(missing)} image(s) have no mask (no "
@@ -82,11 +50,6 @@ class MaskCache:
             else:
                 self.cache[key] = F.interpolate(mask[None, None], size=grid, mode="area")[0]
         return self.cache[key]
-
-
-def _image_has_alpha(path: Path) -> bool:
-    with Image.open(path) as img:
-        return _has_alpha(img)
 
 
 def make_masks(cfg: Config, items: list, events) -> MaskCache | None:

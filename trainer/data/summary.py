@@ -24,6 +24,7 @@ def summarize(items: list[Item], problems: list[Problem], cfg: Config, processes
     by_area = sorted(items, key=lambda i: (i.size[0] * i.size[1], str(i.path)))
     batches = len(epoch_batches(items, cfg.train.batch_size, cfg.train.seed, 0))
     states = {state: [str(i.path) for i in items if i.caption_state == state] for state in ("missing", "empty")}
+    shares = [i.mask_share for i in items if i.mask_share is not None]
     return {
         "images": sum(not i.is_reg for i in items),
         "reg_images": sum(i.is_reg for i in items),
@@ -34,6 +35,9 @@ def summarize(items: list[Item], problems: list[Problem], cfg: Config, processes
         "captions_missing": states["missing"],
         "captions_empty": states["empty"],
         "skipped": [str(p.path) for p in problems if p.skipped],
+        # data.masked_loss: how many images have a mask, and the mean share of their trained area it keeps
+        "masked": {"images": len(shares), "share": sum(shares) / len(shares) if shares else 0.0}
+        if cfg.data.masked_loss else None,
         "batches_per_epoch": batches,
         "steps_per_epoch": math.ceil(batches / (cfg.train.grad_accum * processes)),
     }
@@ -61,6 +65,10 @@ def format_summary(summary: dict, steps: int | None = None, epochs: int = 0) -> 
     for key, label in (("captions_missing", "no caption file"), ("captions_empty", "empty caption")):
         if s[key]:
             lines.append(f"- {label}: {len(s[key])} ({_files(s[key])})")
+    if s.get("masked"):
+        m, total = s["masked"], s["images"] + s["reg_images"]
+        lines.append(f"- masked loss: {m['images']} of {total} images have a mask, keeping {m['share']:.0%} of their "
+                     f"area on average" + ("; the others train whole" if m["images"] < total else ""))
     if s["skipped"]:
         lines.append(f"- skipped: {len(s['skipped'])} files ({_files(s['skipped'])})")
     per_epoch = s["steps_per_epoch"]

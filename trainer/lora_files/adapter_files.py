@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from trainer import families
-from trainer.lora_files.kohya import DIFFUSERS_SUFFIXES, group_modules, peft_scaling, read_adapter_file, kohya_to_diffusers
+from trainer.lora_files.convert import read_adapter_file
+from trainer.lora_files.kohya import DIFFUSERS_SUFFIXES, group_modules, kohya_to_diffusers, peft_scaling
 
 class AdapterError(ValueError):
     """An adapter file cannot be used with this base; the message names the file and the reason."""

@@ -33,7 +33,7 @@ def split_validation(items: list, cfg: Config, events) -> tuple[list, list]:
     """(training items, held-out items). The split is seeded by train.seed and keeps at least one image on each side."""
     dc = cfg.data
     if dc.validation_path:
-        held_out, problems = ds.scan_dataset(dc.model_copy(update={"path": dc.validation_path}))
+        held_out, problems = scan_validation_folder(dc)
         for problem in problems:
             events.emit(PROBLEM, path=str(problem.path), reason=problem.reason)
     elif dc.validation_split:
@@ -50,6 +50,17 @@ def split_validation(items: list, cfg: Config, events) -> tuple[list, list]:
     events.emit(VALIDATION_SET, images=len(held_out), training_images=len(items),
                 source=dc.validation_path or f"split {dc.validation_split}")
     return items, held_out
+
+
+def scan_validation_folder(dc) -> tuple[list, list]:
+    """data.validation_path scanned like data.path (its errors name data.validation_path), refused when it is, holds
+    or lies inside the dataset: the validation loss would be measured on training images (and keep_best would pick
+    by training loss)."""
+    root, held = Path(dc.path).expanduser().resolve(), Path(dc.validation_path).expanduser().resolve()
+    if held.is_relative_to(root) or root.is_relative_to(held):
+        raise ds.DatasetError(f"data.validation_path: '{dc.validation_path}' and data.path '{dc.path}' must not contain "
+                              "one another (validation images must be held out of training); pick a separate folder")
+    return ds._scan_folder(dc, "data.validation_path", dc.validation_path)
 
 
 def validation_due(cfg: Config, step: int, total_steps: int, validator) -> bool:
