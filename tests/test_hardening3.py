@@ -231,6 +231,21 @@ def test_masks_are_checked_when_the_dataset_is_scanned(case):
     assert sorted(i.path.name for i in items) == ["img.png", "other.png"]
 
 
+def test_an_empty_mask_beside_unmasked_images_skips_only_its_image(tmp_path):
+    """Images without a mask train whole: one empty mask among them skips its image, it does not refuse the run."""
+    from PIL import Image
+
+    from trainer.config import DataConfig
+    from trainer.data.dataset import scan_dataset
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (64, 64), "red").save(tmp_path / f"{name}.png")
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(tmp_path / "a.png")  # fully transparent: its alpha is its mask
+    items, problems = scan_dataset(DataConfig(path=str(tmp_path), masked_loss=True))
+    assert sorted(i.path.name for i in items) == ["b.png", "c.png"] and all(i.mask_share is None for i in items)
+    assert [p.path.name for p in problems if p.skipped] == ["a.png"]
+
+
 @pytest.mark.parametrize("case", [c for c in mask_cases() if c["expect"] == "refuse"], ids=lambda c: c["name"])
 def test_a_run_with_a_bad_mask_is_refused_before_the_model_loads(case, tmp_path, capsys, monkeypatch):
     import trainer.training.loop as loop
@@ -301,6 +316,26 @@ def test_convert_with_a_model_refuses_a_module_that_does_not_fit_the_base(tiny_b
     assert not (tmp_path / "out.safetensors").exists()
     good = kohya_file(tmp_path / "good.safetensors", (4, weight[1]), (weight[0], 4))
     assert convert_file(good, tmp_path / "good-out.safetensors", "diffusers", model={"unet": unet}).is_file()
+
+
+@pytest.mark.parametrize("tensors, says", [
+    ({f"{KEY}.lora_down.weight": ("int64", (4, 320)), f"{KEY}.lora_up.weight": ("float32", (320, 4))},
+     f"tensor {KEY}.lora_down.weight holds int64 values"),
+    ({f"{KEY}.lora_down.weight": ("float32", (0, 320)), f"{KEY}.lora_up.weight": ("float32", (320, 0))},
+     "have rank 0 (empty tensors)"),
+    ({f"{KEY}.lora_down.weight": ("float32", (4, 320)), f"{KEY}.lora_up.weight": ("float32", (320, 4)),
+      f"{KEY}.dora_scale": ("float32", (5, 1))}, "dora_scale (5, 1) is decomposed on the input axis"),
+], ids=["integer-weights", "rank-0", "dora-scale-input-axis"])
+def test_convert_names_the_file_and_the_problem(tensors, says, tmp_path, capsys):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "odd.safetensors"
+    save_file({k: np.ones(shape, dtype=dtype) for k, (dtype, shape) in tensors.items()}, str(src))
+    code = main(["convert", str(src), str(tmp_path / "out.safetensors"), "--to", "diffusers"])
+    line = one_line(capsys.readouterr().err)
+    assert code == 2 and str(src) in line and says in line and "Traceback" not in line
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_a_broken_adapter_upload_is_refused_from_its_header_before_any_worker(tmp_path, monkeypatch):

@@ -359,7 +359,7 @@ def check_masks(setting: str, items: list[Item], problems: list[Problem]) -> tup
         others += [f"  ... and {len(broken) - MAX_LISTED_PROBLEMS} more"] if len(broken) > MAX_LISTED_PROBLEMS else []
         raise DatasetError("\n".join([f"{setting}: mask {broken[0]}; fix or remove it (or turn data.masked_loss off)"
                                       + (f"; {len(broken) - 1} more:" if others else ""), *others]))
-    if empty and not any(item.mask_share for item in kept):
+    if empty and not kept:  # images without a mask train whole: the run is refused only when nothing would train
         raise DatasetError(f"{setting}: every mask is empty (e.g. {empty[0].path}): with data.masked_loss nothing "
                            "would train; draw the masks white where the style is (or turn data.masked_loss off)")
     return kept, problems + empty

@@ -33,7 +33,10 @@ def read_adapter_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise ValueError(f"{path}: not a readable .safetensors file ({err})") from None
     check_shapes(str(path), {k: tuple(t.shape) for k, t in state.items()})  # rank agreement of every module
     for key, tensor in state.items():  # NaN/Inf weights render black or noise images everywhere the file is used
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {key} holds {str(tensor.dtype).removeprefix('torch.')} values; LoRA "
+                             "weights are floating point, so this is not a LoRA file (or it is broken)")
+        if not torch.isfinite(tensor).all():
             raise ValueError(f"{path}: tensor {key} holds NaN/Inf values, so the adapter is broken (its training "
                              "diverged?); retrain it with a lower learning rate or use another file")
     return state, header
@@ -85,21 +88,31 @@ def convert_file(src: Path, dst: Path, to: str, base: str | None = None, model=N
     # Hashes describe the old payload and would be wrong for the new one; the layout notes describe the old layout.
     header = {k: v for k, v in header.items() if not k.startswith("sshs_") and k not in (
         "format", "modelspec.hash_sha256", DORA_SCALE_KEY, "style_lora_alpha")}
-    if to == "diffusers":
-        if not is_kohya:
-            raise ValueError(f"{src}: not a kohya LoRA (no lora_unet_/lora_te_ keys)")
-        if base and family_of(base).KOHYA_LAYOUT != family_of(kohya_file_kind(state)).KOHYA_LAYOUT:
-            raise ValueError(f"{src}: its keys are not those of a {base} LoRA")
-        tensors, adapter_metadata = kohya_to_diffusers(state, parts, kind=base, header=file_header)
-        check_fits_base(src, tensors, parts)
-        header.update(format="pt")
-        header[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata, indent=2, sort_keys=True, default=str)
-        with atomic_path(dst) as tmp:
-            save_file(tensors, tmp, metadata=header)
-        return dst
-    if is_kohya:
+    if to == "diffusers" and not is_kohya:
+        raise ValueError(f"{src}: not a kohya LoRA (no lora_unet_/lora_te_ keys)")
+    if to == "kohya" and is_kohya:
         raise ValueError(f"{src}: already a kohya LoRA")
-    check_fits_base(src, state, parts)
-    raw = header.pop(LORA_ADAPTER_METADATA_KEY, None)
-    kind = base or diffusers_file_kind(state, header)
-    return write_kohya(dst, diffusers_to_kohya(state, json.loads(raw) if raw else {}, kind, parts), header)
+    try:
+        if to == "diffusers":
+            return _kohya_to_diffusers_file(src, dst, state, header, file_header, parts, base)
+        check_fits_base(src, state, parts)
+        raw = header.pop(LORA_ADAPTER_METADATA_KEY, None)
+        kind = base or diffusers_file_kind(state, header)
+        return write_kohya(dst, diffusers_to_kohya(state, json.loads(raw) if raw else {}, kind, parts), header)
+    except ValueError as err:  # every message names the file, also those of the conversion itself
+        raise ValueError(str(err) if str(err).startswith(str(src)) else f"{src}: {err}") from None
+
+
+def _kohya_to_diffusers_file(src: Path, dst: Path, state: dict, header: dict, file_header: dict, parts: dict | None,
+                             base: str | None) -> Path:
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    if base and family_of(base).KOHYA_LAYOUT != family_of(kohya_file_kind(state)).KOHYA_LAYOUT:
+        raise ValueError(f"{src}: its keys are not those of a {base} LoRA")
+    tensors, adapter_metadata = kohya_to_diffusers(state, parts, kind=base, header=file_header)
+    check_fits_base(src, tensors, parts)
+    header.update(format="pt")
+    header[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata, indent=2, sort_keys=True, default=str)
+    with atomic_path(dst) as tmp:
+        save_file(tensors, tmp, metadata=header)
+    return dst

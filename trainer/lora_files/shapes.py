@@ -34,8 +34,10 @@ def pair_problem(down: tuple | None, up: tuple | None, alpha: tuple | None = Non
         return "has no down/up pair (one of the two tensors is missing)"
     if len(down) not in (2, 4) or len(up) != len(down):
         return f"down {list(down)} / up {list(up)} are not a Linear (2-D) or Conv2d (4-D) pair"
-    if down[0] != up[1] or down[0] == 0:
+    if down[0] != up[1]:
         return f"down {list(down)} has rank {down[0]} but up {list(up)} has rank {up[1]}"
+    if down[0] == 0:
+        return f"down {list(down)} / up {list(up)} have rank 0 (empty tensors)"
     if len(up) == 4 and tuple(up[2:]) != (1, 1):
         return f"up {list(up)} of a Conv2d pair must be 1x1"
     if alpha is not None and alpha not in ((), (1,)):
