@@ -13,6 +13,8 @@ from trainer.io import read_safetensors_header
 # Header entries written by trainer/lora_files/dora.py (kept equal by a test; importing it would import torch).
 DORA_SCALE_KEY = "style_lora_dora_scale"
 PLAIN_KEY = "style_lora_plain"
+PLAIN_SKIPPED_KEY = "style_lora_plain_skipped"
+COMPACT_KEY = "style_lora_compact"  # trainer/lora_files/export.py: a LoHa/LoKr diffusers file, exact or its error
 LYCORIS_KEY = "style_lora_lycoris"  # trainer/lora_files/lycoris.py
 STEP = re.compile(r"-step\d{6}\.(diffusers\.|plain\.)?safetensors$")
 
@@ -25,28 +27,72 @@ def read_metadata(path: Path) -> dict[str, str]:
         return {}
 
 
+def megabytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+
+
+def read_report(meta: dict[str, str], key: str) -> dict | None:
+    """A JSON error report from the header (trainer.adapters.compact.error_report), None when absent or unreadable."""
+    try:
+        report = json.loads(meta[key])
+        return report if isinstance(report.get("rel_error"), dict) else None
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def error_text(report: dict) -> str:
+    """"unet 0.31 %, text encoder 2.10 % (worst layer 9.8 %; target 1 %)" from an error report."""
+    parts = ", ".join(f"{part.replace('_', ' ')} {err:.2%}" for part, err in report["rel_error"].items())
+    worst = report.get("max_layer_rel_error")
+    target = report.get("max_error")
+    extra = "; ".join(x for x in (f"worst layer {worst:.1%}" if isinstance(worst, (int, float)) else "",
+                                  f"target {target:.2%}" if isinstance(target, (int, float)) else "") if x)
+    return parts + (f" ({extra})" if extra else "")
+
+
+def size_text(path: Path, report: dict | None) -> str:
+    """"1.2 MB" or, when the header says, "1.2 MB, for 3.4 MB of base weights it changes"."""
+    try:
+        size = megabytes(Path(path).stat().st_size)
+    except OSError:
+        return "size unknown"
+    weights = (report or {}).get("weight_bytes")
+    return f"{size}, for {megabytes(weights)} of base weights it changes" if isinstance(weights, (int, float)) else size
+
+
 def file_use(path: Path) -> str:
-    """One line: the file, the tools it is for, and how exactly they apply it."""
+    """One line: the file and its size, the tools it is for, and how exactly they apply it (measured error)."""
     name = Path(path).name
     meta = read_metadata(Path(path))
+    compact, plain, skipped = (read_report(meta, k) for k in (COMPACT_KEY, PLAIN_KEY, PLAIN_SKIPPED_KEY))
+    head = f"`{name}` ({size_text(path, compact or plain)})"
     if name.endswith(".diffusers.safetensors"):
-        return (f"`{name}`: diffusers (`pipe.load_lora_weights`) and this app's Preview — exact for every variant "
+        if compact and not compact.get("exact"):
+            return (f"{head}: diffusers (`pipe.load_lora_weights`) and this app's Preview — **not exact**: a plain LoRA "
+                    f"no larger than the weights it changes cannot hold this run's change; relative error "
+                    f"{error_text(compact)}. In A1111/Forge and ComfyUI the `.safetensors` file is exact.")
+        return (f"{head}: diffusers (`pipe.load_lora_weights`) and this app's Preview — exact for every variant "
                 "(no key loads in A1111/ComfyUI).")
     if PLAIN_KEY in meta:
-        try:
-            plain = json.loads(meta[PLAIN_KEY])
-            errors = ", ".join(f"{part.replace('_', ' ')} {err:.2%}" for part, err in plain["rel_error"].items())
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return f"`{name}`: a plain LoRA made from the DoRA: loads in every tool (error not readable)."
-        return (f"`{name}`: the DoRA as a plain LoRA of rank {plain.get('rank')} — loads the same in A1111/Forge, "
-                f"ComfyUI, kohya `merge_lora.py` and diffusers; relative error of the weight change: {errors}.")
+        if plain is None:
+            return f"{head}: a plain LoRA made from the DoRA: loads in every tool (error not readable)."
+        return (f"{head}: the DoRA as a plain LoRA of rank {plain.get('rank')} — loads the same in A1111/Forge, "
+                f"ComfyUI, kohya `merge_lora.py` and diffusers; relative error of the weight change: "
+                f"{error_text(plain)}.")
     if LYCORIS_KEY in meta:
-        return (f"`{name}`: A1111/Forge and ComfyUI (LyCORIS keys) — exact. kohya `merge_lora.py` and diffusers do not "
-                "read LyCORIS keys: in diffusers use the `.diffusers.safetensors` file (the same ΔW as a plain LoRA).")
+        return (f"{head}: A1111/Forge and ComfyUI (LyCORIS keys) — exact. kohya `merge_lora.py` and diffusers do not "
+                "read LyCORIS keys: in diffusers use the `.diffusers.safetensors` file (the ΔW as a plain LoRA; its line says "
+                "whether it is exact).")
     if DORA_SCALE_KEY in meta:
-        return (f"`{name}`: ComfyUI and Forge — exact (DoRA). A1111, kohya `merge_lora.py` and diffusers' kohya loader "
+        if skipped is not None:
+            return (f"{head}: ComfyUI and Forge — exact (DoRA); diffusers: the `.diffusers.safetensors` file. "
+                    "**A1111 and kohya `merge_lora.py` cannot use this run**: they cannot apply DoRA, and no plain LoRA "
+                    "no larger than the weights it changes comes near it (best: rank "
+                    f"{skipped.get('rank')}, relative error {error_text(skipped)}), so none was written "
+                    "(set output.plain_lora_rank to write one anyway).")
+        return (f"{head}: ComfyUI and Forge — exact (DoRA). A1111, kohya `merge_lora.py` and diffusers' kohya loader "
                 "cannot apply this DoRA: use the `.plain.safetensors` file there.")
-    return (f"`{name}`: A1111/Forge, ComfyUI, kohya `merge_lora.py`, diffusers — exact "
+    return (f"{head}: A1111/Forge, ComfyUI, kohya `merge_lora.py`, diffusers — exact "
             "(one rank, alpha = rank, the trained scale folded in).")
 
 

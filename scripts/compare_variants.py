@@ -95,6 +95,9 @@ def main() -> None:
         "LoRA of rank `lora.vera_rank` (32 here), hence larger; Delta-LoRA exports rank 2r for the same reason.",
         "LoRA-drop's file holds only the layers its probe kept. QLoRA needs CUDA + bitsandbytes and is not in",
         "this CPU table (no GPU was available when it was produced).",
+        "Full-size exports (LoHa, LoKr, DoRA's plain LoRA): docs/export-sizes.md; on a full-size base a LoKr's",
+        "diffusers file can be far from exact, and a DoRA run usually has no plain LoRA for A1111/kohya (the Runs",
+        "panel says so).",
         "",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -43,8 +43,9 @@ COMMON = ["train.checkpoint_every=0", "train.save_every=0", "sample.prompts=[]",
           "report.enabled=false", "train.lr_unet=5e-3", "train.lr_text_encoder=5e-3", "data.caption_dropout=0.0"]
 RUNS = {  # row: (base, variant, extra settings)
     "lora (r8, α4)": ("sd1", "lora", ["lora.rank=8", "lora.alpha=4.0"]),
-    "dora (r8, α4)": ("sd1", "dora", ["lora.rank=8", "lora.alpha=4.0"]),
-    "dora, conv layers too": ("sd1", "dora", ['lora.unet_targets=["to_q", "to_v", "proj_in", "conv1", "conv2"]']),
+    "dora (r8, α4)": ("sd1", "dora", ["lora.rank=8", "lora.alpha=4.0", "output.plain_lora_rank=16"]),
+    "dora, conv layers too": ("sd1", "dora", ['lora.unet_targets=["to_q", "to_v", "proj_in", "conv1", "conv2"]',
+                                              "output.plain_lora_rank=8"]),
     "loraplus": ("sd1", "loraplus", []),
     "lorafa": ("sd1", "lorafa", []),
     "vera": ("sd1", "vera", ["lora.vera_rank=16"]),
@@ -314,9 +315,14 @@ NOTES = """## Reading the table
 - **DoRA**: the kohya file's `dora_scale` is written for ComfyUI/Forge's formula, which divides by the row norm of
   the *original* weight: dora_scale = m·(‖W‖ + eps)/‖W + ΔW‖, so ComfyUI gives peft's DoRA weight. A1111 applies
   DoRA on the input axis only, and kohya's `merge_lora.py` and diffusers' kohya loader do not apply this
-  `dora_scale` as ComfyUI does: for those, use `<name>.plain.safetensors`, the DoRA's whole weight change as a plain
-  LoRA truncated by SVD at `output.plain_lora_rank` (default 2 × `lora.rank`); its error is the truncation's, the
-  same in every tool, and is written in its metadata and shown on the Runs panel. The `.diffusers.safetensors` file
+  `dora_scale` as ComfyUI does. For those there is `<name>.plain.safetensors`, the DoRA's whole weight change as a
+  plain LoRA truncated by SVD: its rank is the one `output.export_max_error` (1 %) asks for, never above the rank at
+  which the file would be larger than the weights it changes. The magnitude rescales whole rows of W, a full-rank
+  change, so usually no such file comes near exact: then **none is written** and the Runs panel says that A1111 and
+  kohya's `merge_lora.py` cannot use the run, with the error the best file would have had (the kohya file's
+  `style_lora_plain_skipped` header). `output.plain_lora_rank` writes one at a fixed rank anyway (the rows below use
+  16 and 8); its error is the truncation's, the same in every tool, written in its metadata and shown on the Runs
+  panel. The `.diffusers.safetensors` file
   is exact in diffusers. The table is at strength 1: at strength t ComfyUI blends W + t·(W' − W), while peft/diffusers
   scale only the low-rank part inside the normalisation, so DoRA at t ≠ 1 differs between them by design. The
   `dora_scale` is stored in fp32, so ComfyUI's W' is exact up to fp32 rounding of W (about 1e-6 of ΔW here). If
@@ -329,9 +335,12 @@ NOTES = """## Reading the table
 - **LoHa / LoKr** (LyCORIS): the kohya file has LyCORIS keys, which A1111's built-in Lora extension and ComfyUI/Forge
   apply exactly (LoHa with peft's alpha per module; LoKr with both factors stored full and the scale folded into
   `lokr_w1`, because both tools ignore alpha for full factors and A1111 1.10 fails on decomposed ones). kohya's
-  `merge_lora.py` and diffusers read no LyCORIS keys: diffusers users take the `.diffusers.safetensors` file, the
-  exact ΔW as a plain LoRA (closed-form rank r² for LoHa, the product of the factor ranks for LoKr, or the full-rank
-  SVD where that is smaller).
+  `merge_lora.py` and diffusers read no LyCORIS keys: diffusers users take the `.diffusers.safetensors` file, the ΔW
+  as a plain LoRA, exact where that fits in no more than the weights it changes (closed-form rank r² for LoHa, the
+  product of the factor ranks for LoKr, a decomposed factor counting its rank r) and otherwise truncated at the rank
+  `output.export_max_error` asks for under that size, its measured error in the header (`style_lora_compact`) and on
+  the Runs panel. A LoKr whose factors are stored full (rank ≥ half a factor's size) has a full-rank ΔW: on the
+  full-size SD1.5 UNet its diffusers file is then **not exact** ([export-sizes.md](export-sizes.md)); the kohya file is.
 - **LoCon** (`lora.conv_rank`): the resnet 3×3 convolutions are ordinary conv LoRA modules (`lora_down` [r, in, 3, 3],
   `lora_up` [out, r, 1, 1]) in every loader.
 - Conversions (`python -m trainer convert`) write the same layout; DoRA files need `--model BASE`, because the kohya

@@ -267,10 +267,12 @@ class OutputConfig(Section):
     dir: str = Field("outputs", description="Folder that holds run folders.")
     name: str = Field("style-lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run and file name.")
     plain_lora_rank: int = Field(
-        0, ge=0, le=1024, description="DoRA runs also write <name>.plain.safetensors: the DoRA's whole weight change "
-        "as a plain LoRA of this rank (truncated SVD) for tools that cannot apply DoRA (A1111, kohya's merge_lora.py, "
-        "diffusers' kohya loader). Its measured relative error is in the file's metadata and on the Runs panel. "
-        "0 = 2 × lora.rank; higher ranks are more exact and larger.")
+        0, ge=0, le=1024, description="DoRA runs: <name>.plain.safetensors, the whole weight change as a plain LoRA "
+        "(truncated SVD) for A1111, kohya's merge_lora.py, diffusers' kohya loader. 0 = the rank export_max_error asks "
+        "for, not written when it misses that; > 0 = this rank, always written. Never larger than the weights it changes.")
+    export_max_error: float = Field(
+        0.01, gt=0, lt=1, description="Files that cannot be exact and no larger than the weights they change (DoRA's "
+        "plain LoRA, large LoHa/LoKr diffusers files) keep per layer the least rank with ‖ΔW − ΔW_k‖/‖ΔW‖ ≤ this.")
 
 
 class Config(Section):

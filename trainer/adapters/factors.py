@@ -22,6 +22,8 @@ class Factors:
     scale: float
     magnitude: torch.Tensor | None = None  # DoRA: the learned per-output-row norm of W0 + ΔW
     weight: torch.Tensor | None = None  # DoRA: the base weight W0 (ComfyUI's dora_scale and the plain export need it)
+    kron: tuple[torch.Tensor, torch.Tensor] | None = None  # LoKr: (A, B) with ΔW.flatten(1) = kron(A, B) exactly
+    lycoris: bool = False  # LoHa/LoKr closed form: exact, but can be larger than the weight (trainer.adapters.compact)
 
 
 def _factors_of(layer, delta: DeltaLora | None, name: str) -> Factors:
@@ -71,13 +73,16 @@ def delta_weight(f: Factors, weight_shape: torch.Size) -> torch.Tensor:
     return (f.scale * up @ down).reshape(weight_shape)
 
 
-def lycoris_factors(layer):
-    """The layer's exact ΔW as plain-LoRA Factors (scale 1): the closed form, or the full-rank SVD
-    when that is smaller. Used for the diffusers file and anything else that needs a plain LoRA."""
+def lycoris_factors(layer) -> Factors:
+    """The layer's exact ΔW as plain-LoRA Factors (scale 1) in closed form (trainer/adapters/lycoris.py), and for
+    LoKr the Kronecker factors whose SVD trainer.adapters.compact takes when these factors are too large."""
+    from trainer.adapters.lycoris import lokr_full_factors, lycoris_kind
+
     delta, up, down = low_rank(layer)
-    if up.shape[1] >= min(delta.shape[0], delta[0].numel()):  # full rank: the SVD (float64) is exact and no larger
-        u, s, vh = torch.linalg.svd(delta.flatten(1), full_matrices=False)
-        up, down = u * s.sqrt(), s.sqrt()[:, None] * vh
+    kron = None
+    if lycoris_kind(layer) == "lokr":  # ΔW.flatten(1) = kron(s·w1, w2.flatten(1)), conv included
+        w1, w2 = lokr_full_factors(layer)
+        kron = (w1 * float(layer.scaling[ADAPTER]), w2.flatten(1))
     if delta.dim() == 4:
         up, down = up[:, :, None, None], down.reshape(-1, *delta.shape[1:])
-    return Factors(up=up.float().contiguous(), down=down.float().contiguous(), scale=1.0)
+    return Factors(up=up.float().contiguous(), down=down.float().contiguous(), scale=1.0, kron=kron, lycoris=True)

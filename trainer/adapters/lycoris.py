@@ -13,10 +13,11 @@ kohya/LyCORIS layout, as A1111's built-in Lora extension (network_hada.py, netwo
   (`lokr_w1`, `lokr_w2`: small, about √in × √out), peft's scale folded into `lokr_w1`, and `alpha` = r as LyCORIS
   writes it for full factors (read by no one): every reader applies exactly s·kron(w1, w2).
 
-diffusers loads neither: the `.diffusers.safetensors` file is the exact ΔW as a plain LoRA. Both products have closed
+diffusers loads neither: the `.diffusers.safetensors` file is the ΔW as a plain LoRA. Both products have closed
 low-rank forms, with no SVD: (A₁B₁)∘(A₂B₂) = (A₁ ⊙ A₂)(B₁ ⊙ B₂) (row-wise / column-wise Khatri–Rao, rank r²) and
-kron(U₁V₁, U₂V₂) = kron(U₁, U₂)·kron(V₁, V₂). Where that rank reaches min(out, in·kh·kw) the full-rank SVD of ΔW is
-used instead (also exact, and smaller). The file's rank per module is in its peft rank_pattern.
+kron(U₁V₁, U₂V₂) = kron(U₁, U₂)·kron(V₁, V₂) (a decomposed factor a·b gives its rank r). Where those factors would
+be larger than the weight they change, trainer.adapters.compact takes the exact SVD from the structure and keeps the
+rank an error target asks for, under that size cap. The file's rank per module is in its peft rank_pattern.
 """
 
 from __future__ import annotations
@@ -133,7 +134,16 @@ def low_rank(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
         return ((a1 @ b1) * (a2 @ b2) * scale).reshape(shape), up, down
     w1, w2 = lokr_full_factors(layer)
-    u1, v1 = _split(w1)
-    u2, v2 = _split(w2.flatten(1))
+    u1, v1 = _lokr_split(layer, "lokr_w1", w1)
+    u2, v2 = _lokr_split(layer, "lokr_w2", w2.flatten(1))
     delta = torch.kron(w1[:, :, None, None] if w2.dim() == 4 else w1, w2) * scale
     return delta.reshape(shape), torch.kron(u1, u2) * scale, torch.kron(v1, v2)
+
+
+def _lokr_split(layer, name: str, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoKr factor as U·V with the smaller inner size: its trained a·b when stored decomposed (rank r), else
+    the factor against an identity."""
+    a, b = layer_tensor(layer, f"{name}_a"), layer_tensor(layer, f"{name}_b")
+    if a is not None and a.shape[1] < min(full.shape):
+        return a, b.reshape(b.shape[0], -1)
+    return _split(full)

@@ -12,7 +12,9 @@ So the kohya file carries s = m·(‖W‖ + eps)/‖W + ΔW‖ (eps of fp32): Co
 The header says so (DORA_SCALE_KEY); this project's readers invert it with the base weights.
 
 For every tool that cannot apply DoRA, `plain_lora_tensors` writes the effective ΔW = W' − W of every layer as a
-plain LoRA truncated by SVD at a chosen rank, and measures what the truncation lost.
+plain LoRA truncated by SVD (at the rank an error target asks for, never larger than the weights it changes), and
+measures what the truncation lost. The magnitude rescales whole rows of W, a full-rank change: often no such file
+comes near exact, and then it is not written by default (trainer.lora_files.export).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ DORA_SCALE_KEY = "style_lora_dora_scale"  # header entry of kohya files whose do
 DORA_SCALE_NOTE = ("comfyui: dora_scale = m·(‖W‖+eps)/‖W+ΔW‖ per output row (eps = fp32 eps), so ComfyUI/Forge's "
                    "(W+ΔW)·dora_scale/(‖W‖+eps) is peft's DoRA weight (W+ΔW)·m/‖W+ΔW‖")
 PLAIN_KEY = "style_lora_plain"  # header entry of a plain-LoRA export: rank and measured relative error (JSON)
+PLAIN_SKIPPED_KEY = "style_lora_plain_skipped"  # on a DoRA kohya file: the plain LoRA not written, and why (JSON)
 
 
 def row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -52,20 +55,6 @@ def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tens
     return combined * magnitude.to(combined.dtype).reshape(row_norm(combined).shape) / row_norm(combined)
 
 
-def truncated_lora(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """(up [out, k(, 1, 1)], down [k, in(, kh, kw)], ‖ΔW − up·down‖², ‖ΔW‖²) of the best rank-k approximation
-    (k = min(rank, out, in·kh·kw)), the singular values split evenly between the factors."""
-    matrix = delta.flatten(1).float()
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    k = min(rank, s.numel())
-    root = s[:k].sqrt()
-    up, down = u[:, :k] * root, root[:, None] * vh[:k]
-    lost = float(s[k:].double().pow(2).sum())
-    if delta.dim() == 4:
-        up, down = up[:, :, None, None], down.reshape(k, *delta.shape[1:])
-    return up.contiguous(), down.contiguous(), lost, float(s.double().pow(2).sum())
-
-
 def effective_delta(f) -> torch.Tensor:
     """W' − W of one layer's trainer.adapters.factors.Factors: the LoRA ΔW, or for DoRA the whole re-normalised change."""
     from trainer.adapters.factors import delta_weight
@@ -77,28 +66,46 @@ def effective_delta(f) -> torch.Tensor:
     return (dora_weight(weight, delta, f.magnitude.double().cpu()) - weight).float()
 
 
-def plain_lora_tensors(factors: dict, rank: int, kind: str | None,
-                       unet_config=None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every layer's effective ΔW as a plain kohya LoRA of one rank (alpha = rank, scale 1), and what the SVD lost:
-    {"rank", "rel_error": {part: ‖ΔW − ΔW_k‖/‖ΔW‖ over the part}, "max_layer_rel_error", "worst_layer"}."""
+def _layer_size(f) -> tuple[int, int]:
+    """(out, in·kh·kw) of the weight a layer's factors change."""
+    return f.up.shape[0], f.down[0].numel()
+
+
+def plain_lora_tensors(factors: dict, rank: int, kind: str | None, unet_config=None,
+                       max_error: float = 0.01) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every layer's effective ΔW as a plain kohya LoRA of one rank (alpha = rank, scale 1), and what the SVD lost.
+
+    rank 0: the largest rank any layer needs to come within `max_error` (trainer.adapters.compact.choose_rank); a
+    given rank is taken as is. Either way never above the rank at which the file (one rank, zero-padded: what every
+    loader reads) would hold more numbers than the weights it changes. The report is compact.error_report's, plus
+    "rank"."""
+    from trainer.adapters.compact import choose_rank, dense_svd, error_report, lost_at
     from trainer.lora_files.kohya_names import family_of
 
-    pieces, lost, total, worst = {}, {}, {}, (0.0, "")
-    for full_name, f in factors.items():
-        part, name = full_name.split(".", 1)
-        up, down, miss, norm = truncated_lora(effective_delta(f), rank)
-        pieces[family_of(kind).kohya_name(part, name.removeprefix("base_model.model."), unet_config)] = (up, down)
-        lost[part], total[part] = lost.get(part, 0.0) + miss, total.get(part, 0.0) + norm
-        layer_error = (miss / norm) ** 0.5 if norm else 0.0
-        worst = max(worst, (layer_error, full_name))
-    file_rank = max(down.shape[0] for _, down in pieces.values())
-    tensors = {}
-    for key, (up, down) in pieces.items():
-        pad = file_rank - down.shape[0]  # a layer smaller than the rank: zero rows keep one rank in the file
-        tensors[f"{key}.lora_down.weight"] = torch.cat([down, down.new_zeros(pad, *down.shape[1:])]).contiguous()
-        tensors[f"{key}.lora_up.weight"] = torch.cat([up, up.new_zeros(up.shape[0], pad, *up.shape[2:])], 1).contiguous()
+    sizes = {name: _layer_size(f) for name, f in factors.items()}
+    weight_numbers = sum(o * i for o, i in sizes.values())
+    cap = max(1, weight_numbers // sum(o + i for o, i in sizes.values()))
+    q = min(rank, cap) if rank else cap
+    svds, ranks = {}, {}
+    for name, f in factors.items():
+        u, s, vh, total, complete = dense_svd(effective_delta(f).flatten(1), min(q, *sizes[name]))
+        svds[name] = u[:, :q], s, vh[:q], total, complete  # every singular value, the vectors the file may keep
+        ranks[name] = min(q, s.numel()) if rank else choose_rank(s[:q], q, max_error, lost_at(s, total, q, complete))
+    file_rank = max(ranks.values())
+    tensors, lost, totals = {}, {}, {}
+    for name, f in factors.items():
+        u, s, vh, totals[name], complete = svds.pop(name)
+        k = min(file_rank, s.numel())
+        lost[name] = lost_at(s, totals[name], k, complete)
+        root = s[:k].sqrt()
+        up, down = torch.zeros(u.shape[0], file_rank), torch.zeros(file_rank, vh.shape[1])
+        up[:, :k], down[:k] = u[:, :k] * root, root[:, None] * vh[:k]  # zero rows: one rank in the file
+        part, module = name.split(".", 1)
+        key = family_of(kind).kohya_name(part, module.removeprefix("base_model.model."), unet_config)
+        if f.down.dim() == 4:
+            up, down = up[:, :, None, None], down.reshape(file_rank, *f.down.shape[1:])
+        tensors[f"{key}.lora_down.weight"] = down.contiguous()
+        tensors[f"{key}.lora_up.weight"] = up.contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(float(file_rank))
-    report = {"rank": file_rank,
-              "rel_error": {p: (lost[p] / total[p]) ** 0.5 if total[p] else 0.0 for p in lost},
-              "max_layer_rel_error": worst[0], "worst_layer": worst[1]}
-    return tensors, report
+    numbers = file_rank * sum(o + i for o, i in sizes.values())
+    return tensors, {"rank": file_rank, **error_report(lost, totals, max_error, numbers, weight_numbers)}

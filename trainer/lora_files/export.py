@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 from trainer.io import atomic_path
 from trainer.lora_files.kohya_names import canonical_text_module, unet_config
 
+COMPACT_KEY = "style_lora_compact"  # header entry of a LoHa/LoKr diffusers file: exact or its measured error (JSON)
+
 
 def _adapter_config(module: torch.nn.Module) -> dict:
     config = module.peft_config["default"].to_dict()
@@ -75,22 +77,27 @@ def factors_layout(factors: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save_diffusers_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str] | None = None,
-                        delta=None, convert: bool = False) -> Path:
+                        delta=None, convert: bool = False, max_error: float = 0.01) -> Path:
     """Write `path` atomically in the diffusers/PEFT layout. `metadata` values must be strings.
 
-    convert: write the exact plain-LoRA equivalent (VeRA, AdaLoRA, Delta-LoRA), which diffusers can load.
+    convert: write the plain-LoRA equivalent (VeRA, AdaLoRA, Delta-LoRA, LoHa, LoKr), which diffusers can load; exact,
+    except LoHa/LoKr layers whose exact form is larger than their weight (trainer.adapters.compact, `max_error`).
     """
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
+    header = {"format": "pt", **(metadata or {})}
     if convert:
+        from trainer.adapters.compact import compact_factors
         from trainer.adapters.factors import lora_factors
 
-        tensors, adapter_metadata = factors_layout(lora_factors(modules, delta))
+        factors, report = compact_factors(lora_factors(modules, delta), max_error)
+        tensors, adapter_metadata = factors_layout(factors)
+        if report is not None:  # LoHa/LoKr: exact, or what the size cap cost (measured)
+            header[COMPACT_KEY] = json.dumps(report)
     else:
         tensors, adapter_metadata = peft_layout(modules)
     if not tensors:
         raise ValueError("no LoRA weights to save: neither the UNet nor the text encoder has an adapter")
-    header = {"format": "pt", **(metadata or {})}
     header[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata, indent=2, sort_keys=True, default=str)
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, tmp, metadata=header)
@@ -124,16 +131,25 @@ def training_metadata(cfg, base_kind: str, step: int, num_images: int, started_a
     }
 
 
-def save_plain_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str], rank: int,
-                    kind: str | None = None, delta=None) -> tuple[Path, dict]:
-    """Write every adapted layer's effective ΔW (DoRA: the whole re-normalised change) as a plain kohya LoRA of
-    `rank`, truncated by SVD; returns (path, report) with the measured relative error, also in the header."""
-    from trainer.lora_files.dora import PLAIN_KEY, plain_lora_tensors
-    from trainer.lora_files.kohya import write_kohya
+def plain_lora(modules: dict[str, torch.nn.Module], rank: int, kind: str | None = None, delta=None,
+               max_error: float = 0.01) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every adapted layer's effective ΔW (DoRA: the whole re-normalised change) as plain kohya LoRA tensors and the
+    report of trainer.lora_files.dora.plain_lora_tensors (rank, measured relative errors, sizes)."""
     from trainer.adapters.factors import lora_factors
+    from trainer.lora_files.dora import plain_lora_tensors
 
     modules = {p: m for p, m in modules.items() if m is not None and getattr(m, "peft_config", None)}
-    tensors, report = plain_lora_tensors(lora_factors(modules, delta), rank, kind, unet_config(modules))
+    return plain_lora_tensors(lora_factors(modules, delta), rank, kind, unet_config(modules), max_error)
+
+
+def save_plain_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str], rank: int,
+                    kind: str | None = None, delta=None, max_error: float = 0.01) -> tuple[Path, dict]:
+    """Write plain_lora's file (rank 0: chosen by `max_error`); returns (path, report), the report also in the
+    header."""
+    from trainer.lora_files.dora import PLAIN_KEY
+    from trainer.lora_files.kohya import write_kohya
+
+    tensors, report = plain_lora(modules, rank, kind, delta, max_error)
     # ss_network_dim / ss_network_alpha keep describing the training; this file's own rank is in PLAIN_KEY
     return write_kohya(Path(path), tensors, {**metadata, PLAIN_KEY: json.dumps(report)}), report
 
@@ -143,14 +159,24 @@ def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta:
                   convert: bool = False, best: bool = False) -> tuple[Path, ...]:
     """The files of a run: `<name>.safetensors` (kohya/A1111 layout, what A1111/Forge/ComfyUI users drop in),
     `<name>.diffusers.safetensors` (diffusers/PEFT layout) and, for DoRA, `<name>.plain.safetensors` (the DoRA as a
-    plain LoRA of rank output.plain_lora_rank, for tools that cannot apply DoRA). `step` names an intermediate save;
+    plain LoRA for tools that cannot apply DoRA: written when output.plain_lora_rank asks for it or when it comes
+    within output.export_max_error; otherwise the kohya file's header says what it would have lost). `step` names an intermediate save;
     `best`: the lowest validation loss so far (`<name>-best…`, train.keep_best)."""
     from trainer.lora_files.kohya import kohya_metadata, save_kohya_lora
+
+    from trainer.adapters.compact import meets_target
+    from trainer.lora_files.dora import PLAIN_KEY, PLAIN_SKIPPED_KEY
 
     stem = cfg.output.name + ("-best" if best else "" if step is None else f"-step{step:06d}")
     kohya_meta = kohya_metadata(meta, rank=cfg.lora.rank, alpha=cfg.lora.alpha, trigger=cfg.data.trigger,
                                 tag_frequency=tag_frequency, base_kind=base_kind, cover_png=cover_png,
                                 rslora=cfg.lora.rslora)
+    plain = None
+    if cfg.lora.variant == "dora":  # written when asked for (a rank) or when it comes within the error target
+        plain, report = plain_lora(modules, cfg.output.plain_lora_rank, base_kind, delta, cfg.output.export_max_error)
+        if not (cfg.output.plain_lora_rank or meets_target(report)):
+            plain = None
+            kohya_meta = {**kohya_meta, PLAIN_SKIPPED_KEY: json.dumps(report)}  # why there is no .plain file
     if cfg.lora.variant in ("loha", "lokr"):  # LyCORIS keys, what A1111/Forge and ComfyUI read (trainer/adapters/lycoris.py)
         from trainer.lora_files.lycoris import save_lycoris_kohya
 
@@ -158,9 +184,10 @@ def save_adapters(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], meta:
     else:
         kohya = save_kohya_lora(Path(run_dir) / f"{stem}.safetensors", modules, kohya_meta, delta=delta, kind=base_kind)
     diffusers = save_diffusers_lora(Path(run_dir) / f"{stem}.diffusers.safetensors", modules, meta, delta=delta,
-                                    convert=convert)
-    if cfg.lora.variant != "dora":
+                                    convert=convert, max_error=cfg.output.export_max_error)
+    if plain is None:
         return kohya, diffusers
-    rank = cfg.output.plain_lora_rank or 2 * cfg.lora.rank
-    plain, _ = save_plain_lora(Path(run_dir) / f"{stem}.plain.safetensors", modules, kohya_meta, rank, base_kind, delta)
-    return kohya, diffusers, plain
+    from trainer.lora_files.kohya import write_kohya
+
+    path = write_kohya(Path(run_dir) / f"{stem}.plain.safetensors", plain, {**kohya_meta, PLAIN_KEY: json.dumps(report)})
+    return kohya, diffusers, path

@@ -1,0 +1,171 @@
+"""Issue 30, major 6: no export is larger than the base weights it changes; where it cannot be exact, its rank comes
+from an error target, the error is measured and shown, and a file that comes nowhere near is not written by default.
+
+Tiny bases only; the full-size numbers are scripts/export_sizes.py's (docs/consumers.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.test_export import tiny_models
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def lokr_unet(tiny_base, rank: int, conv_rank: int = 0):
+    """The tiny UNet with LoKr attached as training does, every factor moved off its init (lokr_w1 starts at 0)."""
+    from diffusers import UNet2DConditionModel
+
+    from trainer.adapters.lycoris import add_locon
+    from trainer.adapters.variants import add_adapter, lora_layers, peft_config
+    from trainer.config import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base / "unet").requires_grad_(False)
+    cfg = LoraConfig(variant="lokr", rank=rank, alpha=3.0, conv_rank=conv_rank, conv_alpha=1.0)
+    config = peft_config(cfg, cfg.unet_targets, 10)
+    add_adapter(unet, add_locon(config, unet, cfg) if conv_rank else config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(unet).values():
+            for p in layer.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return unet
+
+
+def file_deltas(path) -> dict[str, torch.Tensor]:
+    """{module: ΔW [out, in·kh·kw]} of a diffusers-layout plain LoRA file, float64, alpha from its rank_pattern."""
+    state = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    out = {}
+    for key, down in state.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("unet.").removesuffix(".lora_A.weight")
+            up = state[key.replace("lora_A", "lora_B")].double().flatten(1)
+            scale = config["unet.alpha_pattern"][module] / config["unet.rank_pattern"][module]
+            out[module] = scale * up @ down.double().flatten(1)
+    return out
+
+
+def test_kron_and_product_svds_are_exact_and_keep_the_smallest_rank_within_the_target():
+    from trainer.adapters.compact import choose_rank, kron_truncated, product_truncated
+
+    g = torch.Generator().manual_seed(1)
+    w1, w2 = torch.randn(6, 5, generator=g), torch.randn(7, 12, generator=g)
+    full = torch.kron(w1.double(), w2.double())
+    s = torch.linalg.svdvals(full)
+    for cap, target in ((1000, 0.01), (12, 0.01), (1000, 0.3)):
+        up, down, lost, total = kron_truncated(w1, w2, cap, target)
+        k = up.shape[1]
+        assert lost == pytest.approx(float((full - up @ down).pow(2).sum()), rel=1e-9)
+        assert lost == pytest.approx(float(s[k:].pow(2).sum()), rel=1e-9) and total == pytest.approx(float(s.pow(2).sum()))
+        assert k == choose_rank(s, cap, target) and k <= cap
+    assert kron_truncated(w1, w2, 1000, 0.01)[2] < 1e-20  # rank 35 fits the cap: exact whatever the target
+    rel = [float(s[k:].pow(2).sum() / s.pow(2).sum()) ** 0.5 for k in range(len(s))]
+    k = kron_truncated(w1, w2, 30, 0.3)[0].shape[1]
+    assert rel[k] <= 0.3 < rel[k - 1]  # the smallest rank within the target
+    a, b = torch.randn(40, 9, generator=g), torch.randn(9, 50, generator=g)
+    up, down, lost, _ = product_truncated(a, b, 20, 1e-3)
+    assert up.shape[1] == 9 and lost < 1e-20 and torch.allclose(up @ down, a.double() @ b.double(), atol=1e-10)
+
+
+def test_a_lokr_diffusers_file_is_never_larger_than_the_weights_it_changes(tiny_base, tmp_path):
+    """Rank 16 on the tiny UNet: every layer's kron(w1, w2) is full rank, so the old file (the float64 full-rank SVD,
+    (out + in)·min(out, in) numbers a layer) was larger than the weights. Now it is capped and its header holds the
+    error the file really has."""
+    from trainer.adapters.lycoris import lycoris_delta
+    from trainer.adapters.variants import lora_layers
+    from trainer.lora_files.export import COMPACT_KEY, save_diffusers_lora
+
+    unet = lokr_unet(tiny_base, rank=16, conv_rank=16)
+    path = save_diffusers_lora(tmp_path / "k.diffusers.safetensors", {"unet": unet}, {}, convert=True, max_error=0.01)
+    layers = lora_layers(unet)
+    weights = sum(layer.get_base_layer().weight.numel() for layer in layers.values())
+    assert sum(t.numel() for t in load_file(path).values()) <= weights
+    with safe_open(str(path), "pt") as f:
+        report = json.loads(f.metadata()[COMPACT_KEY])
+    got = file_deltas(path)
+    lost = total = worst = 0.0
+    for name, layer in layers.items():
+        want = lycoris_delta(layer).flatten(1)
+        miss = float((got[name] - want).pow(2).sum())
+        lost, total = lost + miss, total + float(want.pow(2).sum())
+        worst = max(worst, (miss / float(want.pow(2).sum())) ** 0.5)
+    assert report["rel_error"]["unet"] == pytest.approx((lost / total) ** 0.5, rel=1e-3)
+    assert report["max_layer_rel_error"] == pytest.approx(worst, rel=1e-3)
+    assert not report["exact"] and report["bytes"] <= report["weight_bytes"] == 4 * weights
+
+
+def test_a_lokr_diffusers_file_stays_exact_where_the_decomposed_factors_fit(tiny_base, tmp_path):
+    """Rank 2: w2 is stored as a rank-2 product, so kron(w1, a·b) has rank rows(w1)·2; the old closed form used the
+    whole w2 (full rank, then the SVD). Exact, and smaller than the weights."""
+    from trainer.adapters.lycoris import lycoris_delta
+    from trainer.adapters.variants import lora_layers
+    from trainer.lora_files.export import COMPACT_KEY, save_diffusers_lora
+
+    unet = lokr_unet(tiny_base, rank=2)
+    path = save_diffusers_lora(tmp_path / "k.diffusers.safetensors", {"unet": unet}, {}, convert=True)
+    layers = lora_layers(unet)
+    got = file_deltas(path)
+    for name, layer in layers.items():
+        want = lycoris_delta(layer).flatten(1)
+        assert float((got[name] - want).norm() / want.norm()) < 1e-5, name
+    with safe_open(str(path), "pt") as f:
+        report = json.loads(f.metadata()[COMPACT_KEY])
+    assert report["exact"] and report["bytes"] < report["weight_bytes"] / 2
+
+
+def dora_run(make_cfg, tiny_base, tmp_path, *settings):
+    from trainer.lora_files.export import save_adapters
+
+    cfg = make_cfg('lora.variant="dora"', *settings)
+    modules = tiny_models(tiny_base, "dora", "dora")
+    run = tmp_path / "run"
+    run.mkdir()
+    paths = save_adapters(run, cfg, modules, {}, base_kind="sd1", tag_frequency={}, cover_png=None)
+    return cfg, run, paths
+
+
+def test_a_dora_plain_lora_that_comes_nowhere_near_is_not_written_and_the_guide_says_so(make_cfg, tiny_base,
+                                                                                          tmp_path):
+    from app import downloads_view
+    from app.jobs import adapter_files
+
+    cfg, run, paths = dora_run(make_cfg, tiny_base, tmp_path)
+    assert [p.name for p in paths] == [f"{cfg.output.name}.safetensors", f"{cfg.output.name}.diffusers.safetensors"]
+    with safe_open(str(paths[0]), "pt") as f:
+        skipped = json.loads(f.metadata()["style_lora_plain_skipped"])
+    assert skipped["rel_error"]["unet"] > cfg.output.export_max_error and skipped["bytes"] <= skipped["weight_bytes"]
+    text = downloads_view.downloads_markdown(adapter_files(run))
+    line = next(x for x in text.splitlines() if f"`{cfg.output.name}.safetensors`" in x)
+    assert "A1111 and kohya `merge_lora.py` cannot use this run" in line and f"{skipped['rel_error']['unet']:.2%}" in line
+    assert " kB" in line or " MB" in line  # its size beside it
+
+
+def test_a_dora_plain_lora_within_the_target_is_written_with_its_rank_chosen_by_it(make_cfg, tiny_base, tmp_path):
+    """A DoRA whose magnitudes equal ‖W + ΔW‖ is the plain LoRA ΔW itself (rank 4): the target picks rank 4, not
+    the old fixed 2 × lora.rank, and the file is exact."""
+    from peft.tuners.lora import LoraLayer
+
+    from app import downloads_view
+    from trainer.lora_files.dora import row_norm
+    from trainer.lora_files.export import save_plain_lora
+
+    modules = tiny_models(tiny_base, "dora", "dora")
+    with torch.no_grad():
+        for model in modules.values():
+            for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+                weight = layer.get_base_layer().weight
+                delta = layer.get_delta_weight("default")  # s·B·A, convolutions included (no DoRA in it)
+                magnitude = layer.lora_magnitude_vector["default"].weight
+                magnitude.copy_(row_norm(weight + delta).reshape(magnitude.shape))
+    path, report = save_plain_lora(tmp_path / "p.plain.safetensors", modules, {}, 0, max_error=0.01)
+    assert report["rank"] == 4 and report["exact"] and report["bytes"] <= report["weight_bytes"]
+    line = downloads_view.file_use(path)
+    assert "rank 4" in line and "for " in line and "of base weights it changes" in line
