@@ -359,3 +359,60 @@ def test_choosing_prodigy_sets_its_learning_rates_unless_the_user_set_them(prese
     with pytest.raises(ConfigError, match="prodigy needs one learning rate"):  # an explicit conflict: still refused
         load_config(preset, ["train.optimizer=prodigy", "lora.train_unet=true", "lora.train_text_encoder=true",
                              "train.lr_unet=1.0", "train.lr_text_encoder=0.5"])
+
+
+# ----------------------------------------------------------------------------- minor: captioner load errors
+
+
+@pytest.fixture(scope="module")
+def tiny_captioners(tmp_path_factory) -> dict[str, Path]:
+    from tests.tiny_captioners import build_tiny_blip, build_tiny_vision_encoder_decoder
+
+    root = tmp_path_factory.mktemp("captioners")
+    return {"blip": build_tiny_blip(root / "blip"), "ved": build_tiny_vision_encoder_decoder(root / "ved")}
+
+
+def broken_captioner(case: str, good: dict[str, Path], root: Path) -> Path:
+    """The reported captioners: a copy of a tiny good one with one thing broken."""
+    import json
+    import shutil
+
+    from tests.tiny_captioners import build_tiny_tagger
+
+    if case == "huge-tagger":
+        return build_tiny_tagger(root / "tagger", size=20000, batch=1) / "model.onnx"
+    model = root / "a" / "b" / case  # '../../etc/passwd' from here is root/a/etc/passwd, which exists
+    shutil.copytree(good["ved" if case == "ved-no-tokenizer" else "blip"], model)
+    if case == "header-too-small":
+        (model / "model.safetensors").write_bytes(b"\x01\x00")
+    elif case == "shard-escapes":
+        (root / "a" / "etc").mkdir()
+        (root / "a" / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
+        (model / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {"text_decoder.cls.predictions.bias": "../../etc/passwd"}}))
+    else:  # no tokenizer: transformers then builds one that knows only its special tokens, so captions are empty
+        for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (model / name).unlink(missing_ok=True)
+    return model
+
+
+@pytest.mark.parametrize("case, says", [
+    ("header-too-small", "b/header-too-small/model.safetensors: too short for a .safetensors file; the weights file "
+                         "is broken, download it again"),
+    ("shard-escapes", "shard-escapes/model.safetensors.index.json: shard '../../etc/passwd' is not a .safetensors "
+                      "file name in the model's folder"),
+    ("huge-tagger", "tagger/model.onnx: input size 20000x20000 px is not a square of at most 2048 px"),
+    ("blip-no-tokenizer", "blip-no-tokenizer: no tokenizer (tokenizer.json, or vocab files"),
+    ("ved-no-tokenizer", "ved-no-tokenizer: no tokenizer (tokenizer.json, or vocab files"),
+])
+def test_captioner_load_errors_name_the_file_and_the_problem(case, says, tiny_captioners, tmp_path, capsys):
+    model = broken_captioner(case, tiny_captioners, tmp_path / "models")
+    data = tmp_path / "data"
+    data.mkdir()
+    for n in range(3):
+        Image.new("RGB", (32, 32), (40 * n, 0, 0)).save(data / f"{n}.png")
+    code = main(["caption", str(data), "--model", str(model), "--device", "cpu"])
+    line = one_line(capsys.readouterr().err)
+    assert code == 2 and says in line, line
+    assert line.count("no tokenizer") <= 1 and not list(data.glob("*.txt"))  # refused at load, not once per image
