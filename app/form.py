@@ -6,9 +6,11 @@ here: ui.py turns each FieldSpec into a component.
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from trainer import families
@@ -233,10 +235,19 @@ def _single_file_kind(path) -> str:
     return families.from_checkpoint_keys(read_safetensors_header(path)).NAME
 
 
-def describe_base(path: str | None) -> str:
-    """What the UI shows under the base picker: the detected family (SD 1.x / SD 2.x / SDXL) without loading it."""
-    from pathlib import Path
+def base_roots(outputs: Path) -> list[Path]:
+    """Where a logged-in user's base model paths are looked at: outputs/, the Hugging Face cache and the folders in
+    STYLE_LORA_BASE_DIRS (os.pathsep-separated), all resolved."""
+    from huggingface_hub import constants
 
+    extra = [d for d in os.environ.get("STYLE_LORA_BASE_DIRS", "").split(os.pathsep) if d.strip()]
+    return [Path(d).expanduser().resolve() for d in [outputs, constants.HF_HUB_CACHE, *extra]]
+
+
+def describe_base(path: str | None, user: str | None = None, outputs: Path | None = None) -> str:
+    """What the UI shows under the base picker: the detected family (SD 1.x / SD 2.x / SDXL) without loading it.
+    With a logged-in `user` a server path outside base_roots(outputs) gets the same answer as a path that does
+    not exist, so the picker cannot be used to find out which files the server has."""
     path = (path or "").strip()
     if not path:
         return "Base: none chosen."
@@ -246,7 +257,14 @@ def describe_base(path: str | None) -> str:
                 "(32 px), not a real SD base (docs/demo-base.md).")
     if builtin:
         return f"Base: **{families.get(builtin).LABEL}** layout (built-in tiny model, offline)."
-    p = Path(path).expanduser()
+    known = " / ".join(families.get(name).LABEL for name in families.NAMES)
+    unknown = f"Base: hub id or path not found here; its family ({known}) is detected when the run loads it."
+    if user is not None:
+        p = Path(path).expanduser().resolve()  # resolved: neither '..' nor a link leads outside the roots
+        if not any(p.is_relative_to(root) for root in base_roots(Path(outputs or "outputs"))):
+            return unknown
+    else:
+        p = Path(path).expanduser()
     if p.is_dir():
         found = families.describe_folder(p)
         if "error" in found:
@@ -258,5 +276,4 @@ def describe_base(path: str | None) -> str:
         except (OSError, ValueError) as err:
             return f"Base: {p.name}: not a readable .safetensors checkpoint ({err})."
         return f"Base: **{families.get(kind).LABEL}** (from the checkpoint's tensor names; v-prediction is read when loading)."
-    known = " / ".join(families.get(name).LABEL for name in families.NAMES)
-    return f"Base: hub id or path not found here; its family ({known}) is detected when the run loads it."
+    return unknown

@@ -204,12 +204,18 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         with gr.Tabs(selected="dataset") as tabs:
             ds, tr, rn = dataset_layout(), train_layout(defaults), runs_layout()
             preview_tab = preview.build_tab(outputs)  # app/preview.py: LoRA vs base, grids, mixing (own worker)
-        tr.widgets["model.path"].change(form.describe_base, tr.widgets["model.path"], tr.base_md,
-                                        api_name="describe_base")
         wire_dataset(outputs, current, ds, tr)
+        wire_base(outputs, tr)
         wire_train(outputs, current, tr, rn, tabs)
         wire_runs(outputs, demo, current, rn, preview_tab)
     return demo
+
+
+def wire_base(outputs: Path, tr: SimpleNamespace) -> None:
+    def describe(path: str, request: gr.Request) -> str:
+        return form.describe_base(path, jobs.user_of(request), outputs)
+
+    tr.widgets["model.path"].change(describe, tr.widgets["model.path"], tr.base_md, api_name="describe_base")
 
 
 def wire_dataset(outputs: Path, current, ds: SimpleNamespace, tr: SimpleNamespace) -> None:

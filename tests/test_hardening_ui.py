@@ -183,3 +183,77 @@ def test_the_run_that_just_finished_is_preselected_in_the_preview_tab(tmp_path):
         assert preview_pick(c.predict("", api_name="/tick")) == "run:fresh"
     finally:
         demo.close()
+
+
+# ----------------------------------------------------------------------------- issue 30: a run's files for its owner only
+
+
+def _owned_runs(outputs: Path) -> dict[str, Path]:
+    runs = {}
+    for user in ("alice", "bob"):
+        runs[user] = jobs.new_run_dir(outputs, "style", owner=user)
+        for name in ("style.safetensors", "train.log"):
+            (runs[user] / name).write_text(f"{user}'s {name}")
+        jobs.write_job(runs[user], {"queued_at": 0.0})
+    return runs
+
+
+def test_a_run_s_files_are_served_only_to_its_owner(tmp_path):
+    import httpx
+    from gradio_client import Client
+
+    from app.__main__ import served_paths
+    from app.auth import launch_kwargs
+    from app.preview_client import uploads_dir
+    from app.ui import build_app
+
+    outputs = (tmp_path / "outputs").resolve()
+    runs = _owned_runs(outputs)
+    (runs["bob"] / "link.log").symlink_to(runs["alice"] / "train.log")  # a link in bob's run to alice's file
+    upload = uploads_dir(outputs, "alice")
+    upload.mkdir(parents=True)
+    (upload / "mine.safetensors").write_text("alice's upload")
+    demo = build_app(outputs)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, **served_paths(outputs),
+                        **launch_kwargs([("alice", "wonderland"), ("bob", "builder")], outputs=outputs))
+    try:
+        with httpx.Client(base_url=url) as alice, httpx.Client(base_url=url) as bob, \
+                httpx.Client(base_url=url) as nobody:
+            assert alice.post("/login", data={"username": "alice", "password": "wonderland"}).status_code == 200
+            assert bob.post("/login", data={"username": "bob", "password": "builder"}).status_code == 200
+            for path in [runs["alice"] / n for n in ("style.safetensors", "train.log", "job.json")]:
+                mine = alice.get(f"/gradio_api/file={path}")
+                assert mine.status_code == 200 and mine.content == path.read_bytes()
+                assert bob.get(f"/gradio_api/file={path}").status_code == 404  # as if it did not exist
+                assert bob.head(f"/gradio_api/file={path}").status_code == 404
+                assert nobody.get(f"/gradio_api/file={path}").status_code in (401, 403, 404)
+            around = [f"{runs['bob']}/%2E%2E/{runs['alice'].name}/train.log",  # '..' out of bob's own run
+                      f"{runs['bob'] / 'link.log'}",  # a link out of it
+                      f"{upload / 'mine.safetensors'}"]  # another user's preview upload
+            for path in around:
+                assert bob.get(f"/gradio_api/file={path}").status_code == 404, path
+            assert alice.get(f"/gradio_api/file={upload / 'mine.safetensors'}").status_code == 200
+            assert bob.get(f"/gradio_api/file={runs['bob'] / 'train.log'}").text == "bob's train.log"
+        probe = Client(url + "/", verbose=False, auth=("bob", "builder")).predict("/etc", api_name="/describe_base")
+        assert "path not found here" in probe, probe  # /etc exists, but the picker does not say so
+    finally:
+        demo.close()
+
+
+def test_the_base_picker_describes_no_server_path_outside_the_base_folders(tiny_base, tmp_path, monkeypatch):
+    from app import form
+
+    outputs = tmp_path / "outputs"
+    (outputs / "run").mkdir(parents=True)
+    (outputs / "run" / "etc").symlink_to("/etc")
+    monkeypatch.delenv("STYLE_LORA_BASE_DIRS", raising=False)
+    unknown = form.describe_base("someone/some-model", "alice", outputs)
+    assert "SD 1.x" in form.describe_base(str(tiny_base))  # without login the one user owns the server
+    assert "not found here" not in form.describe_base("/etc")
+    for probe in (str(tiny_base), "/etc", "/etc/passwd", "/no/such/folder", f"{outputs}/../../..",
+                  str(outputs / "run" / "etc"), str(tiny_base / "unet" / "config.json")):
+        assert form.describe_base(probe, "alice", outputs) == unknown, probe
+    monkeypatch.setenv("STYLE_LORA_BASE_DIRS", str(tiny_base.parent))  # the admin's model folder
+    assert "SD 1.x" in form.describe_base(str(tiny_base), "alice", outputs)
