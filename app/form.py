@@ -207,6 +207,32 @@ def _coerce(spec: FieldSpec, value: Any) -> Any:
     return "" if value is None else str(value).strip()
 
 
+LEARNING_RATES = ("train.lr_unet", "train.lr_text_encoder")
+PRODIGY_LR = 1.0  # Prodigy's lr multiplies its own step-size estimate: 1.0 is the estimate itself
+
+
+def _preset_rates(preset: str | None) -> tuple[tuple[float, float], str]:
+    values = config_to_values(load_preset_config(preset))
+    return (float(values[LEARNING_RATES[0]]), float(values[LEARNING_RATES[1]])), values["train.optimizer"]
+
+
+def learning_rates_for(optimizer: str, preset: str | None, lr_unet: float | None,
+                       lr_text_encoder: float | None) -> tuple[float | None, float | None]:
+    """The learning-rate widgets after the optimizer widget changes. Choosing Prodigy sets both to 1.0 when they
+    still hold the preset's values, i.e. the user did not set them (as the CLI does, trainer/config.py load_config);
+    leaving Prodigy with both at 1.0 brings the preset's back. Rates the user set are kept (and a conflict is still
+    refused when training starts)."""
+    if lr_unet is None or lr_text_encoder is None:
+        return lr_unet, lr_text_encoder
+    (preset_unet, preset_te), preset_optimizer = _preset_rates(preset)
+    rates = (float(lr_unet), float(lr_text_encoder))
+    if optimizer == "prodigy" and rates == (preset_unet, preset_te):
+        return PRODIGY_LR, PRODIGY_LR
+    if optimizer != "prodigy" and preset_optimizer != "prodigy" and rates == (PRODIGY_LR, PRODIGY_LR):
+        return preset_unet, preset_te
+    return rates
+
+
 def values_to_config(preset: str | None, values: dict[str, Any], extra_lines: str = "") -> Config:
     """defaults <- preset <- form values <- extra 'section.key=value' lines. Raises ConfigError with field names."""
     ui: dict[str, Any] = {}
@@ -221,6 +247,10 @@ def values_to_config(preset: str | None, values: dict[str, Any], extra_lines: st
     path = PRESETS_DIR / f"{preset}.toml" if preset else None
     if preset and preset not in list_presets():
         raise ConfigError(f"unknown preset {preset!r}")
+    train = ui.get("train", {})
+    if train.get("optimizer") == "prodigy" and all(k.split(".")[1] in train for k in LEARNING_RATES) and \
+            (train["lr_unet"], train["lr_text_encoder"]) == _preset_rates(preset)[0]:
+        del train["lr_unet"], train["lr_text_encoder"]  # the preset's, not the user's: load_config gives Prodigy 1.0
     return load_config(path, overrides, extra=ui)
 
 

@@ -252,6 +252,9 @@ def wire_train(outputs: Path, current, tr: SimpleNamespace, rn: SimpleNamespace,
         return [values.get(k, gr.skip()) for k in ordered]
 
     tr.preset.change(apply_preset, tr.preset, [tr.widgets[k] for k in ordered], api_name="preset")
+    rates = [tr.widgets[k] for k in form.LEARNING_RATES]
+    tr.widgets["train.optimizer"].change(form.learning_rates_for, [tr.widgets["train.optimizer"], tr.preset, *rates],
+                                         rates, api_name="optimizer")
 
     def train(run: str, preset_name: str, extra_lines: str, request: gr.Request, **fields: Any):
         values = {spec.path: fields[spec.key] for spec in form.ALL_SPECS}

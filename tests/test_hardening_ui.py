@@ -257,3 +257,48 @@ def test_the_base_picker_describes_no_server_path_outside_the_base_folders(tiny_
         assert form.describe_base(probe, "alice", outputs) == unknown, probe
     monkeypatch.setenv("STYLE_LORA_BASE_DIRS", str(tiny_base.parent))  # the admin's model folder
     assert "SD 1.x" in form.describe_base(str(tiny_base), "alice", outputs)
+
+
+# ----------------------------------------------------------------------------- issue 30: Prodigy in the form
+
+
+def test_choosing_prodigy_in_the_form_sets_both_learning_rates_unless_the_user_set_them():
+    import pytest
+
+    from app import form
+    from trainer.config import ConfigError
+
+    for preset in form.list_presets():
+        values = form.preset_values(preset)
+        rates = (values["train.lr_unet"], values["train.lr_text_encoder"])
+        if values["train.optimizer"] == "prodigy":
+            continue
+        # the widgets change as soon as Prodigy is picked, and change back when it is left
+        assert form.learning_rates_for("prodigy", preset, *rates) == (1.0, 1.0), preset
+        assert form.learning_rates_for("adamw", preset, 1.0, 1.0) == rates
+        assert form.learning_rates_for("prodigy", preset, 0.5, 0.5) == (0.5, 0.5)  # the user's: kept
+        # the form sent with the preset's rates (no change event, e.g. the API) trains with Prodigy at 1.0
+        cfg = form.values_to_config(preset, {**values, "train.optimizer": "prodigy"})
+        assert (cfg.train.optimizer, cfg.train.lr_unet, cfg.train.lr_text_encoder) == ("prodigy", 1.0, 1.0), preset
+        both = {**values, "train.optimizer": "prodigy", "lora.train_unet": True, "lora.train_text_encoder": True}
+        with pytest.raises(ConfigError, match="prodigy needs one learning rate"):  # an explicit conflict: refused
+            form.values_to_config(preset, {**both, "train.lr_unet": 1.0, "train.lr_text_encoder": 0.5})
+
+
+def test_the_learning_rate_widgets_follow_the_optimizer_through_the_server(tmp_path):
+    from gradio_client import Client
+
+    from app import form
+    from app.ui import build_app
+
+    demo = build_app(tmp_path / "outputs")
+    port = free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True)
+    try:
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        values = form.preset_values(form.DEFAULT_PRESET)
+        rates = (values["train.lr_unet"], values["train.lr_text_encoder"])
+        assert tuple(c.predict("prodigy", form.DEFAULT_PRESET, *rates, api_name="/optimizer")) == (1.0, 1.0)
+        assert tuple(c.predict("adamw", form.DEFAULT_PRESET, 1.0, 1.0, api_name="/optimizer")) == rates
+    finally:
+        demo.close()
