@@ -302,3 +302,55 @@ def test_the_learning_rate_widgets_follow_the_optimizer_through_the_server(tmp_p
         assert tuple(c.predict("adamw", form.DEFAULT_PRESET, 1.0, 1.0, api_name="/optimizer")) == rates
     finally:
         demo.close()
+
+
+# ----------------------------------------------------------------------------- issue 30: waits follow the run's events
+
+FAKE_RUN = """
+import json, sys, time
+run_dir, steps, every, hang = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "hang"
+def emit(kind, **kw):
+    with open(run_dir + "/events.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.time(), "type": kind, **kw}) + "\\n")
+for step in range(1, steps + 1):
+    time.sleep(every)
+    emit("step", step=step, total=steps, loss=0.1)
+    if hang:
+        time.sleep(600)
+emit("done", step=steps, paths=[])
+emit("report", summary={})
+"""
+
+
+def _fake_run(outputs: Path, steps: int, every: float, hang: bool = False):
+    import subprocess
+    import sys
+
+    run = outputs / ("hangs" if hang else "slow")
+    run.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_RUN, str(run.resolve()), str(steps), str(every),
+                             "hang" if hang else "go"])
+    jobs.write_job(run, {"queued_at": time.time(), "pid": proc.pid, "launched_at": time.time()})
+    return run, proc
+
+
+def test_waiting_for_a_run_follows_its_events_not_a_fixed_guess(tmp_path):
+    import pytest
+
+    from tests.conftest import wait_for_run_end
+
+    run, proc = _fake_run(tmp_path / "outputs", steps=8, every=0.5)  # 4 s in all, an event every 0.5 s
+    try:
+        started = time.time()
+        ended = wait_for_run_end(run, stall_s=2.0, ceiling_s=60)  # longer than the stall limit, yet never stalled
+        assert ended.state == "done" and ended.step == 8 and time.time() - started > 2.0
+    finally:
+        proc.wait(30)
+    stuck, proc = _fake_run(tmp_path / "outputs", steps=8, every=0.1, hang=True)
+    try:
+        with pytest.raises(AssertionError, match=r"hangs: state running after \d+s, no new event for \d+s "
+                                                 r"\(last: step\)"):
+            wait_for_run_end(stuck, stall_s=2.0, ceiling_s=60)
+    finally:
+        proc.kill()
+        proc.wait(30)
