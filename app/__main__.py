@@ -3,7 +3,8 @@
 Bound to localhost unless --host says otherwise. On an exposed server, require a login with --auth (repeatable)
 or --auth-file (one `user:password` a line; blank lines and '#' comments ignored). Gradio then refuses every
 route, files included, without the session cookie. Gradio serves files only from outputs/ (the run folders and
-its own upload cache, which lives in outputs/.gradio): never the working directory or anything else.
+its own upload cache, which lives in outputs/.gradio): never the working directory or anything else; with a login,
+a run's files only to the user who made it (app/auth.py).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         # launch_kwargs: the login, with failed attempts throttled per user and per client address (app/auth.py)
         demo.queue(default_concurrency_limit=4).launch(
             server_name=args.host, server_port=args.port, **served_paths(outputs),
-            max_file_size="50mb", show_error=False, **launch_kwargs(auth))
+            max_file_size="50mb", show_error=False, **launch_kwargs(auth, outputs=outputs))
     finally:
         stop.set()
         stop_watcher.set()

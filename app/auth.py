@@ -6,6 +6,10 @@ variable set by a small ASGI middleware (`ClientAddress`) that sees every reques
 user (or an address) is locked for a time that doubles with each further failure; a locked login is answered
 429 with the wait in seconds, without looking at the password. Behind a reverse proxy every client has the
 proxy's address: the per-address limit is then shared, the per-user limit still holds.
+
+Gradio serves any file under outputs/ to any logged-in user (`/gradio_api/file=PATH`). A second middleware
+(`RunFilesForOwner`) checks every such request against the session cookie's user: a run folder's files go only to
+the run's owner, and a preview upload folder only to its user; anyone else gets 404, as for a missing file.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import contextvars
 import hmac
 import math
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 CLIENT_ADDRESS: contextvars.ContextVar[str] = contextvars.ContextVar("client_address", default="unknown")
@@ -35,6 +41,56 @@ class ClientAddress:
             await self.app(scope, receive, send)
         finally:
             CLIENT_ADDRESS.reset(token)
+
+
+class RunFilesForOwner:
+    """ASGI middleware: a file request (any path with '/file=') for a file of a run folder (or of a preview upload
+    folder) under outputs/ is answered 404 unless the session's logged-in user owns it."""
+
+    def __init__(self, app, outputs: str | Path):
+        self.app, self.outputs = app, Path(outputs).resolve()
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "") if scope.get("type") == "http" else ""
+        if "/file=" in path and not may_read(self.outputs, path.partition("/file=")[2], session_user(scope)):
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+            return await send({"type": "http.response.body", "body": b"File not found."})
+        await self.app(scope, receive, send)
+
+
+def session_user(scope) -> str | None:
+    """The logged-in user of this request, read as gradio's own login check reads it: its session cookie, looked
+    up in the gradio app's token table (Starlette puts the app in scope["app"] before any middleware runs)."""
+    from starlette.requests import Request
+
+    gradio_app = scope.get("app")
+    cookie_id, tokens = getattr(gradio_app, "cookie_id", None), getattr(gradio_app, "tokens", None) or {}
+    if cookie_id is None:
+        return None
+    cookies = Request(scope).cookies
+    token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+    return tokens.get(token) if token else None
+
+
+def may_read(outputs: Path, requested: str, user: str | None) -> bool:
+    """False for a file in a run folder of `outputs` that is not `user`'s (or in another user's preview upload
+    folder). The path is judged both as written (after '..' is folded, as gradio does) and with its links resolved,
+    so neither a link nor '..' reaches a run from outside. Everything else is left to gradio's own rules."""
+    from app.jobs import owner_of
+    from app.preview_client import preview_dir, uploads_dir
+
+    for path in {Path(os.path.abspath(requested)), Path(os.path.realpath(requested))}:
+        if not path.is_relative_to(outputs) or path == outputs:
+            continue
+        top = path.relative_to(outputs).parts[0]
+        uploads = preview_dir(outputs) / "adapters"
+        if path.is_relative_to(uploads) and path.parent != uploads:  # outputs/.preview/adapters/user-<key>/...
+            if user is None or not path.is_relative_to(uploads_dir(outputs, user)):
+                return False
+        elif not top.startswith(".") and (user is None or owner_of(outputs / top) != user):  # a run folder
+            return False
+    return True
 
 
 class LoginThrottle:
@@ -104,11 +160,14 @@ def make_auth(users: list[tuple[str, str]], throttle: LoginThrottle | None = Non
     return check
 
 
-def launch_kwargs(users: list[tuple[str, str]], throttle: LoginThrottle | None = None) -> dict:
-    """Keyword arguments for `Blocks.launch`: the throttled login and the middleware that tells it the client's
-    address; {} without users (a local server needs no login)."""
+def launch_kwargs(users: list[tuple[str, str]], throttle: LoginThrottle | None = None,
+                  outputs: str | Path | None = None) -> dict:
+    """Keyword arguments for `Blocks.launch`: the throttled login, the middleware that tells it the client's
+    address and, given `outputs`, the one that serves run files to their owners only; {} without users (a local
+    server needs no login, and all its runs are its one user's)."""
     from starlette.middleware import Middleware
 
     if not users:
         return {}
-    return {"auth": make_auth(users, throttle), "app_kwargs": {"middleware": [Middleware(ClientAddress)]}}
+    middleware = [Middleware(ClientAddress)] + ([Middleware(RunFilesForOwner, outputs=outputs)] if outputs else [])
+    return {"auth": make_auth(users, throttle), "app_kwargs": {"middleware": middleware}}

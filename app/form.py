@@ -6,9 +6,11 @@ here: ui.py turns each FieldSpec into a component.
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from trainer import families
@@ -205,6 +207,32 @@ def _coerce(spec: FieldSpec, value: Any) -> Any:
     return "" if value is None else str(value).strip()
 
 
+LEARNING_RATES = ("train.lr_unet", "train.lr_text_encoder")
+PRODIGY_LR = 1.0  # Prodigy's lr multiplies its own step-size estimate: 1.0 is the estimate itself
+
+
+def _preset_rates(preset: str | None) -> tuple[tuple[float, float], str]:
+    values = config_to_values(load_preset_config(preset))
+    return (float(values[LEARNING_RATES[0]]), float(values[LEARNING_RATES[1]])), values["train.optimizer"]
+
+
+def learning_rates_for(optimizer: str, preset: str | None, lr_unet: float | None,
+                       lr_text_encoder: float | None) -> tuple[float | None, float | None]:
+    """The learning-rate widgets after the optimizer widget changes. Choosing Prodigy sets both to 1.0 when they
+    still hold the preset's values, i.e. the user did not set them (as the CLI does, trainer/config.py load_config);
+    leaving Prodigy with both at 1.0 brings the preset's back. Rates the user set are kept (and a conflict is still
+    refused when training starts)."""
+    if lr_unet is None or lr_text_encoder is None:
+        return lr_unet, lr_text_encoder
+    (preset_unet, preset_te), preset_optimizer = _preset_rates(preset)
+    rates = (float(lr_unet), float(lr_text_encoder))
+    if optimizer == "prodigy" and rates == (preset_unet, preset_te):
+        return PRODIGY_LR, PRODIGY_LR
+    if optimizer != "prodigy" and preset_optimizer != "prodigy" and rates == (PRODIGY_LR, PRODIGY_LR):
+        return preset_unet, preset_te
+    return rates
+
+
 def values_to_config(preset: str | None, values: dict[str, Any], extra_lines: str = "") -> Config:
     """defaults <- preset <- form values <- extra 'section.key=value' lines. Raises ConfigError with field names."""
     ui: dict[str, Any] = {}
@@ -219,6 +247,10 @@ def values_to_config(preset: str | None, values: dict[str, Any], extra_lines: st
     path = PRESETS_DIR / f"{preset}.toml" if preset else None
     if preset and preset not in list_presets():
         raise ConfigError(f"unknown preset {preset!r}")
+    train = ui.get("train", {})
+    if train.get("optimizer") == "prodigy" and all(k.split(".")[1] in train for k in LEARNING_RATES) and \
+            (train["lr_unet"], train["lr_text_encoder"]) == _preset_rates(preset)[0]:
+        del train["lr_unet"], train["lr_text_encoder"]  # the preset's, not the user's: load_config gives Prodigy 1.0
     return load_config(path, overrides, extra=ui)
 
 
@@ -233,10 +265,19 @@ def _single_file_kind(path) -> str:
     return families.from_checkpoint_keys(read_safetensors_header(path)).NAME
 
 
-def describe_base(path: str | None) -> str:
-    """What the UI shows under the base picker: the detected family (SD 1.x / SD 2.x / SDXL) without loading it."""
-    from pathlib import Path
+def base_roots(outputs: Path) -> list[Path]:
+    """Where a logged-in user's base model paths are looked at: outputs/, the Hugging Face cache and the folders in
+    STYLE_LORA_BASE_DIRS (os.pathsep-separated), all resolved."""
+    from huggingface_hub import constants
 
+    extra = [d for d in os.environ.get("STYLE_LORA_BASE_DIRS", "").split(os.pathsep) if d.strip()]
+    return [Path(d).expanduser().resolve() for d in [outputs, constants.HF_HUB_CACHE, *extra]]
+
+
+def describe_base(path: str | None, user: str | None = None, outputs: Path | None = None) -> str:
+    """What the UI shows under the base picker: the detected family (SD 1.x / SD 2.x / SDXL) without loading it.
+    With a logged-in `user` a server path outside base_roots(outputs) gets the same answer as a path that does
+    not exist, so the picker cannot be used to find out which files the server has."""
     path = (path or "").strip()
     if not path:
         return "Base: none chosen."
@@ -246,7 +287,14 @@ def describe_base(path: str | None) -> str:
                 "(32 px), not a real SD base (docs/demo-base.md).")
     if builtin:
         return f"Base: **{families.get(builtin).LABEL}** layout (built-in tiny model, offline)."
-    p = Path(path).expanduser()
+    known = " / ".join(families.get(name).LABEL for name in families.NAMES)
+    unknown = f"Base: hub id or path not found here; its family ({known}) is detected when the run loads it."
+    if user is not None:
+        p = Path(path).expanduser().resolve()  # resolved: neither '..' nor a link leads outside the roots
+        if not any(p.is_relative_to(root) for root in base_roots(Path(outputs or "outputs"))):
+            return unknown
+    else:
+        p = Path(path).expanduser()
     if p.is_dir():
         found = families.describe_folder(p)
         if "error" in found:
@@ -258,5 +306,4 @@ def describe_base(path: str | None) -> str:
         except (OSError, ValueError) as err:
             return f"Base: {p.name}: not a readable .safetensors checkpoint ({err})."
         return f"Base: **{families.get(kind).LABEL}** (from the checkpoint's tensor names; v-prediction is read when loading)."
-    known = " / ".join(families.get(name).LABEL for name in families.NAMES)
-    return f"Base: hub id or path not found here; its family ({known}) is detected when the run loads it."
+    return unknown

@@ -204,12 +204,18 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         with gr.Tabs(selected="dataset") as tabs:
             ds, tr, rn = dataset_layout(), train_layout(defaults), runs_layout()
             preview_tab = preview.build_tab(outputs)  # app/preview.py: LoRA vs base, grids, mixing (own worker)
-        tr.widgets["model.path"].change(form.describe_base, tr.widgets["model.path"], tr.base_md,
-                                        api_name="describe_base")
         wire_dataset(outputs, current, ds, tr)
+        wire_base(outputs, tr)
         wire_train(outputs, current, tr, rn, tabs)
         wire_runs(outputs, demo, current, rn, preview_tab)
     return demo
+
+
+def wire_base(outputs: Path, tr: SimpleNamespace) -> None:
+    def describe(path: str, request: gr.Request) -> str:
+        return form.describe_base(path, jobs.user_of(request), outputs)
+
+    tr.widgets["model.path"].change(describe, tr.widgets["model.path"], tr.base_md, api_name="describe_base")
 
 
 def wire_dataset(outputs: Path, current, ds: SimpleNamespace, tr: SimpleNamespace) -> None:
@@ -246,6 +252,9 @@ def wire_train(outputs: Path, current, tr: SimpleNamespace, rn: SimpleNamespace,
         return [values.get(k, gr.skip()) for k in ordered]
 
     tr.preset.change(apply_preset, tr.preset, [tr.widgets[k] for k in ordered], api_name="preset")
+    rates = [tr.widgets[k] for k in form.LEARNING_RATES]
+    tr.widgets["train.optimizer"].change(form.learning_rates_for, [tr.widgets["train.optimizer"], tr.preset, *rates],
+                                         rates, api_name="optimizer")
 
     def train(run: str, preset_name: str, extra_lines: str, request: gr.Request, **fields: Any):
         values = {spec.path: fields[spec.key] for spec in form.ALL_SPECS}

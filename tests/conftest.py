@@ -92,6 +92,35 @@ def reap():
             os.kill(pid, signal.SIGKILL)
 
 
+RUN_STALL_S, RUN_CEILING_S = 900.0, 3600.0  # no new event for 15 min: stuck; an hour in all: give up
+
+
+def wait_for_run_end(run_dir: Path, stall_s: float = RUN_STALL_S, ceiling_s: float = RUN_CEILING_S,
+                     ends: tuple[str, ...] = ("done", "failed", "stopped", "cancelled")):
+    """The run's status (app/jobs.py) once it has ended, following RUN/events.jsonl rather than guessing how long
+    a run takes: every new event (a step, a checkpoint, the report) proves progress and restarts the `stall_s`
+    clock, so a busy machine only makes the wait longer. Fails naming the last event when the run makes no
+    progress for `stall_s`, or after `ceiling_s` in all."""
+    import time
+
+    from app import jobs
+
+    start = last_change = time.time()
+    seen = -1
+    while True:
+        st = jobs.status(run_dir)
+        if st.state in ends:
+            return st
+        now = time.time()
+        if len(st.events) != seen:
+            seen, last_change = len(st.events), now
+        last = st.events[-1]["type"] if st.events else "none yet"
+        if now - last_change > stall_s or now - start > ceiling_s:
+            raise AssertionError(f"{run_dir.name}: state {st.state} after {now - start:.0f}s, no new event for "
+                                 f"{now - last_change:.0f}s (last: {last})\n{jobs.log_tail(run_dir)}")
+        time.sleep(0.5)
+
+
 def wait_for(predicate, timeout: float = 180, every: float = 0.1, what: str = "condition"):
     """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` seconds."""
     import time

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from app import form, jobs, uploads
-from tests.conftest import ROOT, TINY_STYLE, free_port, wait_for
+from tests.conftest import ROOT, TINY_STYLE, free_port, wait_for, wait_for_run_end
 
 EXAMPLES = sorted(TINY_STYLE.glob("*"))
 
@@ -282,8 +282,8 @@ def test_ui_end_to_end(server, tiny_base, tmp_path):
     # train -> done -> download the adapter and the zip
     status_md, selected = client.predict(**common, train_steps=3, extra_lines="", api_name="/train")
     assert run in status_md and selected["value"] == run  # the Runs dropdown update, selecting the new run
-    st = wait_for(lambda: (s := client.predict(run, api_name="/status"))["state"] in ("done", "failed") and s,
-                  180, 0.5, "run done")
+    wait_for_run_end(outputs / run)  # the run's own events, not a guess of how long it takes
+    st = client.predict(run, api_name="/status")
     assert st["state"] == "done", st
     assert st["step"] == 3 and st["samples"], st
     md, loss, samples, files, config, log, report_png = client.predict(run, api_name="/panel")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_STYLE, free_port
+from tests.conftest import ROOT, TINY_STYLE, free_port, wait_for_run_end
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SCREENSHOT_COPY = ROOT / "docs" / "screenshots" / "ui-train.png"
@@ -95,7 +95,10 @@ def test_click_through_upload_train_download(app_server, tmp_path):
             page.reload()  # the page reattaches to the running run (state lives in the run folders)
             page.get_by_role("tab", name="Runs").click()
             sync_api.expect(status).to_contain_text("my-style: running", timeout=60_000)
-            sync_api.expect(status).to_contain_text("done", timeout=240_000)
+            run_dir = next(p for p in outputs.iterdir() if (p / "job.json").is_file())
+            ended = wait_for_run_end(run_dir)  # follows the run's events: as long as the machine needs, no guess
+            assert ended.state == "done", f"{ended.state}: {ended.reason}"
+            sync_api.expect(status).to_contain_text("done", timeout=60_000)  # the panel's next refresh shows it
             sync_api.expect(status).to_contain_text("6/6")
             link = page.locator("#downloads a[href$='.diffusers.safetensors']").first
             sync_api.expect(link).to_be_visible(timeout=30_000)

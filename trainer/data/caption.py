@@ -24,11 +24,13 @@ from PIL import Image, ImageOps
 from trainer.data.caption_edit import (caption_file, check_caption_extension, list_images, not_regular_files, strip_words,
                                   write_captions)
 from trainer.data.images import to_rgb
+from trainer.io import read_safetensors_header
 
 SENTENCE, TAGS = "sentence", "tags"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 TAGS_CSV = "selected_tags.csv"  # WD14 taggers: one row per model output (tag_id,name,category,count)
 RATING, CHARACTER = 9, 4  # WD14 categories; 0 = general
+MAX_TAGGER_SIZE = 2048  # px; WD14 taggers take 448, and a 20000 px input would need 4.8 GB per image
 # Florence-2 generates nothing without a task token; a content description is what a style LoRA wants.
 DEFAULT_PROMPTS = {"florence2": "<DETAILED_CAPTION>"}
 
@@ -73,22 +75,86 @@ def _check_safetensors_folder(model: str) -> None:
         raise CaptionError(f"{model}: no .safetensors weights in this folder{why}")
 
 
+def _check_weight_files(model: str) -> None:
+    """Every shard index and .safetensors file of a local model folder, before the loader opens them."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return  # a hub id: the loader checks what it downloads
+    for index in sorted(path.glob("*.safetensors.index.json")):
+        _check_shard_index(index)
+    for weights in sorted(path.glob("*.safetensors")):
+        _check_safetensors_file(weights)
+
+
+def _check_shard_index(index: Path) -> None:
+    """A sharded checkpoint's index names its shards; each must be a .safetensors file in the model's own folder,
+    so a name such as '../../etc/passwd' is refused here rather than failing deep inside the loader."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = set(weight_map.values())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CaptionError(f"{index}: not a shard index with a 'weight_map' ({type(err).__name__}: {err})") from None
+    for shard in sorted(map(str, shards)):
+        if Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise CaptionError(f"{index}: shard '{shard}' is not a .safetensors file name in the model's folder")
+        if not (index.parent / shard).is_file():
+            raise CaptionError(f"{index}: shard '{shard}' is missing from the model's folder")
+
+
+def _check_safetensors_file(weights: Path) -> None:
+    """The header parses and its tensors fit the file: a truncated or non-safetensors file is named here, in one
+    line, instead of the loader's bare 'header too small'."""
+    try:
+        header = read_safetensors_header(weights)
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        with open(weights, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+    except OSError as err:
+        raise CaptionError(f"{weights}: cannot read the weights: {err.strerror or err}") from None
+    except (ValueError, KeyError, TypeError, IndexError) as err:  # read_safetensors_header's messages name the file
+        why = str(err) if str(weights) in str(err) else f"{weights}: unreadable .safetensors header ({err})"
+        raise CaptionError(f"{why}; the weights file is broken, download it again") from None
+    if 8 + header_bytes + end > weights.stat().st_size:
+        raise CaptionError(f"{weights}: shorter than its header says (truncated); download it again")
+
+
+NO_TOKENIZER = ("no tokenizer (tokenizer.json, or vocab files such as vocab.txt / vocab.json + merges.txt): "
+                "without one every caption would be empty; use the model's complete folder")
+
+
+def _load_tokenizer(model: str, auto_tokenizer):
+    try:
+        return auto_tokenizer.from_pretrained(model, trust_remote_code=False)
+    except (OSError, ValueError, TypeError):
+        raise CaptionError(f"{model}: {NO_TOKENIZER}") from None
+
+
+def _check_tokenizer(model: str, tokenizer) -> None:
+    """A tokenizer built without its vocabulary files knows only its special tokens, which decoding drops: refuse
+    it at load time rather than report 'empty caption' once per image."""
+    if tokenizer is None or len(tokenizer) - len(set(tokenizer.all_special_ids)) <= 0:
+        raise CaptionError(f"{model}: {NO_TOKENIZER}")
+
+
 def load_sentence_model(model: str, device: str, prompt: str | None = None, max_new_tokens: int = 75,
                         num_beams: int = 3) -> Captioner:
     import torch
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     _check_safetensors_folder(model)
     common = {"trust_remote_code": False}
     try:
-        config = AutoConfig.from_pretrained(model, **common)
+        config = AutoConfig.from_pretrained(model, **common)  # first: it refuses repos that ship their own code
+        _check_weight_files(model)
         if config.model_type == "vision-encoder-decoder":
             model_class = transformers.VisionEncoderDecoderModel
         else:  # BLIP, BLIP-2, GIT, Florence-2, LLaVA-style...: the class image-to-text pipelines loaded
             model_class = (getattr(transformers, "AutoModelForImageTextToText", None)
                            or transformers.AutoModelForVision2Seq)
-        net = model_class.from_pretrained(model, use_safetensors=True, **common)
         try:
             processor = AutoProcessor.from_pretrained(model, **common)
         except (OSError, ValueError, TypeError):
@@ -96,10 +162,14 @@ def load_sentence_model(model: str, device: str, prompt: str | None = None, max_
         if processor is None or not hasattr(processor, "image_processor"):  # VisionEncoderDecoder repos
             processor = None
             image_processor = AutoImageProcessor.from_pretrained(model, **common)
-            tokenizer = AutoTokenizer.from_pretrained(model, **common)
+            tokenizer = _load_tokenizer(model, AutoTokenizer)
         else:
-            image_processor, tokenizer = processor, processor.tokenizer
-    except (OSError, ValueError) as err:
+            image_processor, tokenizer = processor, getattr(processor, "tokenizer", None)
+        _check_tokenizer(model, tokenizer)  # before the weights: nothing heavy loads for a model that cannot caption
+        net = model_class.from_pretrained(model, use_safetensors=True, **common)
+    except (OSError, ValueError, SafetensorError) as err:
+        if isinstance(err, CaptionError):
+            raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if "trust_remote_code" in str(err):
             first = ("the repo needs its own Python code (trust_remote_code), which is refused like pickles; "
@@ -196,6 +266,9 @@ def load_tagger(model: str, threshold: float = 0.35, character_threshold: float 
     shape = graph_input.shape  # WD14: [batch, size, size, 3]
     if len(shape) != 4 or shape[3] != 3 or not isinstance(shape[1], int):
         raise CaptionError(f"{onnx_path}: input shape {shape} is not a WD14 tagger's [batch, size, size, 3]")
+    if shape[2] != shape[1] or not 0 < shape[1] <= MAX_TAGGER_SIZE:  # every image becomes size² x 3 floats
+        raise CaptionError(f"{onnx_path}: input size {shape[1]}x{shape[2]} px is not a square of at most "
+                           f"{MAX_TAGGER_SIZE} px (WD14 taggers take 448); this graph is not a usable tagger")
     one_at_a_time = shape[0] == 1
 
     def caption(images: list[Image.Image]) -> list[str]:

@@ -13,10 +13,37 @@ from pathlib import Path
 from trainer.preview.previewer import AdapterError, Previewer
 
 
+DRAW_OPS = ("generate", "compare", "grid")
+EXAMPLE = '{"op": "generate", "prompt": "a cat", "out": "cat.png", "adapters": {"mine": 1.0}}'
+NUMBERS = {"steps": int, "seed": int, "width": int, "height": int, "guidance": float}
+
+
+def check_request(req: dict) -> None:
+    """Raise ValueError in one line that names the field and shows a good request, before anything is drawn (a
+    missing prompt would otherwise be "TypeError: generate() missing 1 required positional argument")."""
+    op = req.get("op")
+    if op == "load" and not isinstance(req.get("path"), str):
+        raise ValueError('load: give the adapter file as "path", e.g. {"op": "load", "path": "my-lora.safetensors"}')
+    if op not in DRAW_OPS:
+        return
+    for field in ("prompt", "out"):  # an empty prompt draws unconditioned, as the UI allows; a missing one is a slip
+        if not isinstance(req.get(field), str) or (field == "out" and not req[field].strip()):
+            raise ValueError(f"{op}: the request needs a text '{field}', e.g. {EXAMPLE}")
+    for field, kind in NUMBERS.items():
+        value = req.get(field, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise ValueError(f"{op}: '{field}' is {value!r}; give a{'n integer' if kind is int else ' number'}")
+    adapters = req.get("adapters") or {}
+    if not isinstance(adapters, dict) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                  for w in adapters.values()):
+        raise ValueError(f"{op}: 'adapters' is {adapters!r}; give {{name: weight}} with a number per adapter")
+
+
 def _handle(pv: Previewer, req: dict) -> dict:
     op = req.get("op")
+    check_request(req)
     common = {k: req[k] for k in ("prompt", "negative", "steps", "guidance", "seed", "width", "height") if k in req}
-    if op in ("generate", "compare", "grid"):
+    if op in DRAW_OPS:
         for name, path in (req.get("files") or {}).items():  # {name: path}: loaded (or found cached) first
             pv.load_adapter(path, name)
         adapters = {k: float(v) for k, v in (req.get("adapters") or {}).items()}

@@ -57,6 +57,15 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict, live_groups: 
     return {"state": state, "param_groups": groups}
 
 
+def one_number(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """tensors[key] when it holds one number (a step, a loss), else ValueError naming the key: never torch's
+    'only one element tensors can be converted to Python scalars'."""
+    value = tensors[key]
+    if value.numel() != 1:
+        raise ValueError(f"'{key}' holds {value.numel()} values where one number belongs")
+    return value
+
+
 def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler,
                     extra: dict[str, torch.Tensor] | None = None) -> Path:
     """`extra`: variant state that is not a parameter (Delta-LoRA snapshot, AdaLoRA sensitivity averages)."""
@@ -99,6 +108,10 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
             f"{folder}: checkpoint does not match this model/LoRA config "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    wrong = next((n for n in sorted(params) if tuple(weights[n].shape) != tuple(params[n].shape)), None)
+    if wrong is not None:
+        raise ValueError(f"{folder}: checkpoint does not match this model/LoRA config ({wrong} has shape "
+                         f"{list(weights[wrong].shape)}, this run's {list(params[wrong].shape)})")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name].to(p.dtype))

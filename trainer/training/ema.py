@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from trainer.config import TrainConfig
+from trainer.training.checkpoint import one_number
 
 PREFIX = "ema."
 STEP_KEY = "ema_state.optimization_step"
@@ -60,8 +61,11 @@ class AdapterEMA:
                              "(it was written with train.ema = false)")
         with torch.no_grad():
             for name, shadow in zip(self.params, self.model.shadow_params):
+                if tensors[PREFIX + name].shape != shadow.shape:
+                    raise ValueError(f"train.ema: {PREFIX + name} has shape {list(tensors[PREFIX + name].shape)}, "
+                                     f"this run's {list(shadow.shape)}")
                 shadow.copy_(tensors[PREFIX + name].to(shadow))
-        self.model.optimization_step = int(tensors[STEP_KEY])
+        self.model.optimization_step = int(one_number(tensors, STEP_KEY))
 
 
 def make_ema(tc: TrainConfig, modules: dict[str, torch.nn.Module]) -> AdapterEMA | None:

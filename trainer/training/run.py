@@ -170,13 +170,18 @@ def attach_models(run: Run, base, probe: bool = False) -> None:
 def resume(run: Run) -> None:
     """Continue from train.resume's checkpoint (weights, optimizer, scheduler, RNG, variant state), if any."""
     resume_setting = run.cfg.train.resume
-    step, extra, folder = resume_from(resume_setting, run.run_dir, run.trained, run.optimizer, run.lr_scheduler)
-    if folder is not None:
-        if run.delta:
-            run.delta.load_state(extra)
-        load_adalora_state(run.tuners, extra)
-        load_ema_state(run.ema, extra)
-        load_validation_state(run.validator, extra)
+    try:
+        step, extra, folder = resume_from(resume_setting, run.run_dir, run.trained, run.optimizer, run.lr_scheduler)
+        if folder is not None:
+            if run.delta:
+                run.delta.load_state(extra)
+            load_adalora_state(run.tuners, extra)
+            load_ema_state(run.ema, extra)
+            load_validation_state(run.validator, extra)
+    except ValueError as err:  # a checkpoint of another config, or a damaged one: say which, and what to do
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"train.resume = {resume_setting!r}: cannot continue from this checkpoint: {first}; resume "
+                         "from a checkpoint this run's config wrote, or leave train.resume empty to start over") from None
     if resume_setting:  # "latest" with no checkpoint yet (killed before the first) starts over, and says so
         run.events.emit(RESUMED, step=step, checkpoint=str(folder) if folder else None)
     run.start_step = step

@@ -24,6 +24,7 @@ from trainer.data import dataset as ds
 from trainer.data.images import load_image
 from trainer.config import Config
 from trainer.training.batch import encode_latent_dist
+from trainer.training.checkpoint import one_number
 from trainer.events import BEST, PROBLEM, VALIDATION, VALIDATION_SET
 
 BEST_LOSS, BEST_STEP = "validation.best_loss", "validation.best_step"
@@ -146,7 +147,7 @@ def validation_state(validator: Validator | None) -> dict[str, torch.Tensor]:
 
 def load_validation_state(validator: Validator | None, tensors: dict[str, torch.Tensor]) -> None:
     if validator is not None and BEST_LOSS in tensors:
-        validator.best = (float(tensors[BEST_LOSS]), int(tensors[BEST_STEP]))
+        validator.best = (float(one_number(tensors, BEST_LOSS)), int(one_number(tensors, BEST_STEP)))
 
 
 def best_paths(run_dir: Path, name: str) -> list[Path]:
