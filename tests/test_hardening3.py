@@ -433,8 +433,8 @@ def broken_captioner(case: str, good: dict[str, Path], root: Path) -> Path:
 
 
 @pytest.mark.parametrize("case, says", [
-    ("header-too-small", "b/header-too-small/model.safetensors: too short for a .safetensors file; the weights file "
-                         "is broken, download it again"),
+    ("header-too-small", "b/header-too-small/model.safetensors: not a readable .safetensors file (too short for one); "
+                         "the weights file is broken, download it again"),
     ("shard-escapes", "shard-escapes/model.safetensors.index.json: shard '../../etc/passwd' is not a .safetensors "
                       "file name in the model's folder"),
     ("huge-tagger", "tagger/model.onnx: input size 20000x20000 px is not a square of at most 2048 px"),

@@ -375,7 +375,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), extra
     for text in overrides:
         apply_override(data, *parse_override(text))
         apply_override(user, *parse_override(text))
-    if user.get("train", {}).get("optimizer") == "prodigy" and not {"lr_unet", "lr_text_encoder"} & user["train"].keys():
+    chosen = user.get("train") if isinstance(user.get("train"), dict) else {}  # `train=...` itself is refused below
+    if chosen.get("optimizer") == "prodigy" and not {"lr_unet", "lr_text_encoder"} & chosen.keys():
         data["train"].update(lr_unet=1.0, lr_text_encoder=1.0)  # no lr chosen: Prodigy's lr multiplies its estimate
     return validate(data, str(path) if path else "config")
 

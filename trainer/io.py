@@ -104,7 +104,7 @@ def read_safetensors_header(path: str | Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: too short for a .safetensors file")
+            raise ValueError(f"{path}: not a readable .safetensors file (too short for one)")
         (size,) = struct.unpack("<Q", head)
         if size > MAX_HEADER_BYTES:
             raise ValueError(f"{path}: implausible .safetensors header ({size} bytes)")
