@@ -107,13 +107,13 @@ def read_safetensors_header(path: str | Path) -> dict:
             raise ValueError(f"{path}: not a readable .safetensors file (too short for one)")
         (size,) = struct.unpack("<Q", head)
         if size > MAX_HEADER_BYTES:
-            raise ValueError(f"{path}: implausible .safetensors header ({size} bytes)")
+            raise ValueError(f"{path}: not a readable .safetensors file (its header claims {size} bytes)")
         try:
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: unreadable .safetensors header ({err})") from None
+            raise ValueError(f"{path}: not a readable .safetensors file (unreadable header: {err})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: unreadable .safetensors header")
+        raise ValueError(f"{path}: not a readable .safetensors file (its header is not a table)")
     return header
 
 
