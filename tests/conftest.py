@@ -153,3 +153,9 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
+
+def one_line(err: str) -> str:
+    """The one line a command wrote to stderr for a refused input (no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from app import jobs, uploads
-from tests.conftest import ROOT, TINY_STYLE
+from tests.conftest import ROOT, TINY_STYLE, one_line
 
 CORPUS = ROOT / "tests" / "bad_inputs"
 PRESET = ROOT / "presets" / "tiny-test.toml"
@@ -33,12 +33,6 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
 
     code = main(list(args))
     return code, capsys.readouterr().err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture

@@ -26,11 +26,6 @@ def unet_config(modules: dict[str, torch.nn.Module]):
     return unet.config if unet is not None else None
 
 
-def kohya_name(part: str, module: str, kind: str | None = None, config=None) -> str:
-    """The kohya key (without suffix) of `part`.`module` on a `kind` base whose UNet has `config`."""
-    return family_of(kind).kohya_name(part, module, config)
-
-
 def module_names(modules: dict[str, torch.nn.Module], kind: str | None) -> dict[str, tuple[str, str]]:
     """{kohya name: (part, module path)} for every Linear/Conv2d (peft-wrapped or not) of the given models."""
     from peft.tuners.tuners_utils import BaseTunerLayer  # LoRA and LyCORIS (LoHa/LoKr) wrappers alike
