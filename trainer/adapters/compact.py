@@ -152,8 +152,8 @@ def compact_factors(factors: dict, max_error: float) -> tuple[dict, dict | None]
     out, lost, total = dict(factors), {}, {}
     for name, f in lycoris.items():
         if fits_whole or exact[name] <= weight[name]:
-            lost[name], total[name] = 0.0, float((f.up.flatten(1).double().T @ f.up.flatten(1).double()
-                                                   * (f.down.flatten(1).double() @ f.down.flatten(1).double().T)).sum())
+            up, down = f.up.flatten(1).double(), f.down.flatten(1).double()  # ‖s·up·down‖² without forming ΔW
+            lost[name], total[name] = 0.0, f.scale**2 * float(((up.T @ up) * (down @ down.T)).sum())
             continue
         out[name], lost[name], total[name] = _compact_layer(f, max_error)
     numbers = sum(_sizes(out[n])[2] * (_sizes(out[n])[0] + _sizes(out[n])[1]) for n in lycoris)
