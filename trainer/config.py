@@ -49,7 +49,12 @@ class ModelConfig(Section):
         "(needed offline; online diffusers finds it from the weights).",
     )
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
-        "auto", description="What the UNet predicts; auto reads it from the base model's scheduler."
+        "auto", description="What the UNet predicts; auto reads it from the base model's scheduler (flow-matching "
+        "bases take auto only)."
+    )
+    t5: Literal["on", "off"] = Field(
+        "on", description="Bases with a T5 text encoder: off loads no T5 and feeds zeros in its place, as "
+        "their pipelines allow (about 9 GB less memory, weaker prompt following). Other bases have no T5 and ignore it."
     )
 
 
@@ -95,10 +100,12 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0, le=1e6, description="LoRA alpha: the update is scaled by alpha/rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/sqrt(rank) instead of alpha/rank.")
-    train_unet: bool = Field(True, description="Train LoRA on the UNet.")
+    train_unet: bool = Field(True, description="Train LoRA on the denoiser (the UNet or the MMDiT transformer).")
     train_text_encoder: bool = Field(True, description="Train LoRA on the text encoder.")
-    unet_targets: list[str] = Field(
-        ["to_q", "to_k", "to_v", "to_out.0"], description="UNet module names that get LoRA (attention by default)."
+    unet_targets: list[str] | None = Field(
+        None, description="Denoiser module names that get LoRA (peft target_modules: a name or a path suffix, e.g. "
+        "ff.net.0.proj or transformer_blocks.3.attn.to_q). Default: the base family's attention (UNets: to_q, to_k, "
+        "to_v, to_out.0; MMDiTs also their text stream's add_q/k/v_proj and to_add_out)."
     )
     text_encoder_targets: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "out_proj"], description="Text-encoder module names that get LoRA."
@@ -199,7 +206,18 @@ class TrainConfig(Section):
     cache_text_embeddings: bool = Field(
         True, description="Encode captions once when the text encoder is frozen and captions do not change per step."
     )
-    min_snr_gamma: float = Field(5.0, ge=0, le=1e4, description="Min-SNR-γ loss weighting (0 = off).")
+    min_snr_gamma: float = Field(5.0, ge=0, le=1e4, description="Min-SNR-γ loss weighting (0 = off). DDPM bases only: "
+                                 "flow-matching bases weight by their timestep sampling instead.")
+    timestep_sampling: Literal["logit_normal", "mode", "uniform"] = Field(
+        "logit_normal", description="Flow-matching bases: how the noise level σ is drawn. logit_normal: "
+        "σ = sigmoid(N(logit_mean, logit_std)), Esser et al. 2024's choice and diffusers' default; mode: Esser et al.'s "
+        "mode-sampling with mode_scale; uniform: σ ~ U(0, 1) (sd-scripts' default). Then shifted by flow_shift.")
+    logit_mean: float = Field(0.0, ge=-10, le=10, description="logit_normal: mean of the normal (Esser et al. 2024: 0).")
+    logit_std: float = Field(1.0, gt=0, le=10, description="logit_normal: std of the normal (Esser et al. 2024: 1).")
+    mode_scale: float = Field(1.29, ge=-1, le=2, description="mode sampling: scale s (Esser et al. 2024: 1.29).")
+    flow_shift: float | None = Field(None, gt=0, le=100, description="Flow-matching bases: timestep shift "
+                                     "σ' = sσ/(1 + (s−1)σ), toward more noise for s > 1. Default: the base's own "
+                                     "scheduler shift (3.0 for the 3.5 bases, what diffusers' training script uses).")
     noise_offset: float = Field(0.0, ge=0, le=10, description="Noise offset (helps very dark/bright images; 0.05 typical).")
     ema: bool = Field(False, description="Keep an exponential moving average (EMA) of the adapter weights: the saved "
                       "adapter, samples and validation use the averaged weights (smoother, often better styles); "

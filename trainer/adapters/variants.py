@@ -257,9 +257,10 @@ def run_loradrop(cfg: Config, run_dir: Path, train: Callable, probe: Callable) -
         kept = select_important(importance, cfg.lora.loradrop_threshold)
         atomic_write_text(selection, json.dumps({"importance": importance, "kept": kept}, indent=1))
     kept = json.loads(selection.read_text())["kept"]
-    unet_kept = [k.removeprefix("unet.") for k in kept if k.startswith("unet.")]
+    # kept names are "<part>.<module>"; the denoiser is the part that is not a text encoder
+    unet_kept = [k.split(".", 1)[1] for k in kept if not k.startswith("text_encoder")]
     # SDXL: one target list serves both text encoders, so it keeps what either of them needs
-    te_kept = sorted({k.split(".", 1)[1] for k in kept if k.startswith(("text_encoder.", "text_encoder_2."))})
+    te_kept = sorted({k.split(".", 1)[1] for k in kept if k.startswith("text_encoder")})
     lora = cfg.lora.model_copy(update={"unet_targets": unet_kept, "text_encoder_targets": te_kept,
                                        "train_unet": bool(unet_kept), "train_text_encoder": bool(te_kept)})
     return train(cfg, Path(run_dir), lora)

@@ -2,8 +2,9 @@
 
   sd1.py     SD 1.x, the worked example (docs/adding-a-base.md)      clip.py     CLIP tokenising, file spellings
   sd2.py     SD 2.x: SD1's parts, OpenCLIP-H, v-prediction            ddpm.py     the UNet families' noise rule
-  sdxl.py    SDXL: two encoders, pooled text + time ids, SGM names   loading.py  load_base / Base: a loaded base
-  tiny.py, tiny_xl.py   tiny random pipelines for tests, the builtin: bases
+  sdxl.py    SDXL: two encoders, pooled text + time ids, SGM names   flow.py     flow matching (SD3.5's noise rule)
+  sd3.py     SD3/3.5: MMDiT transformer, CLIP-L/G + T5, MMDiT names   loading.py  load_base / Base: a loaded base
+  tiny.py, tiny_xl.py, tiny_sd3.py   tiny random pipelines for tests, the builtin: bases
 
 A family module provides the names of `Family` below (a module satisfies the protocol). The trainer, the files, the
 preview, the report and the UI ask the family of a base instead of testing which base it is; a new base is one new
@@ -19,10 +20,10 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainer.families import sd1, sd2, sdxl
+from trainer.families import sd1, sd2, sd3, sdxl
 
 # Detection asks the most specific family first; SD1.x claims what no other family does, so it comes last.
-FAMILIES = (sdxl, sd2, sd1)
+FAMILIES = (sd3, sdxl, sd2, sd1)
 FALLBACK = FAMILIES[-1]  # what a file whose keys and metadata name no family is taken for
 
 
@@ -32,10 +33,12 @@ class Family(Protocol):
     NAME: str  # "sd1": in events (base_kind), metadata, `convert --base`, `build-tiny --kind`
     LABEL: str  # "SD 1.x": what the UI shows
     PIPELINE_CLASS: str  # the diffusers pipeline class name
-    PIPELINE_KWARGS: dict  # extra from_pretrained/from_single_file arguments
+    DENOISER: str  # "unet" | "transformer": pipeline attribute, folder and LoRA-file part name of the denoiser
+    DENOISER_CLASS: str  # the diffusers class of the denoiser, for QLoRA's quantized load
     TEXT_ENCODERS: tuple[str, ...]  # pipeline attributes and LoRA-file part names of the text encoders
     TOKENIZERS: tuple[str, ...]
-    DENOISER_CLASS: str  # the diffusers class of the denoiser (the `unet` part), for QLoRA's quantized load
+    FROZEN_TEXT_ENCODERS: tuple[str, ...]  # text encoders that condition but never get LoRA (SD3's T5)
+    DEFAULT_TARGETS: tuple[str, ...]  # the denoiser's LoRA targets when lora.unet_targets is unset
     KOHYA_PREFIXES: dict[str, str]  # part -> kohya key prefix
     KOHYA_LAYOUT: str  # families with the same kohya key spelling share it
     KOHYA_VERSION: str  # ss_base_model_version
@@ -46,26 +49,32 @@ class Family(Protocol):
     def matches_version(self, version: str) -> bool: ...
     def matches_kohya_keys(self, keys: set[str]) -> bool: ...
     def matches_diffusers_keys(self, keys: set[str]) -> bool: ...
+    def label(self, unet_config: dict) -> str: ...
+    def pipeline_kwargs(self, model_cfg) -> dict: ...
     def pipeline(self, base, unet, text_encoders: dict) -> Any: ...
     def encode_text(self, base, text_encoders: dict, captions: list[str], device) -> tuple: ...
     def predict(self, unet, noisy, timesteps, hidden, pooled, image_sizes: list, dtype) -> Any: ...
     def scale_latents(self, vae, sample) -> Any: ...
     def training_scheduler(self, inference_scheduler, prediction_type: str) -> tuple: ...
-    def draw_timesteps(self, base, count: int, generator, device) -> Any: ...
-    def validation_timesteps(self, base, count: int, device) -> Any: ...
+    def draw_timesteps(self, base, train, count: int, generator, device) -> Any: ...
+    def validation_timesteps(self, base, train, count: int, device) -> Any: ...
     def add_noise(self, base, latents, noise, timesteps) -> Any: ...
     def target(self, base, latents, noise, timesteps) -> Any: ...
     def loss_weight(self, base, timesteps, min_snr_gamma: float) -> Any: ...
     def kohya_name(self, part: str, module: str, unet_config=None) -> str: ...
+    def kohya_slot(self, part: str, module: str) -> tuple[int, int] | None: ...
+    def kohya_version(self, unet_config=None) -> str: ...
     def reference_models(self) -> dict: ...
-    def modelspec_architecture(self, v_prediction: bool) -> str: ...
+    def modelspec_architecture(self, v_prediction: bool, unet_config=None) -> str: ...
     def default_resolution(self, v_prediction: bool) -> int: ...
     def native_size(self, unet_config: dict, vae_config: dict) -> int: ...
     def build_tiny(self, folder, seed: int = 0) -> Path: ...
 
 
-NAMES = tuple(f.NAME for f in reversed(FAMILIES))  # "sd1", "sd2", "sdxl"
-BUILTIN_KINDS = {"demo-sd": "sd1", "tiny-sd15": "sd1"}  # the family of each builtin: base (trainer.families.tiny)
+NAMES = tuple(f.NAME for f in reversed(FAMILIES))  # "sd1", "sd2", "sdxl", "sd3"
+DENOISERS = tuple(dict.fromkeys(f.DENOISER for f in FAMILIES))  # "transformer", "unet"
+# the family of each builtin: base (trainer.families.tiny)
+BUILTIN_KINDS = {"demo-sd": "sd1", "tiny-sd15": "sd1", "tiny-sd35": "sd3"}
 
 
 def get(name: str) -> Family:
@@ -91,7 +100,20 @@ def kind_from_configs(unet_config: dict, has_text_encoder: bool = True, has_text
 def of_pipeline(pipe) -> Family:
     """The family of a loaded diffusers pipeline."""
     components = {name for name, part in pipe.components.items() if part is not None}
-    return from_configs(pipe.unet.config, components)
+    return from_configs(denoiser_of(pipe).config, components)
+
+
+def denoiser_of(pipe):
+    """The pipeline's denoiser (its `unet` or `transformer`)."""
+    return next(getattr(pipe, name) for name in DENOISERS if getattr(pipe, name, None) is not None)
+
+
+def denoiser_config(folder: Path) -> dict:
+    """The denoiser's config.json of a diffusers folder (unet/ or transformer/); OSError when neither is there."""
+    for name in DENOISERS:
+        if (folder / name / "config.json").is_file():
+            return json.loads((folder / name / "config.json").read_text())
+    raise FileNotFoundError(f"no {' or '.join(f'{n}/config.json' for n in DENOISERS)}")
 
 
 def from_checkpoint_keys(keys) -> Family:
@@ -131,8 +153,8 @@ def diffusers_file_family(keys, header: dict) -> Family:
     for family in FAMILIES:
         if family.matches_diffusers_keys(keys):
             return family
-    if any(k.startswith("unet.") for k in keys):
-        raise ValueError("cannot tell which base this UNet LoRA is for (no ss_base_model_version metadata); pass "
+    if any(k.startswith(tuple(f"{d}." for d in DENOISERS)) for k in keys):
+        raise ValueError("cannot tell which base this denoiser LoRA is for (no ss_base_model_version metadata); pass "
                          f"--base with one of {', '.join(NAMES)}")
     return FALLBACK
 
@@ -142,7 +164,7 @@ def describe_folder(path: str | Path) -> dict:
     folder = Path(path).expanduser()
     try:
         index = json.loads((folder / "model_index.json").read_text())
-        unet = json.loads((folder / "unet" / "config.json").read_text())
+        unet = denoiser_config(folder)
         scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError) as err:
         return {"error": f"{folder}: not a readable diffusers pipeline folder ({err})"}
@@ -151,14 +173,17 @@ def describe_folder(path: str | Path) -> dict:
         family = from_configs(unet, present)
     except ValueError as err:
         return {"error": f"{folder}: {err}"}
-    prediction = scheduler.get("prediction_type", "epsilon")
-    return {"kind": family.NAME, "label": family.LABEL, "prediction_type": prediction}
+    prediction = "flow" if "FlowMatch" in scheduler.get("_class_name", "") else scheduler.get("prediction_type", "epsilon")
+    return {"kind": family.NAME, "label": family.label(unet), "prediction_type": prediction}
 
 
-def describe(kind: str, prediction_type: str) -> str:
-    """One line for the UI and logs, e.g. 'SD 2.x, v-prediction'."""
-    label = next((f.LABEL for f in FAMILIES if f.NAME == kind), kind)
-    return f"{label}, {'v-prediction' if prediction_type == 'v_prediction' else 'epsilon-prediction'}"
+PREDICTIONS = {"v_prediction": "v-prediction", "flow": "flow matching", "epsilon": "epsilon-prediction"}
+
+
+def describe(kind: str, prediction_type: str, label: str | None = None) -> str:
+    """One line for the UI and logs, e.g. 'SD 2.x, v-prediction' (`label`: the family's for this base's size)."""
+    label = label or next((f.LABEL for f in FAMILIES if f.NAME == kind), kind)
+    return f"{label}, {PREDICTIONS.get(prediction_type, PREDICTIONS['epsilon'])}"
 
 
 def native_size(folder: str | Path) -> int | None:
@@ -166,7 +191,7 @@ def native_size(folder: str | Path) -> int | None:
     base; None when the configs cannot be read."""
     folder = Path(folder).expanduser()
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
+        unet = denoiser_config(folder)
         vae = json.loads((folder / "vae" / "config.json").read_text())
         family = from_configs(unet, {"text_encoder", "text_encoder_2"})  # the size needs the family, not the parts
         return family.native_size(unet, vae)

@@ -23,15 +23,16 @@ def training_scheduler(inference_scheduler, prediction_type: str):
     return scheduler, prediction_type
 
 
-def draw_timesteps(base, count: int, generator, device):
-    """`count` training timesteps, uniform over the schedule, from `generator` (drawn on its device)."""
+def draw_timesteps(base, train, count: int, generator, device):
+    """`count` training timesteps, uniform over the schedule, from `generator` (drawn on its device). `train`
+    (TrainConfig): unused, DDPM draws uniformly."""
     import torch
 
     return torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (count,), generator=generator,
                          device=generator.device).to(device)
 
 
-def validation_timesteps(base, count: int, device):
+def validation_timesteps(base, train, count: int, device):
     """`count` fixed timesteps evenly spread over the schedule (the middle of each of `count` equal slices)."""
     import torch
 

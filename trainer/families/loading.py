@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ class ModelError(ValueError):
 
 @dataclass
 class Base:
-    """The parts of a Stable Diffusion pipeline the trainer uses, and the family (trainer.families) they belong to."""
+    """The parts of a Stable Diffusion pipeline the trainer uses, and the family (trainer.families) they belong to.
+    `unet` is the denoiser whatever its class (SD3's MMDiT transformer too): the trainer's name for that part; files
+    and pipelines call it `family.DENOISER`."""
 
     unet: Any
     vae: Any
@@ -34,6 +36,9 @@ class Base:
     source: str
     text_encoder_2: Any = None  # a second text encoder where the family has one (SDXL's OpenCLIP bigG)
     tokenizer_2: Any = None
+    text_encoder_3: Any = None  # a third, frozen one (SD3's T5; None when model.t5 = "off")
+    tokenizer_3: Any = None
+    frozen_text_cache: dict = field(default_factory=dict)  # caption -> output of a frozen encoder (SD3's T5)
 
     @property
     def kind(self) -> str:
@@ -41,8 +46,17 @@ class Base:
         return self.family.NAME
 
     def text_encoders(self) -> dict[str, Any]:
-        """{"text_encoder": ..., "text_encoder_2": ...} as the pipeline and LoRA files name them."""
+        """{"text_encoder": ..., "text_encoder_2": ...}: the LoRA-able ones, as the pipeline and LoRA files name them."""
         return {n: getattr(self, n) for n in self.family.TEXT_ENCODERS if getattr(self, n) is not None}
+
+    def frozen_text_encoders(self) -> list[Any]:
+        """The loaded text encoders that condition but never get LoRA (SD3's T5)."""
+        return [getattr(self, n) for n in self.family.FROZEN_TEXT_ENCODERS if getattr(self, n) is not None]
+
+    def parts(self, unet=None) -> dict[str, Any]:
+        """{family.DENOISER: the denoiser (or `unet`), text encoder name: module}: the LoRA-able parts as files name
+        them."""
+        return {self.family.DENOISER: unet if unet is not None else self.unet, **self.text_encoders()}
 
     def pipeline(self, unet=None, text_encoders: dict[str, Any] | None = None):
         """A diffusers inference pipeline of this base's family over these parts (trained ones where given)."""
@@ -58,17 +72,15 @@ def _load_quantized_unet(family, kind: str, where: str, cfg: ModelConfig, bits: 
     quant = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
                                bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
     if kind == "file":
-        return denoiser_class.from_single_file(where, config=cfg.single_file_config, subfolder="unet",
+        return denoiser_class.from_single_file(where, config=cfg.single_file_config, subfolder=family.DENOISER,
                                                quantization_config=quant, dtype=torch.bfloat16)
-    return denoiser_class.from_pretrained(where, subfolder="unet", revision=cfg.revision, variant=cfg.variant,
+    return denoiser_class.from_pretrained(where, subfolder=family.DENOISER, revision=cfg.revision, variant=cfg.variant,
                                           use_safetensors=True, quantization_config=quant, dtype=torch.bfloat16)
 
 
 def resolve_source(path: str) -> tuple[str, str]:
     """Classify model.path: ('folder'|'file'|'hub', resolved path or id). Raises ModelError with a clear reason."""
     if path.startswith("builtin:"):
-        from trainer.families.tiny import builtin_model_path
-
         try:
             return "folder", str(builtin_model_path(path.removeprefix("builtin:")))
         except ValueError as err:
@@ -80,7 +92,7 @@ def resolve_source(path: str) -> tuple[str, str]:
             "only .safetensors checkpoints and diffusers folders are accepted"
         )
     if p.is_dir():
-        if not (p / "model_index.json").is_file() and not (p / "unet").is_dir():
+        if not (p / "model_index.json").is_file() and not any((p / d).is_dir() for d in ("unet", "transformer")):
             raise ModelError(f"model.path {path!r}: folder is not a diffusers pipeline (no model_index.json)")
         return "folder", str(p)
     if p.is_file():
@@ -90,6 +102,24 @@ def resolve_source(path: str) -> tuple[str, str]:
     if p.suffix.lower() == ".safetensors" or path.startswith((".", "/", "~")) or not HUB_ID.match(path):
         raise ModelError(f"model.path {path!r}: no such file or folder")
     return "hub", path
+
+
+def builtin_model_path(name: str) -> Path:
+    """Resolve builtin:NAME to a folder: demo-sd is the shipped demo base; the tiny ones (families.BUILTIN_KINDS) are
+    built by their family on first use."""
+    from trainer import families
+    from trainer.families.tiny import BUILTIN_CACHE, DEMO_SD
+
+    if name == "demo-sd":
+        if not (DEMO_SD / "model_index.json").is_file():
+            raise ValueError(f"the demo base is missing from {DEMO_SD}; re-create it with scripts/train_demo_base.py")
+        return DEMO_SD
+    if name not in families.BUILTIN_KINDS:
+        raise ValueError(f"unknown builtin model {name!r} (available: {', '.join(families.BUILTIN_KINDS)})")
+    folder = BUILTIN_CACHE / name
+    if not (folder / "model_index.json").is_file():
+        families.get(families.BUILTIN_KINDS[name]).build_tiny(folder)
+    return folder
 
 
 def check_qlora_available() -> None:
@@ -132,9 +162,9 @@ def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
     try:
         family = source_family(kind, where, cfg)
         if quantize_bits:
-            common["unet"] = _load_quantized_unet(family, kind, where, cfg, quantize_bits)
+            common[family.DENOISER] = _load_quantized_unet(family, kind, where, cfg, quantize_bits)
         pipeline_class = getattr(diffusers, family.PIPELINE_CLASS)
-        common.update(family.PIPELINE_KWARGS)
+        common.update(family.pipeline_kwargs(cfg))
         if kind == "file":
             pipe = pipeline_class.from_single_file(where, config=cfg.single_file_config, **common)
         else:
@@ -148,7 +178,7 @@ def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
         raise ModelError(load_error(cfg.path, kind, err)) from None
     noise_scheduler, prediction_type = family.training_scheduler(pipe.scheduler, cfg.prediction_type)
     return Base(
-        unet=pipe.unet,
+        unet=getattr(pipe, family.DENOISER),
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer,
@@ -159,6 +189,8 @@ def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
         source=cfg.path,
         text_encoder_2=getattr(pipe, "text_encoder_2", None),
         tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        text_encoder_3=getattr(pipe, "text_encoder_3", None),
+        tokenizer_3=getattr(pipe, "tokenizer_3", None),
     )
 
 

@@ -20,10 +20,12 @@ from trainer.families.ddpm import (add_noise, draw_timesteps, loss_weight, targe
 NAME = "sd1"  # in events (base_kind), `convert --base`, `build-tiny --kind`
 LABEL = "SD 1.x"  # what the UI shows
 PIPELINE_CLASS = "StableDiffusionPipeline"
-PIPELINE_KWARGS = {"safety_checker": None, "requires_safety_checker": False}  # from_pretrained/from_single_file
+DENOISER = "unet"  # the denoiser's pipeline attribute and folder, also its part name in LoRA files
+DENOISER_CLASS = "UNet2DConditionModel"
 TEXT_ENCODERS = ("text_encoder",)  # pipeline attributes, also the part names of LoRA files
 TOKENIZERS = ("tokenizer",)
-DENOISER_CLASS = "UNet2DConditionModel"
+FROZEN_TEXT_ENCODERS: tuple[str, ...] = ()  # encoders that condition but never get LoRA (SD3's T5)
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # lora.unet_targets when unset: the attention
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 KOHYA_LAYOUT = "sd1"  # families whose kohya keys are spelled alike name the same layout (SD2's are SD1's)
 KOHYA_VERSION = "sd_v1"  # ss_base_model_version (sd-scripts library/sdxl_model_util.py, train_network.py)
@@ -62,6 +64,11 @@ def matches_kohya_keys(keys: set[str]) -> bool:
     return True
 
 
+def label(unet_config: dict) -> str:
+    """What the UI shows for a base with this denoiser config (families with several sizes name the size)."""
+    return LABEL
+
+
 def matches_diffusers_keys(keys: set[str]) -> bool:
     """Whether a diffusers-layout LoRA's keys show this family without metadata: SD1/SD2 UNets have attention in
     their first down level and four levels."""
@@ -69,6 +76,12 @@ def matches_diffusers_keys(keys: set[str]) -> bool:
 
 
 # ----------------------------------------------------------------------------- loading and conditioning
+
+
+def pipeline_kwargs(model_cfg) -> dict:
+    """Extra from_pretrained/from_single_file arguments (trainer.config.ModelConfig: a family may read its own
+    settings, e.g. SD3's model.t5)."""
+    return {"safety_checker": None, "requires_safety_checker": False}
 
 
 def pipeline(base, unet, text_encoders: dict):
@@ -106,6 +119,12 @@ def kohya_name(part: str, module: str, unet_config=None) -> str:
     return kohya_key(KOHYA_PREFIXES, NAME, part, module)
 
 
+def kohya_slot(part: str, module: str) -> tuple[int, int] | None:
+    """(where the module's output rows sit, of how many) in a fused weight that several modules share one kohya name
+    for (SD3's q/k/v: trainer.lora_files.fused); None: the module has its own kohya name (every module here)."""
+    return None
+
+
 def reference_models() -> dict:
     """{part: model on the meta device} of the real base, for kohya names without a base model."""
     import torch
@@ -117,8 +136,14 @@ def reference_models() -> dict:
                 "text_encoder": CLIPTextModel(CLIPTextConfig(**OPENCLIP_H))}
 
 
-def modelspec_architecture(v_prediction: bool) -> str:
-    """SAI ModelSpec architecture of a LoRA for this base (kohya library/sai_model_spec.py)."""
+def kohya_version(unet_config=None) -> str:
+    """ss_base_model_version of a LoRA for this base (families with several sizes name the size)."""
+    return KOHYA_VERSION
+
+
+def modelspec_architecture(v_prediction: bool, unet_config=None) -> str:
+    """SAI ModelSpec architecture of a LoRA for this base (kohya library/sai_model_spec.py); `unet_config`: the
+    denoiser's, where the family has several sizes (None: the file does not say)."""
     return "stable-diffusion-v1/lora"
 
 

@@ -9,10 +9,11 @@ files say: ss_base_model_version `sd_v2`, ss_v2, and the ModelSpec architecture 
 from __future__ import annotations
 
 from trainer.families.clip import kohya_key
-from trainer.families.sd1 import (DENOISER_CLASS, KOHYA_LAYOUT, KOHYA_PREFIXES, PIPELINE_CLASS,  # noqa: F401 (SD1's)
-                                  PIPELINE_KWARGS, TEXT_ENCODERS, TOKENIZERS, add_noise, draw_timesteps, encode_text,
-                                  loss_weight, native_size, pipeline, predict, reference_models, scale_latents, target,
-                                  training_scheduler, validation_timesteps)
+from trainer.families.sd1 import (DEFAULT_TARGETS, DENOISER, DENOISER_CLASS,  # noqa: F401 (SD1's)
+                                  FROZEN_TEXT_ENCODERS, KOHYA_LAYOUT, KOHYA_PREFIXES, PIPELINE_CLASS, TEXT_ENCODERS,
+                                  TOKENIZERS, add_noise, draw_timesteps, encode_text, kohya_slot, loss_weight,
+                                  native_size, pipeline, pipeline_kwargs, predict, reference_models, scale_latents,
+                                  target, training_scheduler, validation_timesteps)
 
 NAME = "sd2"
 LABEL = "SD 2.x"
@@ -44,7 +45,16 @@ def kohya_name(part: str, module: str, unet_config=None) -> str:
     return kohya_key(KOHYA_PREFIXES, NAME, part, module)
 
 
-def modelspec_architecture(v_prediction: bool) -> str:
+def label(unet_config: dict) -> str:
+    return LABEL
+
+
+def kohya_version(unet_config=None) -> str:
+    """ss_base_model_version of a LoRA for this base (families with several sizes name the size)."""
+    return KOHYA_VERSION
+
+
+def modelspec_architecture(v_prediction: bool, unet_config=None) -> str:
     return "stable-diffusion-v2-768-v/lora" if v_prediction else "stable-diffusion-v2-512/lora"
 
 

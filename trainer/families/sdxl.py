@@ -27,12 +27,12 @@ from __future__ import annotations
 from trainer.families.clip import CLIP_L, OPENCLIP_BIGG, kohya_key, token_ids, to_device
 from trainer.families.ddpm import (add_noise, draw_timesteps, loss_weight, target,  # noqa: F401 (SD's noise rule)
                                    training_scheduler, validation_timesteps)
-from trainer.families.sd1 import DENOISER_CLASS, native_size, scale_latents  # noqa: F401 (as SD1's)
+from trainer.families.sd1 import (DEFAULT_TARGETS, DENOISER, DENOISER_CLASS,  # noqa: F401 (as SD1's)
+                                  FROZEN_TEXT_ENCODERS, kohya_slot, native_size, scale_latents)
 
 NAME = "sdxl"
 LABEL = "SDXL"
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
-PIPELINE_KWARGS: dict = {}
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -90,7 +90,15 @@ def matches_diffusers_keys(keys: set[str]) -> bool:
                for k in keys)
 
 
+def label(unet_config: dict) -> str:
+    return LABEL
+
+
 # ----------------------------------------------------------------------------- loading and conditioning
+
+
+def pipeline_kwargs(model_cfg) -> dict:
+    return {}
 
 
 def pipeline(base, unet, text_encoders: dict):
@@ -197,7 +205,12 @@ def reference_models() -> dict:
                 "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG))}
 
 
-def modelspec_architecture(v_prediction: bool) -> str:
+def kohya_version(unet_config=None) -> str:
+    """ss_base_model_version of a LoRA for this base (families with several sizes name the size)."""
+    return KOHYA_VERSION
+
+
+def modelspec_architecture(v_prediction: bool, unet_config=None) -> str:
     return "stable-diffusion-xl-v1-base/lora"
 
 

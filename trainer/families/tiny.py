@@ -137,18 +137,3 @@ def save_pipeline(pipe, folder: str | Path) -> Path:
 # builtin:demo-sd is shipped in the repo (trained by scripts/train_demo_base.py, docs/demo-base.md) and used in
 # place: nothing is copied or built.
 DEMO_SD = Path(__file__).resolve().parents[2] / "assets" / "demo-sd"
-BUILTINS = ("demo-sd", "tiny-sd15")
-
-
-def builtin_model_path(name: str) -> Path:
-    """Resolve builtin:NAME to a folder: demo-sd is the shipped demo base; tiny-sd15 is built on first use."""
-    if name == "demo-sd":
-        if not (DEMO_SD / "model_index.json").is_file():
-            raise ValueError(f"the demo base is missing from {DEMO_SD}; re-create it with scripts/train_demo_base.py")
-        return DEMO_SD
-    if name != "tiny-sd15":
-        raise ValueError(f"unknown builtin model {name!r} (available: {', '.join(BUILTINS)})")
-    folder = BUILTIN_CACHE / name
-    if not (folder / "model_index.json").is_file():
-        build_tiny_sd15(folder)
-    return folder

@@ -80,6 +80,7 @@ def plain_lora_tensors(factors: dict, rank: int, kind: str | None, unet_config=N
     loader reads) would hold more numbers than the weights it changes. The report is compact.error_report's, plus
     "rank"."""
     from trainer.adapters.compact import choose_rank, dense_svd, error_report, lost_at
+    from trainer.lora_files.fused import kohya_tensors
     from trainer.lora_files.kohya_names import family_of
 
     sizes = {name: _layer_size(f) for name, f in factors.items()}
@@ -92,7 +93,8 @@ def plain_lora_tensors(factors: dict, rank: int, kind: str | None, unet_config=N
         svds[name] = u[:, :q], s, vh[:q], total, complete  # every singular value, the vectors the file may keep
         ranks[name] = min(q, s.numel()) if rank else choose_rank(s[:q], q, max_error, lost_at(s, total, q, complete))
     file_rank = max(ranks.values())
-    tensors, lost, totals = {}, {}, {}
+    entries, lost, totals = [], {}, {}
+    family = family_of(kind)
     for name, f in factors.items():
         u, s, vh, totals[name], complete = svds.pop(name)
         k = min(file_rank, s.numel())
@@ -101,11 +103,11 @@ def plain_lora_tensors(factors: dict, rank: int, kind: str | None, unet_config=N
         up, down = torch.zeros(u.shape[0], file_rank), torch.zeros(file_rank, vh.shape[1])
         up[:, :k], down[:k] = u[:, :k] * root, root[:, None] * vh[:k]  # zero rows: one rank in the file
         part, module = name.split(".", 1)
-        key = family_of(kind).kohya_name(part, module.removeprefix("base_model.model."), unet_config)
+        module = module.removeprefix("base_model.model.")
         if f.down.dim() == 4:
             up, down = up[:, :, None, None], down.reshape(file_rank, *f.down.shape[1:])
-        tensors[f"{key}.lora_down.weight"] = down.contiguous()
-        tensors[f"{key}.lora_up.weight"] = up.contiguous()
-        tensors[f"{key}.alpha"] = torch.tensor(float(file_rank))
+        group = {"lora_down.weight": down.contiguous(), "lora_up.weight": up.contiguous(),
+                 "alpha": torch.tensor(float(file_rank))}
+        entries.append((family.kohya_name(part, module, unet_config), family.kohya_slot(part, module), group))
     numbers = file_rank * sum(o + i for o, i in sizes.values())
-    return tensors, {"rank": file_rank, **error_report(lost, totals, max_error, numbers, weight_numbers)}
+    return kohya_tensors(entries), {"rank": file_rank, **error_report(lost, totals, max_error, numbers, weight_numbers)}

@@ -105,17 +105,20 @@ def save_diffusers_lora(path: Path, modules: dict[str, torch.nn.Module], metadat
 
 
 def training_metadata(cfg, base_kind: str, step: int, num_images: int, started_at: float,
-                      prediction_type: str = "epsilon") -> dict[str, str]:
-    """The training facts every adapter file carries (kohya-style ss_* names; all values strings)."""
+                      prediction_type: str = "epsilon", unet_config=None) -> dict[str, str]:
+    """The training facts every adapter file carries (kohya-style ss_* names; all values strings). `unet_config`:
+    the denoiser's, for families whose files name the base's size (SD3.5 Medium/Large)."""
     import time
 
     from trainer import families
     from trainer.config import to_toml
 
+    family = families.get(base_kind)
     return {
         "ss_output_name": cfg.output.name,
-        "ss_base_model_version": families.get(base_kind).KOHYA_VERSION,
-        "ss_v2": str(families.get(base_kind).V2),
+        "ss_base_model_version": family.kohya_version(unet_config),
+        "modelspec.architecture": family.modelspec_architecture(prediction_type == "v_prediction", unet_config),
+        "ss_v2": str(family.V2),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_network_dim": str(cfg.lora.rank),
         "ss_network_alpha": str(cfg.lora.alpha),

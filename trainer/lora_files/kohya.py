@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from trainer.lora_files.dora import DORA_SCALE_KEY, DORA_SCALE_NOTE, comfy_dora_scale, magnitude_from_comfy_scale
 from trainer.io import atomic_path
+from trainer.lora_files.fused import kohya_tensors, split
 from trainer.lora_files.kohya_meta import addnet_hashes, kohya_metadata  # noqa: F401 (kohya_metadata: part of this API)
 from trainer import families
 from trainer.lora_files.kohya_names import (family_of, kohya_file_kind, module_names, peft_key,
@@ -115,16 +116,16 @@ def kohya_state_dict(modules: dict[str, torch.nn.Module], delta=None,
     family, config = family_of(kind), unet_config(modules)
     factors = lora_factors(modules, delta)
     rank = max((f.down.shape[0] for f in factors.values()), default=0)
-    tensors: dict[str, torch.Tensor] = {}
+    entries = []
     for full_name, f in factors.items():
         part, name = full_name.split(".", 1)
-        key = family.kohya_name(part, name.removeprefix("base_model.model."), config)
+        name = name.removeprefix("base_model.model.")
         group = uniform_module(f.down.cpu(), f.up.cpu(), f.scale, rank)
         if f.magnitude is not None:  # DoRA: peft's m is [out] (Linear) or [1, out, 1, 1] (Conv2d)
             weight = f.weight.float().cpu()
             group["dora_scale"] = comfy_dora_scale(f.magnitude.cpu(), weight, file_delta(group, weight.shape))
-        tensors.update({f"{key}.{suffix}": t for suffix, t in group.items()})
-    return tensors
+        entries.append((family.kohya_name(part, name, config), family.kohya_slot(part, name), group))
+    return kohya_tensors(entries)  # modules that share a fused weight (SD3's q/k/v) become one
 
 
 def write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -136,8 +137,9 @@ def write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         metadata["ss_network_module"] = "lycoris.kohya"
         metadata["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
         metadata[DORA_SCALE_KEY] = DORA_SCALE_NOTE
-    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
-    metadata["style_lora_alpha"] = (f"alpha = rank = {max(ranks, default=0)} in every module, the trained scale folded "
+    ranks = sorted({t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")})
+    rank = f"rank = {ranks[0]}" if len(ranks) == 1 else f"rank ({'/'.join(map(str, ranks))}: fused q/k/v stack theirs)"
+    metadata["style_lora_alpha"] = (f"alpha = {rank} in every module, the trained scale folded "
                                     "into lora_up (trained rank and alpha: ss_network_dim, ss_network_alpha)")
     not_str = sorted(k for k, v in metadata.items() if not isinstance(v, str))
     if not_str:
@@ -228,27 +230,9 @@ def kohya_to_diffusers(
             unknown.append(name)
             continue
         part, module = table[lookup]
-        down, up = group["lora_down.weight"].float(), group["lora_up.weight"].float()
-        rank = down.shape[0]
-        alpha = float(group["alpha"]) if "alpha" in group else float(rank)  # no alpha means scale 1.0 in A1111/ComfyUI
-        key = peft_key(part, module)
-        tensors[f"{key}.lora_A.weight"] = down.contiguous()
-        tensors[f"{key}.lora_B.weight"] = up.contiguous()
-        if "dora_scale" in group:
-            scale, out = group["dora_scale"].float(), up.shape[0]
-            if scale.shape[0] != out or scale.numel() != out:
-                raise ValueError(f"{name}: dora_scale {tuple(scale.shape)} is decomposed on the input axis; peft's DoRA "
-                                 "normalises output rows, so it cannot be converted exactly")
-            if comfy_dora:
-                if not model_modules:
-                    raise ValueError(f"{name}: its dora_scale is relative to the base model's weights (written for "
-                                     "ComfyUI's DoRA formula); converting it needs the base model (--model)")
-                weight = base_weight(model_modules, part, module).float().cpu()
-                scale = magnitude_from_comfy_scale(scale, weight, file_delta(group, weight.shape))
-            # peft's magnitude is [out] for Linear and [1, out, 1, 1] for Conv2d; key spelled as peft saves it
-            suffix = "lora_magnitude_vector.weight" if part.startswith("text_encoder") else "lora_magnitude_vector"
-            tensors[f"{key}.{suffix}"] = scale.reshape(out) if up.dim() == 2 else scale.reshape(1, out, 1, 1)
-        per_part.setdefault(part, {})[module] = (rank, alpha, "dora_scale" in group)
+        members = split(module, group) if isinstance(module, tuple) else [(module, group)]  # a fused qkv: its parts
+        for member, member_group in members:
+            _add_module(tensors, per_part, name, part, member, member_group, comfy_dora, model_modules)
     if unknown:
         raise ValueError(f"{len(unknown)} kohya key(s) match no module of the base model (they would not load): "
                          + ", ".join(unknown[:5]))
@@ -256,6 +240,32 @@ def kohya_to_diffusers(
     for part, modules in per_part.items():
         metadata.update({f"{part}.{k}": v for k, v in _lora_config(modules).items()})
     return tensors, metadata
+
+
+def _add_module(tensors: dict, per_part: dict, name: str, part: str, module: str, group: dict, comfy_dora: bool,
+                model_modules: dict | None) -> None:
+    """One kohya module (`name` in the file) as peft-layout tensors of `part`.`module`, its rank/alpha/DoRA noted."""
+    down, up = group["lora_down.weight"].float(), group["lora_up.weight"].float()
+    rank = down.shape[0]
+    alpha = float(group["alpha"]) if "alpha" in group else float(rank)  # no alpha means scale 1.0 in A1111/ComfyUI
+    key = peft_key(part, module)
+    tensors[f"{key}.lora_A.weight"] = down.contiguous()
+    tensors[f"{key}.lora_B.weight"] = up.contiguous()
+    if "dora_scale" in group:
+        scale, out = group["dora_scale"].float(), up.shape[0]
+        if scale.shape[0] != out or scale.numel() != out:
+            raise ValueError(f"{name}: dora_scale {tuple(scale.shape)} is decomposed on the input axis; peft's DoRA "
+                             "normalises output rows, so it cannot be converted exactly")
+        if comfy_dora:
+            if not model_modules:
+                raise ValueError(f"{name}: its dora_scale is relative to the base model's weights (written for "
+                                 "ComfyUI's DoRA formula); converting it needs the base model (--model)")
+            weight = base_weight(model_modules, part, module).float().cpu()
+            scale = magnitude_from_comfy_scale(scale, weight, file_delta(group, weight.shape))
+        # peft's magnitude is [out] for Linear and [1, out, 1, 1] for Conv2d; key spelled as peft saves it
+        suffix = "lora_magnitude_vector.weight" if part.startswith("text_encoder") else "lora_magnitude_vector"
+        tensors[f"{key}.{suffix}"] = scale.reshape(out) if up.dim() == 2 else scale.reshape(1, out, 1, 1)
+    per_part.setdefault(part, {})[module] = (rank, alpha, "dora_scale" in group)
 
 
 def peft_scaling(config: dict, part: str, module: str, rank: int) -> float:
@@ -307,14 +317,14 @@ def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict, k
                              "converting it needs the base model (--model)")
         modules.append((part, module, down, up, scaling, magnitude))
     rank = max((down.shape[0] for _, _, down, _, _, _ in modules), default=0)
-    tensors: dict[str, torch.Tensor] = {}
+    entries = []
     for part, module, down, up, scaling, magnitude in modules:
         group = uniform_module(down, up, scaling, rank)
         if magnitude is not None:
             weight = base_weight(model_modules, part, module).float().cpu()
             group["dora_scale"] = comfy_dora_scale(magnitude, weight, file_delta(group, weight.shape))
-        key = family.kohya_name(part, module)
-        tensors.update({f"{key}.{suffix}": t for suffix, t in group.items()})
+        entries.append((family.kohya_name(part, module), family.kohya_slot(part, module), group))
+    tensors = kohya_tensors(entries)
     if guessed:
         warnings.warn(f"no lora_adapter_metadata for {', '.join(sorted(guessed))}: assuming alpha = rank (scale 1.0, "
                       "what diffusers assumes too); if it was trained with another alpha its strength will differ",

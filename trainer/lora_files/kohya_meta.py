@@ -33,13 +33,13 @@ def kohya_metadata(
         "ss_network_dim": str(rank),
         # ss_network_alpha uses kohya's alpha/r convention; rsLoRA's alpha/sqrt(r) is the same scale at alpha·sqrt(r).
         "ss_network_alpha": str(alpha * math.sqrt(rank) if rslora else alpha),
-        "ss_base_model_version": family.KOHYA_VERSION,
+        "ss_base_model_version": meta.get("ss_base_model_version") or family.kohya_version(),
         "ss_v2": str(family.V2),
         "ss_v_parameterization": str(v_prediction),
         "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
         # modelspec values as kohya's library/sai_model_spec.py writes them for a LoRA.
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.modelspec_architecture(v_prediction),
+        "modelspec.architecture": meta.get("modelspec.architecture") or family.modelspec_architecture(v_prediction),
         "modelspec.implementation": "diffusers",
         "modelspec.title": meta.get("modelspec.title") or meta.get("ss_output_name") or "LoRA",
         "modelspec.resolution": f"{resolution[0]}x{resolution[-1]}",

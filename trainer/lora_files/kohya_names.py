@@ -21,21 +21,24 @@ def family_of(kind: str | None):
 
 
 def unet_config(modules: dict[str, torch.nn.Module]):
-    """The UNet's config among `modules`, which some families' kohya names depend on (None without a UNet)."""
-    unet = modules.get("unet")
+    """The denoiser's config among `modules` ({"unet" or "transformer": ...}), which some families' kohya names
+    depend on (None without a denoiser)."""
+    unet = next((modules[d] for d in families.DENOISERS if modules.get(d) is not None), None)
     return unet.config if unet is not None else None
 
 
-def module_names(modules: dict[str, torch.nn.Module], kind: str | None) -> dict[str, tuple[str, str]]:
-    """{kohya name: (part, module path)} for every Linear/Conv2d (peft-wrapped or not) of the given models."""
+def module_names(modules: dict[str, torch.nn.Module], kind: str | None) -> dict[str, tuple[str, str | tuple]]:
+    """{kohya name: (part, module path)} for every Linear/Conv2d (peft-wrapped or not) of the given models; a name
+    that stands for a fused weight (SD3's qkv, trainer.lora_files.fused) maps to (part, (its modules in row order))."""
     from peft.tuners.tuners_utils import BaseTunerLayer  # LoRA and LyCORIS (LoHa/LoKr) wrappers alike
 
     family = family_of(kind)
-    table: dict[str, tuple[str, str]] = {}
+    table: dict[str, tuple[str, str | tuple]] = {}
+    fused: dict[str, dict[int, str]] = {}
     for part, model in modules.items():
         if part not in family.KOHYA_PREFIXES or model is None:
             continue
-        config = model.config if part == "unet" else None
+        config = model.config if part in families.DENOISERS else None
         for name, module in model.named_modules():
             parts = name.split(".")
             if not name or "base_layer" in parts or any(p.startswith("lora_") for p in parts):
@@ -48,7 +51,11 @@ def module_names(modules: dict[str, torch.nn.Module], kind: str | None) -> dict[
                 key = family.kohya_name(part, name, config)
             except ValueError:
                 continue  # a module the family's kohya names do not cover cannot be in a kohya file either
-            if table.setdefault(key, (part, name)) != (part, name):
+            slot = family.kohya_slot(part, name)
+            if slot is not None:
+                fused.setdefault(key, {})[slot[0]] = name
+                table[key] = (part, tuple(n for _, n in sorted(fused[key].items())))
+            elif table.setdefault(key, (part, name)) != (part, name):
                 raise ValueError(f"{key}: ambiguous, names both {table[key][1]!r} and {name!r}")
     return table
 

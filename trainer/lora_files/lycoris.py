@@ -37,7 +37,10 @@ def lycoris_state_dict(modules: dict[str, torch.nn.Module], kind: str | None = N
         if module is None or not getattr(module, "peft_config", None):
             continue
         for name, layer in lora_layers(module).items():
-            key = family.kohya_name(part, name.removeprefix("base_model.model."), config)
+            name = name.removeprefix("base_model.model.")
+            if family.kohya_slot(part, name) is not None:  # attach refuses these before training (adapters.attach)
+                raise ValueError(f"{part}.{name}: a LoHa/LoKr factor cannot be written for one part of a fused weight")
+            key = family.kohya_name(part, name, config)
             tensors.update({f"{key}.{suffix}": t for suffix, t in lycoris_module_tensors(layer).items()})
     return tensors
 

@@ -79,7 +79,7 @@ def make_batch(run, k: int) -> Batch:
     noise = randn(latents.shape)
     if tc.noise_offset:
         noise += tc.noise_offset * randn((latents.shape[0], latents.shape[1], 1, 1))
-    timesteps = base.family.draw_timesteps(base, latents.shape[0], gen, device)
+    timesteps = base.family.draw_timesteps(base, tc, latents.shape[0], gen, device)
     noisy = base.family.add_noise(base, latents, noise, timesteps).to(run.weight_dtype)
     return Batch(indices, flips, captions, latents, noise, timesteps, noisy)
 
@@ -97,13 +97,13 @@ def text_conditioning(run, models: dict, batch: Batch) -> tuple[torch.Tensor, to
 
 
 def diffusion_loss(run, models: dict, batch: Batch) -> torch.Tensor:
-    """Mean denoising loss of `models` ({"unet", "text_encoder"(_2)}: eager or compiled) on `batch`: MSE to the
+    """Mean denoising loss of `models` ({"unet" or "transformer", "text_encoder"(_2)}: eager or compiled) on `batch`: MSE to the
     family's target (the noise, or v for v-prediction bases), min-SNR weighted, regularisation images at their
     weight."""
     base, tc, dtype, family = run.base, run.cfg.train, run.weight_dtype, run.base.family
     hidden, pooled = text_conditioning(run, models, batch)
     image_sizes = [(run.items[i].size, run.items[i].bucket, f) for i, f in zip(batch.indices, batch.flips)]
-    pred = family.predict(models["unet"], batch.noisy, batch.timesteps, hidden, pooled, image_sizes, dtype).float()
+    pred = family.predict(models[family.DENOISER], batch.noisy, batch.timesteps, hidden, pooled, image_sizes, dtype).float()
     target = family.target(base, batch.latents, batch.noise, batch.timesteps)
     weight_map = batch_masks(run.masks, batch.indices, batch.flips, pred)  # masked loss: 0 where masked out, else 1
     loss = (F.mse_loss(pred, target.float(), reduction="none") * weight_map).mean(dim=(1, 2, 3))

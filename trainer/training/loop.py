@@ -261,7 +261,7 @@ def save_adapter(run: Run, step: int, final: bool, best: bool = False) -> list[P
     with ema_weights(run.ema):
         paths = save_adapters(run.run_dir, cfg, run.trained,
                               training_metadata(cfg, base.kind, step, len(run.items), run.started_at,
-                                                base.prediction_type),
+                                                base.prediction_type, base.unet.config),
                               base_kind=base.kind, tag_frequency=ds.tag_frequency(run.items),
                               cover_png=samples[-1].read_bytes() if samples else None,
                               step=None if final else step, delta=run.delta, convert=needs_conversion(run.lora),

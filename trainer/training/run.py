@@ -44,7 +44,7 @@ class Run:
     disk: dict  # check_disk_space's estimate (main process only)
     started_at: float
     base: Any = None  # trainer.families.loading.Base
-    trained: dict = field(default_factory=dict)  # "unet"/"text_encoder"(_2) -> module with LoRA parameters
+    trained: dict = field(default_factory=dict)  # "unet"|"transformer"/"text_encoder"(_2) -> module with LoRA parameters
     wrapped: dict = field(default_factory=dict)  # the same, as accelerate prepared them (DDP on several GPUs)
     models: dict = field(default_factory=dict)  # what the loss calls: prepared (eager) or compiled modules
     optimizer: Any = None
@@ -139,18 +139,19 @@ def attach_models(run: Run, base, probe: bool = False) -> None:
     run.base = base
     set_seed(tc.seed)  # LoRA init draws from the global generators: same seed, same starting adapter
     run.tuners = attach_lora(base, lora, run.total_steps)
-    unet, text_encoders = base.unet, base.text_encoders()
+    unet, text_encoders, denoiser = base.unet, base.text_encoders(), base.family.DENOISER
     unet.to(device) if lora.variant == "qlora" else unet.to(device, dtype=dtype)
-    for text_encoder in text_encoders.values():
+    for text_encoder in (*text_encoders.values(), *base.frozen_text_encoders()):
         text_encoder.to(device, dtype=dtype)
     base.vae.to(device, dtype=torch.float32)  # SD's VAE overflows in fp16, and it runs once per image when cached
-    run.trained = {name: m for name, m in (("unet", unet), *text_encoders.items()) if lora_parameters(m)}
+    # parts named as files name them: "unet" (or "transformer"), "text_encoder"(_2)
+    run.trained = {name: m for name, m in base.parts().items() if lora_parameters(m)}
     cast_training_params(list(run.trained.values()), dtype=torch.float32)
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        for name in run.trained.keys() - {"unet"}:
+        for name in run.trained.keys() - {denoiser}:
             run.trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lrs = [(m, tc.lr_unet if n == "unet" else tc.lr_text_encoder) for n, m in run.trained.items()]
+    lrs = [(m, tc.lr_unet if n == denoiser else tc.lr_text_encoder) for n, m in run.trained.items()]
     optimizer = build_optimizer(tc, lora, lrs, fused=device.type == "cuda")
     if lora.variant == "deltalora":
         run.delta = DeltaLora(run.trained, lora.deltalora_lambda, lora.deltalora_start)
@@ -160,7 +161,7 @@ def attach_models(run: Run, base, probe: bool = False) -> None:
     prepared = run.accelerator.prepare(*run.trained.values(), optimizer)
     run.wrapped = dict(zip(run.trained, prepared[:-1]))
     run.optimizer = prepared[-1]
-    run.models = {"unet": run.wrapped.get("unet", unet), **{n: run.wrapped.get(n, m) for n, m in text_encoders.items()}}
+    run.models = {n: run.wrapped.get(n, m) for n, m in base.parts().items()}
     run.params = [p for g in run.optimizer.param_groups for p in g["params"]]
     run.ema = make_ema(tc, run.trained)
     run.validator = make_validator(run.cfg, base, run.validation_items, device, dtype, run.trains_text,
@@ -204,7 +205,8 @@ def fill_caches(run: Run) -> None:
                 caption = ds.build_caption(item.caption, cfg.data, random.Random(0), item.trigger)
                 hidden, pooled = base.family.encode_text(base, base.text_encoders(), [caption], run.device)
                 run.text_cache[i] = hidden[0], None if pooled is None else pooled[0]
-    run.idle = [base.vae] * bool(run.latent_cache) + list(base.text_encoders().values()) * bool(run.text_cache)
+    encoders = [*base.text_encoders().values(), *base.frozen_text_encoders()]
+    run.idle = [base.vae] * bool(run.latent_cache) + encoders * bool(run.text_cache)
     offload(run.idle, run.device)
 
 

@@ -77,7 +77,7 @@ class Validator:
         self.trains_text = trains_text
         self.best: tuple[float, int] | None = None
         family, k = base.family, cfg.train.validation_timesteps
-        self.timesteps = family.validation_timesteps(base, k, device)
+        self.timesteps = family.validation_timesteps(base, cfg.train, k, device)
         caption_cfg = cfg.data.model_copy(update={"caption_dropout": 0.0, "shuffle_captions": False})
         self.captions = [ds.build_caption(item.caption, caption_cfg, random.Random(0), item.trigger) for item in items]
         self.samples = []
