@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+from trainer import families
 from trainer.io import read_safetensors_header
 
 # Header entries written by trainer/lora_files/dora.py (kept equal by a test; importing it would import torch).
@@ -66,13 +67,13 @@ def file_use(path: Path) -> str:
     meta = read_metadata(Path(path))
     compact, plain, skipped = (read_report(meta, k) for k in (COMPACT_KEY, PLAIN_KEY, PLAIN_SKIPPED_KEY))
     head = f"`{name}` ({size_text(path, compact or plain)})"
+    family = families.version_family(meta.get("ss_base_model_version", "")) or families.FALLBACK
     if name.endswith(".diffusers.safetensors"):
         if compact and not compact.get("exact"):
-            return (f"{head}: diffusers (`pipe.load_lora_weights`) and this app's Preview — **not exact**: a plain LoRA "
+            return (f"{head}: {family.DIFFUSERS_TOOLS} — **not exact**: a plain LoRA "
                     f"no larger than the weights it changes cannot hold this run's change; relative error "
                     f"{error_text(compact)}. In A1111/Forge and ComfyUI the `.safetensors` file is exact.")
-        return (f"{head}: diffusers (`pipe.load_lora_weights`) and this app's Preview — exact for every variant "
-                "(no key loads in A1111/ComfyUI).")
+        return f"{head}: {family.DIFFUSERS_TOOLS} — exact for every variant{family.DIFFUSERS_NOTE}."
     if PLAIN_KEY in meta:
         if plain is None:
             return f"{head}: a plain LoRA made from the DoRA: loads in every tool (error not readable)."
@@ -92,8 +93,7 @@ def file_use(path: Path) -> str:
                     "(set output.plain_lora_rank to write one anyway).")
         return (f"{head}: ComfyUI and Forge — exact (DoRA). A1111, kohya `merge_lora.py` and diffusers' kohya loader "
                 "cannot apply this DoRA: use the `.plain.safetensors` file there.")
-    return (f"{head}: A1111/Forge, ComfyUI, kohya `merge_lora.py`, diffusers — exact "
-            "(one rank, alpha = rank, the trained scale folded in).")
+    return f"{head}: {family.KOHYA_TOOLS} — exact ({family.KOHYA_NOTE})."
 
 
 def downloads_markdown(files: list[Path]) -> str:

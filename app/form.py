@@ -21,6 +21,7 @@ BUILTIN_BASE = "builtin:demo-sd"
 BASE_CHOICES = [  # (label, value); any other text is accepted too (hub id, diffusers folder, .safetensors)
     ("builtin:demo-sd (demo: tiny model trained on procedural shapes — not a real SD base)", BUILTIN_BASE),
     ("builtin:tiny-sd15 (test: random tiny model, proves the pipeline; samples are noise)", "builtin:tiny-sd15"),
+    ("builtin:tiny-sd35 (test: random tiny SD3.5 Medium-shaped model; samples are noise)", "builtin:tiny-sd35"),
     ("stable-diffusion-v1-5/stable-diffusion-v1-5 (hub id)", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
 ]
 
@@ -275,7 +276,7 @@ def base_roots(outputs: Path) -> list[Path]:
 
 
 def describe_base(path: str | None, user: str | None = None, outputs: Path | None = None) -> str:
-    """What the UI shows under the base picker: the detected family (SD 1.x / SD 2.x / SDXL) without loading it.
+    """What the UI shows under the base picker: the detected family (e.g. SD 2.x, SD 3.5 Medium) without loading it.
     With a logged-in `user` a server path outside base_roots(outputs) gets the same answer as a path that does
     not exist, so the picker cannot be used to find out which files the server has."""
     path = (path or "").strip()
@@ -299,7 +300,8 @@ def describe_base(path: str | None, user: str | None = None, outputs: Path | Non
         found = families.describe_folder(p)
         if "error" in found:
             return f"Base: {found['error']}"
-        return f"Base: **{families.describe(found['kind'], found['prediction_type'])}** (detected from the model's configs)."
+        return (f"Base: **{families.describe(found['kind'], found['prediction_type'], found['label'])}** (detected "
+                "from the model's configs).")
     if p.is_file() and p.suffix.lower() == ".safetensors":
         try:
             kind = _single_file_kind(p)

@@ -50,7 +50,8 @@ def panel_markdown(st: jobs.RunStatus, queue_pos: int | None = None) -> str:
     start = next((e for e in st.events if e.get("type") == START), None)
     if start:
         precision = {"no": "fp32"}.get(start.get("precision"), start.get("precision"))
-        base = families.describe(start["base_kind"], start.get("prediction_type", "")) if start.get("base_kind") else "base"
+        base = (families.describe(start["base_kind"], start.get("prediction_type", ""), start.get("base_label"))
+                if start.get("base_kind") else "base")
         lines.append(f"{start.get('images')} images on {start.get('device')} ({precision}); {base}")
     problems = [e for e in st.events if e.get("type") == PROBLEM]
     if problems:

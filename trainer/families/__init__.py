@@ -42,6 +42,10 @@ class Family(Protocol):
     KOHYA_PREFIXES: dict[str, str]  # part -> kohya key prefix
     KOHYA_LAYOUT: str  # families with the same kohya key spelling share it
     KOHYA_VERSION: str  # ss_base_model_version
+    KOHYA_TOOLS: str  # the tools that load the kohya file exactly (the Runs panel's which-file-where lines)
+    DIFFUSERS_TOOLS: str  # ... and the diffusers file
+    KOHYA_NOTE: str  # how exactly, and what to use elsewhere
+    DIFFUSERS_NOTE: str
     V2: bool  # ss_v2
 
     def matches_configs(self, unet_config: dict, components: set[str]) -> bool: ...
@@ -157,6 +161,11 @@ def diffusers_file_family(keys, header: dict) -> Family:
         raise ValueError("cannot tell which base this denoiser LoRA is for (no ss_base_model_version metadata); pass "
                          f"--base with one of {', '.join(NAMES)}")
     return FALLBACK
+
+
+def version_family(version: str) -> Family | None:
+    """The family a file's ss_base_model_version names, None when it names none."""
+    return next((f for f in FAMILIES if version and f.matches_version(version)), None)
 
 
 def describe_folder(path: str | Path) -> dict:

@@ -30,6 +30,11 @@ KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 KOHYA_LAYOUT = "sd1"  # families whose kohya keys are spelled alike name the same layout (SD2's are SD1's)
 KOHYA_VERSION = "sd_v1"  # ss_base_model_version (sd-scripts library/sdxl_model_util.py, train_network.py)
 V2 = False  # ss_v2
+# Which tools load each file exactly (docs/consumers.md measures them): the Runs panel's which-file-where lines
+KOHYA_TOOLS = "A1111/Forge, ComfyUI, kohya `merge_lora.py`, diffusers"
+DIFFUSERS_TOOLS = "diffusers (`pipe.load_lora_weights`) and this app's Preview"
+KOHYA_NOTE = "one rank, alpha = rank, the trained scale folded in"
+DIFFUSERS_NOTE = " (no key loads in A1111/ComfyUI)"
 
 # The real SD1.5 UNet and a 24-layer CLIP text model (OpenCLIP-H's depth covers CLIP-L's 12 layers), built on the
 # meta device to resolve kohya names without a base model: module names depend on the layout, not on the sizes.

@@ -21,8 +21,9 @@ class AdapterError(ValueError):
 
 
 def pipe_parts(pipe) -> dict[str, torch.nn.Module]:
-    """The LoRA-able models of a pipeline: the unet and its family's text encoders."""
-    parts = ("unet", *families.of_pipeline(pipe).TEXT_ENCODERS)
+    """The LoRA-able models of a pipeline: the denoiser ("unet" or "transformer") and its family's text encoders."""
+    family = families.of_pipeline(pipe)
+    parts = (family.DENOISER, *family.TEXT_ENCODERS)
     return {p: getattr(pipe, p) for p in parts if getattr(pipe, p, None) is not None}
 
 

@@ -49,8 +49,7 @@ def _base_parts(model) -> dict[str, torch.nn.Module] | None:
     from trainer.config import ModelConfig
     from trainer.families.loading import load_base
 
-    base = load_base(ModelConfig(path=str(model)))
-    return {"unet": base.unet, **base.text_encoders()}
+    return load_base(ModelConfig(path=str(model))).parts()
 
 
 def check_fits_base(src: Path, tensors: dict[str, torch.Tensor], parts: dict | None) -> None:
@@ -62,7 +61,7 @@ def check_fits_base(src: Path, tensors: dict[str, torch.Tensor], parts: dict | N
 
 def convert_file(src: Path, dst: Path, to: str, base: str | None = None, model=None) -> Path:
     """Convert a LoRA file between the kohya and diffusers/PEFT layouts (to = "kohya" | "diffusers"), keeping its
-    metadata and the exact strength of every module. Writes `dst` atomically. `base` (sd1 | sd2 | sdxl): the
+    metadata and the exact strength of every module. Writes `dst` atomically. `base` (a family name, e.g. sdxl): the
     family, when the file's metadata and keys do not tell. `model`: the base model (path, hub id, or {part: module}),
     needed only for DoRA files, whose kohya dora_scale is relative to the base weights."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY

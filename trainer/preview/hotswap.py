@@ -17,10 +17,11 @@ SLOT = "hotswap_slot"
 
 
 class HotSwapSlot:
-    def __init__(self, pipe, max_rank: int, compile: bool, load_unet_part):
-        """`load_unet_part(peft_name, tensors, metadata, hotswap)`: how the preview loads UNet tensors (its
-        device and dtype). `compile`: torch.compile the UNet once the slot exists (CUDA graphs)."""
-        self.pipe, self.max_rank, self.compile = pipe, max_rank, compile
+    def __init__(self, pipe, part: str, max_rank: int, compile: bool, load_unet_part):
+        """`part`: the denoiser's pipeline attribute and file prefix ("unet" or "transformer").
+        `load_unet_part(peft_name, tensors, metadata, hotswap)`: how the preview loads denoiser tensors (its
+        device and dtype). `compile`: torch.compile the denoiser once the slot exists (CUDA graphs)."""
+        self.pipe, self.part, self.max_rank, self.compile = pipe, part, max_rank, compile
         self.load_unet_part = load_unet_part
         self.ready = False  # the slot exists in the UNet
         self.compiled = False
@@ -47,16 +48,16 @@ class HotSwapSlot:
 
     def _zero(self) -> None:
         if self.ready:  # the base: B zeroed in place (keeps the compiled graph)
-            for name, p in self.pipe.unet.named_parameters():
+            for name, p in getattr(self.pipe, self.part).named_parameters():
                 if f"lora_B.{SLOT}." in name:
                     p.data.zero_()
 
     def _mix(self, unet: list[tuple[str, dict, dict, float]]) -> tuple[dict, list[str]]:
         pairs: dict[str, list] = {}
         for _, tensors, metadata, weight in unet:
-            for module, scale in lora_scales("unet", tensors, metadata).items():
-                down = tensors[f"unet.{module}.lora_A.weight"].float()
-                up = tensors[f"unet.{module}.lora_B.weight"].float() * (weight * scale)
+            for module, scale in lora_scales(self.part, tensors, metadata).items():
+                down = tensors[f"{self.part}.{module}.lora_A.weight"].float()
+                up = tensors[f"{self.part}.{module}.lora_B.weight"].float() * (weight * scale)
                 pairs.setdefault(module, []).append((down, up))
         state = {}
         for module, factors in pairs.items():
@@ -68,21 +69,22 @@ class HotSwapSlot:
             pad = self.max_rank - down.shape[0]  # zero-padded to the slot's rank: one config for every swap
             down = torch.cat([down, down.new_zeros(pad, *down.shape[1:])], 0)
             up = torch.cat([up, up.new_zeros(up.shape[0], pad, *up.shape[2:])], 1)
-            state[f"unet.{module}.lora_A.weight"], state[f"unet.{module}.lora_B.weight"] = down, up
+            state[f"{self.part}.{module}.lora_A.weight"], state[f"{self.part}.{module}.lora_B.weight"] = down, up
         return state, sorted(pairs)
 
     def _load(self, state: dict, targets: list[str]) -> None:
         r = self.max_rank
         # scale 1 everywhere (alpha = r): weights and alphas are already folded into B
-        metadata = {"unet.r": r, "unet.lora_alpha": r, "unet.target_modules": targets, "unet.lora_dropout": 0.0,
-                    "unet.init_lora_weights": True, "unet.bias": "none", "unet.use_rslora": False,
-                    "unet.use_dora": False}
+        config = {"r": r, "lora_alpha": r, "target_modules": targets, "lora_dropout": 0.0, "init_lora_weights": True,
+                  "bias": "none", "use_rslora": False, "use_dora": False}
+        metadata = {f"{self.part}.{k}": v for k, v in config.items()}
         if not self.ready:
             self.pipe.enable_lora_hotswap(target_rank=self.max_rank)
             self.load_unet_part(SLOT, state, metadata, False)
             self.ready = True
             if self.compile and not self.compiled:
-                self.pipe.unet = torch.compile(self.pipe.unet, mode="reduce-overhead", fullgraph=True)
+                setattr(self.pipe, self.part, torch.compile(getattr(self.pipe, self.part), mode="reduce-overhead",
+                                                            fullgraph=True))
                 self.compiled = True
             return
         try:

@@ -16,7 +16,8 @@ in memory by trainer.lora_files.kohya against the loaded base, so every module k
 loader loses per-module alphas). Every key must name a Linear/Conv2d of the base with fitting shapes, else
 `AdapterError` names the file and the first bad key.
 
-SD1.x, SD2.x and SDXL bases (trainer.families detects which); SDXL adapters may carry parts for both text encoders.
+Any base family (trainer.families detects which); the denoiser part is the family's (`unet`, or SD3's `transformer`),
+and adapters may carry parts for each LoRA-able text encoder.
 `python -m trainer preview --base MODEL` runs trainer.preview.worker.serve: a JSON-lines worker on stdin/stdout
 (app/preview.py talks to it), so the web server never imports torch and a crash or OOM ends only the worker.
 """
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from trainer import families
 from trainer.config import ModelConfig
 from trainer.lora_files.adapter_files import AdapterError, module_table, pipe_kind, pipe_parts, read_adapter
 from trainer.preview.hotswap import HotSwapSlot
@@ -80,7 +82,8 @@ class Previewer:
             pipeline = load_base(ModelConfig(path=base, single_file_config=single_file_config)).pipeline()
         self.pipe = pipeline
         self.kind = pipe_kind(pipeline)
-        self.text_parts = [p for p in pipe_parts(pipeline) if p != "unet"]
+        self.denoiser = families.of_pipeline(pipeline).DENOISER  # "unet" or "transformer": its part name
+        self.text_parts = [p for p in pipe_parts(pipeline) if p != self.denoiser]
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(self.device, self.dtype)
         self.table = module_table(self.pipe)
@@ -88,8 +91,9 @@ class Previewer:
         self.active: dict[str, float] = {}
         self.released = False
         self._counter = 0
-        # hot-swap mode: the UNet's one slot (trainer/preview/hotswap.py); None in multi-adapter mode
-        self.slot = HotSwapSlot(self.pipe, max_rank, compile, self._load_unet_part) if self.hotswap else None
+        # hot-swap mode: the denoiser's one slot (trainer/preview/hotswap.py); None in multi-adapter mode
+        self.slot = (HotSwapSlot(self.pipe, self.denoiser, max_rank, compile, self._load_unet_part)
+                     if self.hotswap else None)
         self.load_ms = _ms(t0)
 
     # ----------------------------------------------------------------------------- adapters
@@ -117,11 +121,11 @@ class Previewer:
         self._counter += 1
         rank = max(t.shape[0] for tensors, _ in parts.values() for k, t in tensors.items() if k.endswith("lora_A.weight"))
         adapter = Adapter(name, f"a{self._counter}", str(path), stamp, parts, rank, layout)
-        if self.hotswap and "unet" in parts and rank > self.max_rank:
+        if self.hotswap and self.denoiser in parts and rank > self.max_rank:
             raise AdapterError(f"{path.name}: rank {rank} is above the hot-swap slot's max_rank {self.max_rank}")
         try:
             for part in parts:
-                if part == "unet" and self.hotswap:
+                if part == self.denoiser and self.hotswap:
                     continue  # goes into the slot on activation
                 self._load_part(adapter.peft_name, part, *parts[part])
         except Exception as err:
@@ -136,13 +140,13 @@ class Previewer:
                 "load_ms": ms}
 
     def _load_unet_part(self, peft_name: str, tensors: dict, metadata: dict, hotswap: bool) -> None:
-        self._load_part(peft_name, "unet", tensors, metadata, hotswap)
+        self._load_part(peft_name, self.denoiser, tensors, metadata, hotswap)
 
     def _load_part(self, peft_name: str, part: str, tensors: dict, metadata: dict, hotswap: bool = False) -> None:
         tensors = {k: v.to(self.device, self.dtype) for k, v in tensors.items()}
-        if part == "unet":
-            self.pipe.load_lora_into_unet(tensors, network_alphas=None, unet=self.pipe.unet, adapter_name=peft_name,
-                                          metadata=metadata or None, _pipeline=self.pipe, hotswap=hotswap)
+        if part == self.denoiser:  # what load_lora_into_unet / load_lora_into_transformer do
+            getattr(self.pipe, part).load_lora_adapter(tensors, prefix=part, network_alphas=None, adapter_name=peft_name,
+                                                       metadata=metadata or None, _pipeline=self.pipe, hotswap=hotswap)
         else:
             self.pipe.load_lora_into_text_encoder(tensors, network_alphas=None, text_encoder=getattr(self.pipe, part),
                                                   prefix=part, adapter_name=peft_name,
@@ -155,8 +159,8 @@ class Previewer:
     def _delete_peft(self, peft_name: str) -> None:
         from diffusers.utils.peft_utils import delete_adapter_layers
 
-        if peft_name in self._peft_names("unet"):
-            self.pipe.unet.delete_adapters(peft_name)
+        if peft_name in self._peft_names(self.denoiser):
+            getattr(self.pipe, self.denoiser).delete_adapters(peft_name)
         for part in self.text_parts:
             if peft_name in self._peft_names(part):
                 delete_adapter_layers(getattr(self.pipe, part), peft_name)
@@ -196,14 +200,15 @@ class Previewer:
                 enable_lora_for_text_encoder(getattr(self.pipe, part))
             elif self._peft_names(part):
                 disable_lora_for_text_encoder(getattr(self.pipe, part))
-        unet = [(n, w) for n, w in adapters.items() if "unet" in self.adapters[n].parts]
+        part, denoiser = self.denoiser, getattr(self.pipe, self.denoiser)
+        unet = [(n, w) for n, w in adapters.items() if part in self.adapters[n].parts]
         if self.slot:
-            self.slot.fill([(n, *self.adapters[n].parts["unet"], w) for n, w in unet])
+            self.slot.fill([(n, *self.adapters[n].parts[part], w) for n, w in unet])
         elif unet:
-            self.pipe.unet.set_adapters([self.adapters[n].peft_name for n, _ in unet], [w for _, w in unet])
-            self.pipe.unet.enable_lora()
-        elif self._peft_names("unet"):
-            self.pipe.unet.disable_lora()
+            denoiser.set_adapters([self.adapters[n].peft_name for n, _ in unet], [w for _, w in unet])
+            denoiser.enable_lora()
+        elif self._peft_names(part):
+            denoiser.disable_lora()
         self.active = adapters
         _sync(self.device)
         return _ms(t0)

@@ -160,7 +160,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 MIB = 2**20
 FALLBACK_PARAMS_PER_RANK = 500_000  # hub ids (no local file to read): a little above SD1.5 attention LoRA per rank
 UNET_PREFIXES = ("model.diffusion_model.",)  # single-file (original SD) key layout
-TE_PREFIXES = ("cond_stage_model.", "conditioner.")
+TE_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")
 
 
 class DiskSpaceError(ValueError):
@@ -192,6 +192,8 @@ def _lora_params(shapes: dict[str, list[int]], targets: list[str], rank: int) ->
 
 def estimate_lora_params(cfg) -> int | None:
     """Adapter parameter count from the base's weight headers; None when the base is not a local file/folder."""
+    from trainer import families
+    from trainer.adapters.attach import denoiser_targets
     from trainer.families.loading import resolve_source
 
     lc = cfg.lora
@@ -201,9 +203,11 @@ def estimate_lora_params(cfg) -> int | None:
         return None  # the loader reports the real problem right after
     parts = []  # (shapes, targets)
     if kind == "folder":
-        encoders = sorted(p.name for p in Path(where).glob("text_encoder*") if p.is_dir())  # one or more: the family's
-        for sub, wanted, targets in (("unet", lc.train_unet, lc.unet_targets),
-                                     *((name, lc.train_text_encoder, lc.text_encoder_targets) for name in encoders)):
+        described = families.describe_folder(where)
+        family = families.get(described["kind"]) if "kind" in described else families.FALLBACK
+        for sub, wanted, targets in ((family.DENOISER, lc.train_unet, denoiser_targets(lc, family)),
+                                     *((name, lc.train_text_encoder, lc.text_encoder_targets)
+                                       for name in family.TEXT_ENCODERS)):
             if wanted:
                 shapes = {}
                 for f in sorted((Path(where) / sub).glob("*.safetensors")):
@@ -211,13 +215,16 @@ def estimate_lora_params(cfg) -> int | None:
                 parts.append((shapes, targets))
     elif kind == "file":
         shapes = _safetensors_shapes(Path(where))
+        family = families.from_checkpoint_keys(shapes)
         if lc.train_unet:
-            parts.append(({k: v for k, v in shapes.items() if k.startswith(UNET_PREFIXES)}, lc.unet_targets))
+            parts.append(({k: v for k, v in shapes.items() if k.startswith(UNET_PREFIXES)},
+                          denoiser_targets(lc, family)))
         if lc.train_text_encoder:
             parts.append(({k: v for k, v in shapes.items() if k.startswith(TE_PREFIXES)}, lc.text_encoder_targets))
     else:
         return None
-    return sum(_lora_params(shapes, targets, lc.rank) for shapes, targets in parts)
+    # None when the names do not match (a single file in Stability's fused-qkv names): the caller guesses instead
+    return sum(_lora_params(shapes, targets, lc.rank) for shapes, targets in parts) or None
 
 
 def estimate_run_bytes(cfg, total_steps: int) -> dict:

@@ -109,7 +109,8 @@ def prepare(cfg: Config, run_dir: Path, lora: LoraConfig, base, fast: bool, prob
     run.fast = fast
     run.events.emit(START, total_steps=run.total_steps, start_step=run.start_step, images=len(run.items),
                     trainable_params=sum(p.numel() for p in run.params if p.requires_grad), variant=lora.variant,
-                    fast_path=fast, base_kind=base.kind, prediction_type=base.prediction_type,
+                    fast_path=fast, base_kind=base.kind, base_label=base.family.label(base.unet.config),
+                    prediction_type=base.prediction_type,
                     problems=len(run.problems), device=str(run.device), precision=run.accelerator.mixed_precision,
                     processes=run.accelerator.num_processes, run_dir=str(run.run_dir),
                     disk_needed_bytes=run.disk.get("needed_bytes"), disk_free_bytes=run.disk.get("free_bytes"),
