@@ -20,9 +20,10 @@ from trainer.families.tiny_xl import TINY_TEXT, _text_config, _tokenizer
 
 # The MMDiT: diffusers' SD3/SD3.5 transformer tests (tests/models/transformers/test_models_transformer_sd3.py),
 # with SD3's 16 latent channels. inner dim = heads * head dim = 32.
-TINY_MMDIT = dict(sample_size=32, patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+TINY_MMDIT = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
                   num_attention_heads=4, caption_projection_dim=32, qk_norm="rms_norm")
-# 64 x 64 latent positions: images up to 128 px with the tiny VAE's factor 2 (the tiny-test preset trains at 64).
+# 64 x 64 patch positions: latents up to 128 (patch 2, as SD3's), images up to 1024 px with the VAE's factor 8, as
+# the real bases: the SD3.5 presets run on this base unchanged (their 1024 px samples included).
 POS_EMBED_MAX_SIZE = 64
 # The pooled text is both CLIPs' projections side by side: 32 + 32 = the MMDiT's pooled_projection_dim.
 PROJECTION_DIM = 32
@@ -72,11 +73,11 @@ def _t5_encoder(tokenizer):
 
 
 def _vae():
-    """SD3's 16-channel VAE layout, tiny: factor-2 downsampling like tiny.py's, SD3's shift and scale."""
+    """SD3's 16-channel VAE layout, tiny: factor-8 downsampling (four levels) as SD3's, its shift and scale."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=16,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    return AutoencoderKL(block_out_channels=(16, 16, 32, 32), in_channels=3, out_channels=3, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                          norm_num_groups=16, sample_size=64, shift_factor=VAE_SHIFT, scaling_factor=VAE_SCALE,
                          use_quant_conv=False, use_post_quant_conv=False)
 
