@@ -5,6 +5,7 @@
   convert.py        convert_file (`python -m trainer convert`), read_adapter_file (a checked .safetensors)
   shapes.py         every module's shapes checked (rank agreement; the base's shapes when it is given)
   kohya_names.py    module path <-> kohya key names (spelled by each base's family), file-kind detection
+  fused.py          kohya modules that stand for several diffusers ones (SD3's q/k/v in one qkv), exactly
   lycoris.py        LoHa/LoKr files in the LyCORIS layout A1111/Forge and ComfyUI read
   kohya_meta.py     the ss_* / modelspec.* header a kohya file carries
   dora.py           DoRA for ComfyUI's formula, and a DoRA run as a plain LoRA (SVD, with its measured error)
