@@ -9,6 +9,11 @@ Run it through bench/gpu_check.sh (which installs carried wheels first). Parts, 
   sdxl         SDXL at 1024 px, batch 1/4, eager vs fast, LoRA r16 on the UNet only
   qlora        QLoRA (4-bit nf4 UNet) at batch 1, SD1.5 (eager and fast) and SDXL (eager): memory and speed vs bf16
   swap         bench/preview_swap.py: adapter swap in the preview, multi-adapter / hot-swap / compiled hot-swap
+  sd35m        SD3.5 Medium (random, full size) at 1024 px, batch 1, LoRA r16 on the MMDiT's joint attention: eager
+               without T5, with gradient checkpointing, with a T5-XXL-sized encoder, and the fast path; these
+               replace the peak-memory estimates of docs/benchmarks.md (bench/sd35_memory.py). Not in the default
+               parts: ask for it with `--arch sd35m` (or --parts)
+  sd35l        the same for SD3.5 Large (`--arch sd35l`)
 Each part runs in its own processes with a time limit; a failing part is recorded and the others still run.
 `--cpu-smoke` runs the same parts on tiny models on the CPU (the test suite does, so this script never rots).
 """
@@ -28,7 +33,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ["env", "pytest", "sd15", "sd15-before", "sdxl", "qlora", "swap"]
+PARTS = ["env", "pytest", "sd15", "sd15-before", "sdxl", "qlora", "swap"]  # the default run
+ARCH_PARTS = ["sd35m", "sd35l"]  # asked for by name: `--arch sd35m` is `--parts env,sd35m`
 GIB_PER_GB = 1e9 / 2**30
 # Targets of issue #21 (same GPU, random-weight models, bf16, rank 16).
 TARGETS = [
@@ -159,6 +165,10 @@ def plan(smoke: bool, parts: list[str], work: Path, warm: list[str]) -> list[tup
             "sdxl": [speed(work, *tiny, "--arch", "sdxl", "--batch", "1", "--paths", "eager")],
             "swap": [swap + ["--tiny", "--modes", "multi,hotswap", "--repeats", "2"]],
         }
+        for arch in ARCH_PARTS:
+            steps[arch] = [speed(work, *tiny, "--arch", arch, "--batch", "1", "--paths", "eager"),
+                           speed(work, *tiny, "--arch", arch, "--batch", "1", "--paths", "eager", "--t5", "on",
+                                 "--gradient-checkpointing")]
         return [(p, steps[p], 300, env) for p in parts if p in steps and (p != "sd15-before" or has_baseline)]
     sd15 = ["--arch", "sd15", "--warmup", "5", "--steps", "25", "--timeout", "200"]
     sdxl = ["--arch", "sdxl", "--warmup", "3", "--steps", "10", "--timeout", "240"]
@@ -177,6 +187,13 @@ def plan(smoke: bool, parts: list[str], work: Path, warm: list[str]) -> list[tup
                          "--warmup", "3", "--steps", "10", "--timeout", "240")], 400),
         "swap": ([swap + ["--modes", "multi,hotswap,compile", "--repeats", "6", "--steps", "10"]], 400),
     }
+    for arch in ARCH_PARTS:  # batch 1: without T5, + gradient checkpointing, + T5-XXL (cached, then offloaded), fast
+        # most wanted first: the part stops at its limit (under the lent machine's 10 minutes per command)
+        sd35 = ["--arch", arch, "--batch", "1", "--warmup", "3", "--steps", "8", "--timeout", "200"]
+        full[arch] = ([speed(work, *sd35, "--paths", "eager"),
+                       speed(work, *sd35, "--paths", "eager", "--gradient-checkpointing"),
+                       speed(work, *sd35, "--paths", "eager", "--t5", "on"),
+                       speed(work, *sd35, "--paths", "fast")], 540)
     return [(p, *full[p], {}) for p in parts if p in full and (p != "sd15-before" or has_baseline)]
 
 
@@ -229,7 +246,10 @@ def check_targets(rows: list[dict], swap: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU: checks the script works")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {','.join(PARTS)}")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma list of {','.join(PARTS + ARCH_PARTS)} (default: {','.join(PARTS)})")
+    parser.add_argument("--arch", nargs="+", choices=ARCH_PARTS, default=None,
+                        help="only these architectures' parts (and env): --arch sd35m = --parts env,sd35m")
     parser.add_argument("--warm", default=None, help="parts whose compiled configurations to warm up first "
                         "(default: the timed parts asked for); e.g. sd15,sdxl to fill the cache for a later call")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu_check-")))
@@ -237,9 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_all)
     signal.signal(signal.SIGINT, _stop_all)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - set(PARTS))
+    if args.arch:
+        parts = ["env", *args.arch]
+    unknown = sorted(set(parts) - set(PARTS + ARCH_PARTS))
     if unknown:
-        parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+        parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS + ARCH_PARTS)}")
     import torch
 
     if not args.cpu_smoke and not torch.cuda.is_available():

@@ -7,6 +7,8 @@
 #   bash bench/gpu_check.sh                       # on a GPU machine, every part
 #   bash bench/gpu_check.sh --parts sd15,swap     # some parts (see bench/gpu_check.py --help)
 #   bash bench/gpu_check.sh --cpu-smoke           # tiny models on the CPU in ~2 minutes: the test suite runs this
+#   bash bench/gpu_check.sh --arch sd35m          # SD3.5 Medium only (random, 1024 px, batch 1): eager, + gradient
+#                                                 # checkpointing, + T5-XXL, fast path; sd35l for Large (< 9 min each)
 #
 # The lent GPU machine has torch, transformers, peft and accelerate but cannot download: whatever else is needed
 # (diffusers, pydantic, bitsandbytes, ...) travels as wheels in .whl/ (see docs/benchmarks.md) and is installed
