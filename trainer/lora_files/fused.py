@@ -57,7 +57,8 @@ def fuse(key: str, members: dict[tuple[int, int], dict[str, torch.Tensor]]) -> d
 
 def split(names: tuple[str, ...], group: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
     """[(member module, its kohya group)] of a fused group, each with its rows of up and the down rows they use;
-    alpha keeps the group's alpha/rank at each member's rank. Members whose rows are all zero are left out."""
+    alpha keeps the group's alpha/rank at each member's rank. Members whose rows are all zero are left out, except
+    under DoRA, where such a member keeps its magnitude with one zero rank."""
     down, up = group["lora_down.weight"].float(), group["lora_up.weight"].float()
     rank, count = down.shape[0], len(names)
     if up.dim() != 2 or up.shape[0] % count:
@@ -69,7 +70,9 @@ def split(names: tuple[str, ...], group: dict[str, torch.Tensor]) -> list[tuple[
         rows = up[slot * out:(slot + 1) * out]
         used = rows.abs().sum(0) > 0
         if not used.any():
-            continue
+            if "dora_scale" not in group:
+                continue
+            used[0] = True  # a DoRA part whose up stayed zero still has its magnitude (weight decay moves it): rank 1
         member = {"lora_down.weight": down[used].contiguous(), "lora_up.weight": rows[:, used].contiguous(),
                   "alpha": torch.tensor(scale * int(used.sum()), dtype=torch.float32)}
         if "dora_scale" in group:
