@@ -407,12 +407,18 @@ def test_variant_files_give_the_trained_delta(variant, tmp_path):
         assert worst(diffusers_deltas(tiny_folder(), tmp_path / "back.safetensors"), live) < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["loha", "lokr", "qlora"])
+DORA_PARTIAL_BUG = ("trainer/adapters/attach.py check_file_names refuses LoHa/LoKr on part of a fused qkv before "
+                    "training but not DoRA, which fused.fuse refuses only when the finished run is saved")
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr", "qlora", pytest.param("dora", marks=pytest.mark.xfail(
+    strict=True, raises=ValueError, reason=DORA_PARTIAL_BUG))])
 def test_variants_that_cannot_work_are_refused_in_one_line(variant, tmp_path):
     from trainer.families.loading import ModelError
 
+    partial = ['lora.unet_targets=["attn.to_q","attn.to_out.0"]'] if variant == "dora" else []
     with pytest.raises(ModelError) as err:
-        loop.train(config(tmp_path, f'lora.variant="{variant}"'), tmp_path / "run")
+        loop.train(config(tmp_path, f'lora.variant="{variant}"', *partial), tmp_path / "run")
     message = str(err.value)
     assert len(message.splitlines()) == 1 and not (tmp_path / "run" / "tiny-test.safetensors").exists()
     if variant == "qlora":
