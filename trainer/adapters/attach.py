@@ -51,17 +51,27 @@ def check_file_names(base: Base, part: str, model: torch.nn.Module, variant: str
     from trainer.adapters.variants import lora_layers
 
     family = base.family
+    fused: dict[str, tuple[set[int], int, str]] = {}  # kohya key -> (slots adapted, slot count, a module)
     for name in lora_layers(model):
         name = name.removeprefix("base_model.model.")
         try:
-            family.kohya_name(part, name, base.unet.config)
+            key = family.kohya_name(part, name, base.unet.config)
         except ValueError as err:
             raise ModelError(f"lora: {err}; the kohya/A1111 file could not hold it, so leave it out of the targets") from None
-        if variant in ("loha", "lokr") and family.kohya_slot(part, name) is not None:
+        slot = family.kohya_slot(part, name)
+        if slot is None:
+            continue
+        if variant in ("loha", "lokr"):
             raise ModelError(f"lora.variant = {variant}: {part}.{name} is one part of a weight that {family.LABEL} kohya "
                              "files fuse (q, k and v are one qkv Linear there), which a LoHa/LoKr factor cannot be "
                              "split over; use variant lora or dora, or targets without q/k/v (e.g. lora.unet_targets = "
                              '["attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2"])')
+        fused.setdefault(key, (set(), slot[1], name))[0].add(slot[0])
+    for slots, count, name in fused.values():
+        if variant == "dora" and len(slots) < count:  # the untrained parts' DoRA magnitudes would be missing
+            raise ModelError(f"lora.variant = dora: {part}.{name} is one part of a weight that {family.LABEL} kohya "
+                             "files fuse (q, k and v are one qkv Linear there); DoRA on it needs all of q, k and v in "
+                             "the targets (e.g. attn.to_q, attn.to_k and attn.to_v), or none of them")
 
 
 def denoiser_targets(cfg: LoraConfig, family) -> list[str]:

@@ -58,7 +58,8 @@ def fuse(key: str, members: dict[tuple[int, int], dict[str, torch.Tensor]]) -> d
 def split(names: tuple[str, ...], group: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
     """[(member module, its kohya group)] of a fused group, each with its rows of up and the down rows they use;
     alpha keeps the group's alpha/rank at each member's rank. A member whose rows are all zero gets rank 1, zeros (the
-    preview's hot-swap slot wants the same modules in every file of a base)."""
+    preview's hot-swap slot wants the same modules in every file of a base; a DoRA part keeps its magnitude, which
+    weight decay moves even where up stayed zero)."""
     down, up = group["lora_down.weight"].float(), group["lora_up.weight"].float()
     rank, count = down.shape[0], len(names)
     if up.dim() != 2 or up.shape[0] % count:
