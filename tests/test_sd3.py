@@ -20,7 +20,7 @@ import trainer.training.loop as loop
 from tests.conftest import ROOT, TINY_STYLE
 from tests.test_export import comfyui_weight
 from tests.test_lycoris import comfyui_lycoris
-from tests.test_train import _stop_at, steps_of
+from tests.test_train import steps_of
 from trainer.lora_files.export import COMPACT_KEY
 from trainer.lora_files.kohya import kohya_to_diffusers
 
@@ -227,15 +227,31 @@ DEAD_Q = "transformer_blocks.1.attn.add_q_proj"  # see worst()
 # ----------------------------------------------------------------------------- 1. training, resume, Large
 
 
-def test_medium_resumes_bit_identical_and_large_trains(tmp_path):
+def stop_after(monkeypatch, step: int) -> None:
+    """Ask the trainer to stop (like the UI's Cancel) right after `step`: deterministic, unlike a watcher thread
+    racing a loop that runs 20 steps a second."""
+    from trainer.events import STOP_FILE
+
+    real = loop.train_step
+
+    def train_step(run, k):
+        loss = real(run, k)
+        if k + 1 == step:
+            (run.run_dir / STOP_FILE).touch()
+        return loss
+
+    monkeypatch.setattr(loop, "train_step", train_step)
+
+
+def test_medium_resumes_bit_identical_and_large_trains(tmp_path, monkeypatch):
     from trainer.families.tiny_sd3 import build_tiny_sd35_large
 
     common = ("train.steps=6", "lora.dropout=0.1", "data.caption_dropout=0.1", "train.lr_unet=1e-3")
     straight = loop.train(config(tmp_path, *common), tmp_path / "straight")
     resumed = tmp_path / "resumed"
-    watcher = _stop_at(resumed, 2)
-    loop.train(config(tmp_path, *common), resumed)
-    watcher.join()
+    with monkeypatch.context() as patch:
+        stop_after(patch, 2)
+        loop.train(config(tmp_path, *common), resumed)
     _, events = steps_of(resumed)
     first_stop = events[-1]["step"]
     assert events[-1]["type"] == "stopped" and first_stop < 6

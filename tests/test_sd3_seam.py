@@ -124,4 +124,4 @@ def test_report_and_runs_panel_on_the_sd35_run(sd35_run):
     assert (start["base_kind"], start["base_label"], start["prediction_type"]) == ("sd3", "SD 3.5 Medium", "flow")
     lines = downloads_markdown(sorted(sd35_run.glob("*.safetensors")))
     assert "ComfyUI and Forge (Stability's MMDiT names, fused qkv) — exact" in lines
-    assert "diffusers (`pipe.load_lora_weights`), ComfyUI and this app's Preview — exact" in lines
+    assert "diffusers (`pipe.load_lora_weights`) and this app's Preview — exact" in lines

@@ -40,12 +40,14 @@ KOHYA_PREFIXES = {"transformer": "lora_unet_", "text_encoder": "lora_te1_", "tex
 KOHYA_LAYOUT = "sd3"
 KOHYA_VERSION = "5-large"  # ss_base_model_version of a file that does not say its size (kohya_version below)
 V2 = False
-# diffusers reads no kohya SD3 keys; Forge reads no diffusers SD3 keys; A1111 has no SD3 (docs/consumers.md)
+# diffusers reads no kohya SD3 keys; Forge reads no diffusers SD3 keys and ComfyUI reads them at alpha = rank (it
+# ignores diffusers' adapter metadata); A1111 has no SD3 (docs/sd35.md)
 KOHYA_TOOLS = "ComfyUI and Forge (Stability's MMDiT names, fused qkv)"
-DIFFUSERS_TOOLS = "diffusers (`pipe.load_lora_weights`), ComfyUI and this app's Preview"
+DIFFUSERS_TOOLS = "diffusers (`pipe.load_lora_weights`) and this app's Preview"
 KOHYA_NOTE = ("alpha = rank in every module, the trained scale folded in; diffusers reads no SD3 kohya keys: "
               "use the `.diffusers.safetensors` file there")
-DIFFUSERS_NOTE = " (Forge reads no diffusers SD3 keys: use the `.safetensors` file there)"
+DIFFUSERS_NOTE = (" (ComfyUI and Forge: use the `.safetensors` file; Forge reads no diffusers SD3 keys, ComfyUI reads "
+                  "them without their alpha)")
 T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length, what the preview and the report sample with
 T5_CACHE_SIZE = 4096  # captions whose T5 states are kept (shuffled captions would grow it without end)
 
