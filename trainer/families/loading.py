@@ -149,6 +149,37 @@ def source_family(kind: str, where: str, cfg: ModelConfig):
                                         .get("_class_name", ""))
 
 
+def parts_missing_from_file(where: str, config: str | None, passed: dict) -> dict:
+    """{name: model} for the text encoders (transformers models) the single file at `where` lacks, loaded from the
+    local diffusers folder `config` where it has their weights. diffusers' from_single_file takes such a part from
+    the config folder itself, but looks for its weights under diffusers' file names only (diffusion_pytorch_model.*),
+    never a transformers model's model*.safetensors, so it refuses every one (an SD3.5 file without T5 or without
+    its CLIPs); passed in, the part is used as it is, which is what diffusers' own error message advises."""
+    if not config or not Path(config).is_dir():
+        return {}
+    import diffusers
+    import transformers
+    from diffusers.loaders.single_file_utils import is_clip_model_in_single_file, is_t5_in_single_file
+    from safetensors import safe_open
+
+    with safe_open(where, framework="pt") as f:
+        keys = dict.fromkeys(f.keys())  # diffusers' checks only test names (`in`) here
+    found = {}
+    for name, spec in diffusers.DiffusionPipeline.load_config(config).items():
+        if name in passed or not isinstance(spec, list) or len(spec) != 2 or spec[0] != "transformers":
+            continue
+        cls = getattr(transformers, spec[1], None)
+        if cls is None or not issubclass(cls, transformers.PreTrainedModel):
+            continue
+        # the dispatch of diffusers' load_single_file_sub_model: a CLIP class from the file's CLIP keys, others (T5)
+        # from its T5 keys
+        clip = cls.__name__.startswith("CLIP")
+        in_file = is_clip_model_in_single_file(cls, keys) if clip else is_t5_in_single_file(keys)
+        if not in_file and any((Path(config) / name).glob("*.safetensors")):
+            found[name] = cls.from_pretrained(config, subfolder=name, dtype=passed.get("dtype"), use_safetensors=True)
+    return found
+
+
 def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
     """Load the base pipeline in fp32 on CPU (the trainer moves and casts it); QLoRA: UNet quantized on CUDA."""
     import diffusers
@@ -166,6 +197,7 @@ def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
         pipeline_class = getattr(diffusers, family.PIPELINE_CLASS)
         common.update(family.pipeline_kwargs(cfg))
         if kind == "file":
+            common.update(parts_missing_from_file(where, cfg.single_file_config, common))
             pipe = pipeline_class.from_single_file(where, config=cfg.single_file_config, **common)
         else:
             # use_safetensors: never fall back to unpickling *.bin weights of a folder or repo
@@ -202,7 +234,11 @@ def load_error(path: str, kind: str, err: Exception) -> str:
 
     offline = HF_HUB_OFFLINE or any(w in text for w in ("offline", "cached", "connect", "Hub"))
     hint = ""
-    if offline and kind == "hub":
+    if kind == "file" and "missing in the checkpoint" in text:  # diffusers' SingleFileComponentError
+        # the file lacks a part (SD3.5 files often ship without T5) and the config folder has no weights for it
+        hint = (" (the file lacks this part and model.single_file_config has no weights for it: point it at a folder "
+                "that has them, or leave the part out where the base allows it, e.g. model.t5 = \"off\")")
+    elif offline and kind == "hub":
         hint = " (no hub access here? pass a local diffusers folder or .safetensors file)"
     elif offline and kind == "file":
         hint = " (offline, a single-file checkpoint needs model.single_file_config: a local diffusers folder of the same architecture)"
