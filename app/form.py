@@ -21,7 +21,8 @@ BUILTIN_BASE = "builtin:demo-sd"
 BASE_CHOICES = [  # (label, value); any other text is accepted too (hub id, diffusers folder, .safetensors)
     ("builtin:demo-sd (demo: tiny model trained on procedural shapes — not a real SD base)", BUILTIN_BASE),
     ("builtin:tiny-sd15 (test: random tiny model, proves the pipeline; samples are noise)", "builtin:tiny-sd15"),
-    ("builtin:tiny-sd35 (test: random tiny SD3.5 Medium-shaped model; samples are noise)", "builtin:tiny-sd35"),
+    (f"builtin:tiny-sd35 (test: random tiny {families.get(families.BUILTIN_KINDS['tiny-sd35']).LABEL} model; samples "
+     "are noise)", "builtin:tiny-sd35"),
     ("stable-diffusion-v1-5/stable-diffusion-v1-5 (hub id)", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
 ]
 
@@ -100,8 +101,8 @@ ADVANCED: list[tuple[str, str, str]] = [
     ("sample.guidance", "float", "Sample guidance"),
     ("sample.seed", "int", "Sample seed"),
     ("model.prediction_type", "choice", "Prediction type"),
-    ("model.t5", "choice", "T5 text encoder (SD3.5; off: ~9 GB less)"),
-    ("train.timestep_sampling", "choice", "Flow matching: timestep sampling (SD3.5)"),
+    ("model.t5", "choice", "T5 text encoder (bases with one; off: ~9 GB less)"),
+    ("train.timestep_sampling", "choice", "Flow matching: timestep sampling"),
     ("model.revision", "optional", "Hub revision"),
     ("model.variant", "optional", "Weight variant"),
     ("model.single_file_config", "optional", "Single-file config"),

@@ -16,7 +16,8 @@ LEAVES = {"trainer.config", "trainer.events", "trainer.io", "trainer.versions"}
 TOP = {"trainer.cli", "trainer.__main__"}  # the command line imports any package
 # Base names a code string may still hold outside families/: names of other things (a builtin base, a preset, a hub
 # id), never a test of which base a run has.
-ALLOWED = ("builtin:tiny-sd15", "tiny-sd15", "sd15-style", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+ALLOWED = ("builtin:tiny-sd15", "tiny-sd15", "builtin:tiny-sd35", "tiny-sd35", "sd15-style",
+           "stable-diffusion-v1-5/stable-diffusion-v1-5")
 BASE_NAME = re.compile(r"(?i)(?<![a-z0-9])(sd[ _-]?(1|2|3)(\.[x05]|5)?|sdxl|sd3\.5|sd35[ml]?|stable diffusion (1|2|xl|3))"
                        r"(?![a-z0-9])")
 

@@ -36,26 +36,18 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    path: str = Field(
-        "builtin:tiny-sd15",
-        description="Base model: a diffusers folder, a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), "
-        "a single-file .safetensors checkpoint, or builtin:tiny-sd15 (random tiny model for smoke tests).",
-    )
+    path: str = Field("builtin:tiny-sd15", description="Base model: a diffusers folder, a hub id (e.g. "
+                      "stable-diffusion-v1-5/stable-diffusion-v1-5), a single-file .safetensors checkpoint, or "
+                      "builtin:tiny-sd15 (random tiny model for smoke tests).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when path is a hub id.")
     variant: str | None = Field(None, description="Weight variant to load, e.g. fp16, when the repo has one.")
-    single_file_config: str | None = Field(
-        None,
-        description="For a single-file checkpoint: a diffusers folder or hub id whose configs describe it "
-        "(needed offline; online diffusers finds it from the weights).",
-    )
-    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
-        "auto", description="What the UNet predicts; auto reads it from the base model's scheduler (flow-matching "
-        "bases take auto only)."
-    )
-    t5: Literal["on", "off"] = Field(
-        "on", description="Bases with a T5 text encoder: off loads no T5 and feeds zeros in its place, as "
-        "their pipelines allow (about 9 GB less memory, weaker prompt following). Other bases have no T5 and ignore it."
-    )
+    single_file_config: str | None = Field(None, description="For a single-file checkpoint: a diffusers folder or hub "
+                                           "id whose configs describe it (needed offline; online diffusers finds it "
+                                           "from the weights).")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field("auto", description="What the UNet predicts; "
+        "auto reads it from the base model's scheduler (flow-matching bases take auto only).")
+    t5: Literal["on", "off"] = Field("on", description="Bases with a T5 text encoder: off loads none and feeds zeros "
+                                     "in its place (about 9 GB less, weaker prompt following).")
 
 
 class DataConfig(Section):
@@ -102,11 +94,8 @@ class LoraConfig(Section):
     rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/sqrt(rank) instead of alpha/rank.")
     train_unet: bool = Field(True, description="Train LoRA on the denoiser (the UNet or the MMDiT transformer).")
     train_text_encoder: bool = Field(True, description="Train LoRA on the text encoder.")
-    unet_targets: list[str] | None = Field(
-        None, description="Denoiser module names that get LoRA (peft target_modules: a name or a path suffix, e.g. "
-        "ff.net.0.proj or transformer_blocks.3.attn.to_q). Default: the base family's attention (UNets: to_q, to_k, "
-        "to_v, to_out.0; MMDiTs also their text stream's add_q/k/v_proj and to_add_out)."
-    )
+    unet_targets: list[str] | None = Field(None, description="Denoiser modules that get LoRA (names or path suffixes, "
+                                           "e.g. ff.net.0.proj). Default: the base family's attention.")
     text_encoder_targets: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "out_proj"], description="Text-encoder module names that get LoRA."
     )
@@ -138,12 +127,10 @@ class LoraConfig(Section):
     adalora_tfinal: float = Field(0.2, ge=0, lt=1, description="AdaLoRA: fraction of final steps with the budget fixed.")
     adalora_delta_t: int = Field(10, ge=1, description="AdaLoRA: steps between budget re-allocations.")
     adalora_orth_reg: float = Field(0.5, ge=0, le=1e4, description="AdaLoRA: weight of the orthogonality regulariser on P and Q.")
-    loradrop_probe_steps: float = Field(
-        0.1, gt=0, le=MAX_STEPS, description="LoRA-drop: length of the probe run, as a fraction of train steps (or steps if >= 1)."
-    )
-    loradrop_threshold: float = Field(
-        0.9, gt=0, le=1, description="LoRA-drop: keep the most important layers until their share of importance reaches this."
-    )
+    loradrop_probe_steps: float = Field(0.1, gt=0, le=MAX_STEPS, description="LoRA-drop: length of the probe run, as "
+                                        "a fraction of train steps (or steps if >= 1).")
+    loradrop_threshold: float = Field(0.9, gt=0, le=1, description="LoRA-drop: keep the most important layers until "
+                                      "their share of importance reaches this.")
     deltalora_lambda: float = Field(0.5, ge=0, le=100, description="Delta-LoRA: update ratio λ of the frozen weight (paper: 0.5).")
     deltalora_start: int = Field(500, ge=0, description="Delta-LoRA: step K after which the frozen weight follows B·A (paper: 500).")
     qlora_bits: Literal[4, 8] = Field(4, description="QLoRA: quantize the base UNet to 4-bit NF4 or 8-bit.")
@@ -190,8 +177,7 @@ class TrainConfig(Section):
     adam_eps: float = Field(1e-8, gt=0, le=1)
     max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm (0 = off).")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = Field(
-        "cosine", description="Learning-rate schedule after warmup."
-    )
+        "cosine", description="Learning-rate schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto = bf16 on a CUDA GPU that supports it, else fp32. Base weights use this dtype; "
@@ -203,21 +189,17 @@ class TrainConfig(Section):
         "path (debugging); on also compiles on CPU (slow to start, for tests).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in UNet and text encoder.")
     cache_latents: bool = Field(True, description="Encode every image once with the VAE before training.")
-    cache_text_embeddings: bool = Field(
-        True, description="Encode captions once when the text encoder is frozen and captions do not change per step."
-    )
-    min_snr_gamma: float = Field(5.0, ge=0, le=1e4, description="Min-SNR-γ loss weighting (0 = off). DDPM bases only: "
-                                 "flow-matching bases weight by their timestep sampling instead.")
-    timestep_sampling: Literal["logit_normal", "mode", "uniform"] = Field(
-        "logit_normal", description="Flow-matching bases: how the noise level σ is drawn. logit_normal: "
-        "σ = sigmoid(N(logit_mean, logit_std)), Esser et al. 2024's choice and diffusers' default; mode: Esser et al.'s "
-        "mode-sampling with mode_scale; uniform: σ ~ U(0, 1) (sd-scripts' default). Then shifted by flow_shift.")
-    logit_mean: float = Field(0.0, ge=-10, le=10, description="logit_normal: mean of the normal (Esser et al. 2024: 0).")
-    logit_std: float = Field(1.0, gt=0, le=10, description="logit_normal: std of the normal (Esser et al. 2024: 1).")
+    cache_text_embeddings: bool = Field(True, description="Encode captions once when the text encoder is frozen and "
+                                        "captions do not change per step.")
+    min_snr_gamma: float = Field(5.0, ge=0, le=1e4, description="Min-SNR-γ loss weighting (0 = off; DDPM bases only).")
+    timestep_sampling: Literal["logit_normal", "mode", "uniform"] = Field("logit_normal", description="Flow-matching "
+        "bases: how σ is drawn. logit_normal: sigmoid(N(logit_mean, logit_std)) (Esser et al. 2024; diffusers' "
+        "default); mode: their mode sampling (mode_scale); uniform (sd-scripts' default). Then shifted by flow_shift.")
+    logit_mean: float = Field(0.0, ge=-10, le=10, description="logit_normal: mean (Esser et al. 2024: 0).")
+    logit_std: float = Field(1.0, gt=0, le=10, description="logit_normal: std (Esser et al. 2024: 1).")
     mode_scale: float = Field(1.29, ge=-1, le=2, description="mode sampling: scale s (Esser et al. 2024: 1.29).")
-    flow_shift: float | None = Field(None, gt=0, le=100, description="Flow-matching bases: timestep shift "
-                                     "σ' = sσ/(1 + (s−1)σ), toward more noise for s > 1. Default: the base's own "
-                                     "scheduler shift (3.0 for the 3.5 bases, what diffusers' training script uses).")
+    flow_shift: float | None = Field(None, gt=0, le=100, description="Flow-matching bases: σ' = sσ/(1 + (s−1)σ) "
+                                     "(s > 1: more noise). Default: the base scheduler's shift (3.0 for the 3.5 bases).")
     noise_offset: float = Field(0.0, ge=0, le=10, description="Noise offset (helps very dark/bright images; 0.05 typical).")
     ema: bool = Field(False, description="Keep an exponential moving average (EMA) of the adapter weights: the saved "
                       "adapter, samples and validation use the averaged weights (smoother, often better styles); "
