@@ -279,8 +279,8 @@ def test_metadata_strings_cover_and_hashes(tiny_base, tmp_path):
 
     with pytest.raises(ValueError, match="PNG"):
         kohya_metadata(base, rank=4, alpha=8.0, trigger="", tag_frequency={}, base_kind="sd1", cover_png=b"GIF89a")
-    with pytest.raises(ValueError, match="sd3"):
-        kohya_metadata(base, rank=4, alpha=8.0, trigger="", tag_frequency={}, base_kind="sd3", cover_png=None)
+    with pytest.raises(ValueError, match="flux"):
+        kohya_metadata(base, rank=4, alpha=8.0, trigger="", tag_frequency={}, base_kind="flux", cover_png=None)
 
 
 def test_failed_write_leaves_no_file_and_keeps_the_old_one(tiny_base, tmp_path, monkeypatch):
