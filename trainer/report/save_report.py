@@ -29,7 +29,7 @@ def report_save(cfg: Config, run_dir: Path, save: Save) -> dict | None:
         return None
     verdict = report["verdict"]
     json_path, png_path = report_paths(cfg, run_dir, save.stem)
-    events.emit(SAVE_REPORT, stem=save.stem, step=save.step, kind=save.kind, verdict=verdict["verdict"],
+    events.emit(SAVE_REPORT, stem=save.stem, step=save.step, save_kind=save.kind, verdict=verdict["verdict"],
                 progress=verdict["progress"], reason=verdict["reason"], has_style=verdict["has_style"],
                 fidelity=report["fidelity"], copying=report["copying"], style_lift=report["style_lift"],
                 path=str(json_path), image=str(png_path), seconds=report["seconds"])

@@ -125,7 +125,7 @@ def find_save(saves: list[Save], key: str) -> Save:
     for s in saves:
         if key in (s.stem, s.label()) or (key.isdigit() and s.step == int(key) and s.kind == "step"):
             return s
-    for s in saves:  # a bare step that only the final or best has
+    for s in sorted(saves, key=lambda s: s.kind != "final"):  # a bare step only the final or best has: final first
         if key.isdigit() and s.step == int(key):
             return s
     raise ValueError(f"no save {key!r}: this run has {', '.join(s.label() for s in saves) or 'no saves'}")
