@@ -7,6 +7,7 @@
   python -m trainer preview --base MODEL [--hotswap] [--compile]   (JSON-lines preview worker on stdin/stdout)
   python -m trainer grid RUN --x saves --y strength [--prompts P1 P2] [--strengths 0.5,1] [--seeds 0,1] --out grid.png
   python -m trainer report RUN [--save all|STEM|STEP]   (the style report on a run's saves)
+  python -m trainer saves RUN [--use STEP|STEM] [--delete-others]   (list, keep one, free the disk)
   python -m trainer caption FOLDER --model PATH_OR_HUB_ID [--mode sentence|tags] [--overwrite] [--strip W1,W2]
                     [--prefix P] [--suffix S] [--replace FIND REPL] [--remove-tag T] [--undo] [--list-tags]
   accelerate launch --num_processes N -m trainer train CONFIG.toml     (data-parallel on N devices)
@@ -119,12 +120,31 @@ def add_grid_parsers(sub) -> None:
     p.add_argument("--negative")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--out", required=True, help="the PNG to write")
+    p_saves = sub.add_parser("saves", help="list a run's saves (JSON lines), use one as the downloads, delete the others")
+    p_saves.add_argument("run", help="run folder")
+    p_saves.add_argument("--use", metavar="SAVE", help="make this save (step, stem or label) the run's downloads")
+    p_saves.add_argument("--delete-others", action="store_true", help="delete every save but the downloads and the "
+                         "save in use")
     p_rep = sub.add_parser("report", help="the style report on a run's saves (save_report events)")
     p_rep.add_argument("run", help="run folder")
     p_rep.add_argument("--save", default="all", help="all (default), or one save's step, stem or label")
 
 
 def run_saves_command(args) -> int:
+    import json
+
+    if args.command == "saves":
+        from trainer.report import saves
+
+        if args.use:
+            print(json.dumps(saves.use_save(Path(args.run), args.use)))
+        if args.delete_others:
+            print(json.dumps(saves.delete_other_saves(Path(args.run))))
+        if not (args.use or args.delete_others):
+            for s in saves.list_saves(Path(args.run)):
+                print(json.dumps({"save": s.label(), "stem": s.stem, "step": s.step, "train_loss": s.train_loss,
+                                  "val_loss": s.val_loss, "verdict": s.verdict, "bytes": s.bytes, "in_use": s.in_use}))
+        return 0
     if args.command == "report":
         from trainer.report.save_report import report_saves
 
@@ -199,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args.base, single_file_config=args.single_file_config, device=args.device, dtype=args.dtype,
                          max_adapters=args.max_adapters, hotswap=args.hotswap, compile=args.compile,
                          max_rank=args.max_rank)
-        if args.command in ("grid", "report"):
+        if args.command in ("grid", "report", "saves"):
             return run_saves_command(args)
         if args.command == "convert":
             from trainer.lora_files.convert import convert_file
