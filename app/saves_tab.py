@@ -48,7 +48,7 @@ def layout() -> dict:
         with gr.Row():
             strength = gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="Strength (when not an axis)")
             seed = gr.Number(value=0, precision=0, label="Seed (when not an axis; same for every cell)")
-            steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+            steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="saves-steps")
             guidance = gr.Slider(0.0, 20.0, value=4.0, step=0.5, label="Guidance")
         with gr.Row():
             adapter2 = gr.Dropdown(choices=[("(none)", "")], value="", label="Second adapter (optional)")
