@@ -71,7 +71,7 @@ def run_panel(outputs: Path, name: str, user: str | None = None) -> dict[str, An
     """Everything the live panel shows for one run, as plain values."""
     run_dir = run_dir_of(outputs, name, user)
     if run_dir is None:
-        return {"markdown": "Pick a run.", "loss": [], "samples": [], "files": [], "config": "", "log": "",
+        return {"markdown": "Pick a run.", "loss": [], "verdict": [], "samples": [], "files": [], "config": "", "log": "",
                 "state": "", "report_image": None}
     st = jobs.status(run_dir)
     queued = sorted((s for s in jobs.list_runs(outputs) if s.state == "queued"),
@@ -87,6 +87,7 @@ def run_panel(outputs: Path, name: str, user: str | None = None) -> dict[str, An
                                                 downloads_view.downloads_markdown(jobs.adapter_files(run_dir))])),
         "report_image": report_view.report_image(run_dir, st.events),
         "loss": loss_view.loss_rows(st.events),  # training and validation loss, one series each
+        "verdict": loss_view.verdict_rows(st.events),  # the saves' style reports against the step
         "samples": [(str(p), p.stem) for p in jobs.sample_images(run_dir)],
         "files": files,
         "config": config.read_text(encoding="utf-8") if config.is_file() else "",

@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import dataset_tab, form, jobs, preview, preview_client, uploads
+from app import dataset_tab, form, jobs, preview, preview_client, saves_tab, uploads
 from app.runs_view import (finished_since, fingerprint, list_fingerprint, panel_markdown,  # noqa: F401 (tests)
                            run_choices, run_dir_of, run_panel)
 from trainer.config import ConfigError, list_presets
@@ -180,6 +180,9 @@ def runs_layout() -> SimpleNamespace:
             # y from 0: short, stable axis labels while points stream in
             loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", x_title="step", y_title="loss",
                                     y_lim=[0, None], height=260, scale=1)
+            verdict_plot = gr.LinePlot(x="step", y="value", color="series", title="Style per save (report at 1.0)",
+                                       x_title="step", y_title="value", y_lim=[0, 1], height=260, scale=1,
+                                       elem_id="verdict-plot")
             samples = gr.Gallery(label="Samples", columns=4, height=260, scale=1)
         report_img = gr.Image(label="Style report: rows base / LoRA 0.5 / LoRA 1.0, held-out prompts",
                               interactive=False, height=260, elem_id="style-report")
@@ -189,8 +192,8 @@ def runs_layout() -> SimpleNamespace:
             config_code = gr.Code(label="config.toml", language=None, interactive=False)
             log_box = gr.Textbox(label="train.log (end)", lines=12, max_lines=12, interactive=False)
     return SimpleNamespace(runs=runs, refresh_btn=refresh_btn, cancel_btn=cancel_btn, panel_md=panel_md,
-                           loss_plot=loss_plot, samples=samples, report_img=report_img, files=files,
-                           config_code=config_code, log_box=log_box)
+                           loss_plot=loss_plot, verdict_plot=verdict_plot, samples=samples, report_img=report_img,
+                           files=files, config_code=config_code, log_box=log_box)
 
 
 def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
@@ -204,6 +207,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
         with gr.Tabs(selected="dataset") as tabs:
             ds, tr, rn = dataset_layout(), train_layout(defaults), runs_layout()
             preview_tab = preview.build_tab(outputs)  # app/preview.py: LoRA vs base, grids, mixing (own worker)
+            saves_tab.build_tab(outputs)  # app/saves_tab.py: a run's saves, the X/Y grid, keep one
         wire_dataset(outputs, current, ds, tr)
         wire_base(outputs, tr)
         wire_train(outputs, current, tr, rn, tabs)
@@ -270,7 +274,9 @@ def wire_train(outputs: Path, current, tr: SimpleNamespace, rn: SimpleNamespace,
 def wire_runs(outputs: Path, demo, current, rn: SimpleNamespace, preview_tab: dict) -> None:
     timer = gr.Timer(TICK_S)
     shown = gr.State("")  # fingerprint of what the panel shows, to skip redundant refreshes
-    panel_outputs = [rn.panel_md, rn.loss_plot, rn.samples, rn.files, rn.config_code, rn.log_box, rn.report_img]
+    # the verdict plot last: the API's earlier outputs keep their places
+    panel_outputs = [rn.panel_md, rn.loss_plot, rn.samples, rn.files, rn.config_code, rn.log_box, rn.report_img,
+                     rn.verdict_plot]
 
     def panel(name: str, request: gr.Request):
         p = run_panel(outputs, name, jobs.user_of(request))
@@ -280,7 +286,10 @@ def wire_runs(outputs: Path, demo, current, rn: SimpleNamespace, preview_tab: di
         # empty frame (after an empty frame with a colour column gradio 6.31's plot draws no line for later data).
         loss = pd.DataFrame(p["loss"], columns=["step", "loss", "series"]).astype(
             {"step": "int64", "loss": "float64", "series": "object"}) if p["loss"] else None
-        return p["markdown"], loss, p["samples"], p["files"] or None, p["config"], p["log"], p["report_image"]
+        verdict = pd.DataFrame(p["verdict"], columns=["step", "value", "series"]).astype(
+            {"step": "int64", "value": "float64", "series": "object"}) if p["verdict"] else None
+        return (p["markdown"], loss, p["samples"], p["files"] or None, p["config"], p["log"], p["report_image"],
+                verdict)
 
     def tick(name: str, seen: str, request: gr.Request):
         jobs.advance(outputs)  # the queue thread does this too; cheap and keeps tests deterministic

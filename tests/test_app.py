@@ -286,7 +286,7 @@ def test_ui_end_to_end(server, tiny_base, tmp_path):
     st = client.predict(run, api_name="/status")
     assert st["state"] == "done", st
     assert st["step"] == 3 and st["samples"], st
-    md, loss, samples, files, config, log, report_png = client.predict(run, api_name="/panel")
+    md, loss, samples, files, config, log, report_png, verdict = client.predict(run, api_name="/panel")
     assert "done" in md and "3/3" in md
     assert "Style report" in md and "style lift" in md  # the trainer's report event, shown on the panel
     assert "which file for which tool" in md and "A1111/Forge, ComfyUI, kohya `merge_lora.py`, diffusers — exact" in md

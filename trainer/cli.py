@@ -5,6 +5,9 @@
   python -m trainer convert IN.safetensors OUT.safetensors --to kohya|diffusers [--base FAMILY] [--model BASE]
   python -m trainer build-tiny DIR [--kind FAMILY]     (FAMILY: a base family of trainer/families/, e.g. sdxl)
   python -m trainer preview --base MODEL [--hotswap] [--compile]   (JSON-lines preview worker on stdin/stdout)
+  python -m trainer grid RUN --x saves --y strength [--prompts P1 P2] [--strengths 0.5,1] [--seeds 0,1] --out grid.png
+  python -m trainer report RUN [--save all|STEM|STEP]   (the style report on a run's saves)
+  python -m trainer saves RUN [--use STEP|STEM] [--delete-others]   (list, keep one, free the disk)
   python -m trainer caption FOLDER --model PATH_OR_HUB_ID [--mode sentence|tags] [--overwrite] [--strip W1,W2]
                     [--prefix P] [--suffix S] [--replace FIND REPL] [--remove-tag T] [--undo] [--list-tags]
   accelerate launch --num_processes N -m trainer train CONFIG.toml     (data-parallel on N devices)
@@ -95,6 +98,73 @@ def fail(err: BaseException, run_dir: Path | None) -> int:
     return 2 if user_mistake or isinstance(err, FileNotFoundError) else 1
 
 
+def add_grid_parsers(sub) -> None:
+    """`grid` (an X/Y grid over a run's saves, strengths, prompts, seeds) and `report` (the style report on saves)."""
+    p = sub.add_parser("grid", help="X/Y grid of a run's saves x strengths x prompts x seeds, written as a PNG")
+    p.add_argument("run", help="run folder")
+    axes = ["saves", "strength", "prompts", "seeds", "weight2"]
+    p.add_argument("--x", required=True, choices=axes)
+    p.add_argument("--y", default="", choices=["", *axes])
+    p.add_argument("--saves", help="saves for the saves axis (steps, stems or labels, comma-separated; default all)")
+    p.add_argument("--strengths", help="strength axis values, e.g. 0.5,0.75,1")
+    p.add_argument("--prompts", nargs="+", help="prompts for the prompts axis ({trigger} is replaced)")
+    p.add_argument("--seeds", help="seed axis values, e.g. 0,1,2")
+    p.add_argument("--weights2", help="second adapter weight axis values, e.g. 0,0.5,1")
+    p.add_argument("--adapter2", help="a second adapter file mixed into every cell")
+    p.add_argument("--prompt", help="the prompt when prompts is not an axis (default: the run's first sample prompt)")
+    p.add_argument("--strength", type=float, help="strength when it is not an axis (default 1)")
+    p.add_argument("--seed", type=int, help="seed of every cell when seeds is not an axis (default 0)")
+    p.add_argument("--weight2", type=float, help="the second adapter's weight when it is not an axis (default 0.5)")
+    for name, kind in (("steps", int), ("guidance", float), ("width", int), ("height", int)):
+        p.add_argument(f"--{name}", type=kind, help="default: the run's [sample] settings")
+    p.add_argument("--negative")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p_saves = sub.add_parser("saves", help="list a run's saves (JSON lines), use one as the downloads, delete the others")
+    p_saves.add_argument("run", help="run folder")
+    p_saves.add_argument("--use", metavar="SAVE", help="make this save (step, stem or label) the run's downloads")
+    p_saves.add_argument("--delete-others", action="store_true", help="delete every save but the downloads and the "
+                         "save in use")
+    p_rep = sub.add_parser("report", help="the style report on a run's saves (save_report events)")
+    p_rep.add_argument("run", help="run folder")
+    p_rep.add_argument("--save", default="all", help="all (default), or one save's step, stem or label")
+
+
+def run_saves_command(args) -> int:
+    import json
+
+    if args.command == "saves":
+        from trainer.report import saves
+
+        if args.use:
+            print(json.dumps(saves.use_save(Path(args.run), args.use)))
+        if args.delete_others:
+            print(json.dumps(saves.delete_other_saves(Path(args.run))))
+        if not (args.use or args.delete_others):
+            for s in saves.list_saves(Path(args.run)):
+                print(json.dumps({"save": s.label(), "stem": s.stem, "step": s.step, "train_loss": s.train_loss,
+                                  "val_loss": s.val_loss, "verdict": s.verdict, "bytes": s.bytes, "in_use": s.in_use}))
+        return 0
+    if args.command == "report":
+        from trainer.report.save_report import report_saves
+
+        done = report_saves(Path(args.run), args.save)
+        return 0 if all(r is not None for r in done) else 1
+    from trainer.report.save_grid import draw_headless, run_spec
+
+    values = {"saves": args.saves, "strength": args.strengths, "prompts": args.prompts, "seeds": args.seeds,
+              "weight2": args.weights2}
+    adapter2 = ["adapter2", str(Path(args.adapter2).resolve())] if args.adapter2 else None
+    spec = run_spec(Path(args.run), args.x, args.y, {k: v for k, v in values.items() if v},
+                    prompt=args.prompt, strength=args.strength, seed=args.seed, weight2=args.weight2,
+                    adapter2=adapter2, steps=args.steps, guidance=args.guidance, width=args.width,
+                    height=args.height, negative=args.negative)
+    summary = draw_headless(spec, Path(args.out), device=args.device)
+    print(f"grid: {summary['out']} ({summary['size'][0]}x{summary['size'][1]} px, {summary['cells']} cells, "
+          f"{summary['ms_per_cell']} ms per cell)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Style-LoRA trainer for Stable Diffusion")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p_prev.add_argument("--hotswap", action="store_true", help="one UNet slot, adapters hot-swapped in place")
     p_prev.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; implies --hotswap)")
     p_prev.add_argument("--max-rank", type=int, default=64, help="hot-swap slot rank (largest adapter or mix rank)")
+    add_grid_parsers(sub)
     caption_cli.add_parser(sub)
     args = parser.parse_args(argv)
     from trainer.versions import incompatible_versions
@@ -148,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args.base, single_file_config=args.single_file_config, device=args.device, dtype=args.dtype,
                          max_adapters=args.max_adapters, hotswap=args.hotswap, compile=args.compile,
                          max_rank=args.max_rank)
+        if args.command in ("grid", "report", "saves"):
+            return run_saves_command(args)
         if args.command == "convert":
             from trainer.lora_files.convert import convert_file
 

@@ -30,6 +30,9 @@ WARNING = "warning"  # an optional step failed; the run goes on
 DONE, STOPPED, FAILED = "done", "stopped", "failed"  # how the training ended (the last of these wins)
 REPORT_STARTED, REPORT, REPORT_FAILED = "report_started", "report", "report_failed"  # the style report after DONE
 VALIDATION_SET, VALIDATION, BEST = "validation_set", "validation", "best"  # held-out loss (trainer/training/validation.py)
+# a run's saves (trainer/report/saves.py): the style report on one save, "use this save", "delete the other saves"
+SAVE_REPORT_STARTED, SAVE_REPORT, SAVE_REPORT_FAILED = "save_report_started", "save_report", "save_report_failed"
+SAVE_USED, SAVES_DELETED = "save_used", "saves_deleted"
 ENDS = (DONE, STOPPED, FAILED)
 REPORT_ENDS = (REPORT, REPORT_FAILED)
 

@@ -4,6 +4,9 @@
   verdict.py       the learned / partly / not verdict by feature group
   demo_data.py     the demo base's shapes, captions and content check
   demo_styles.py   the random looks the demo base is trained on, and the style suite with ground truth
+  saves.py         a run's saves listed with their losses and verdicts; use one as the downloads, delete the others
+  save_report.py   the style report on one save (or all of them), as save_report events
 
-May import: trainer.config, trainer.events, trainer.io, trainer.data, trainer.families, trainer.preview
+May import: trainer.config, trainer.events, trainer.io, trainer.data, trainer.families, trainer.lora_files,
+trainer.preview
 """

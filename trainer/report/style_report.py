@@ -257,14 +257,24 @@ def embed_summary(adapter: Path, summary: dict) -> None:
         save_file(tensors, tmp, metadata=metadata)
 
 
-def write_report(cfg: Config, run_dir: Path) -> dict:
-    """Render, measure, and write RUN/report.json, RUN/report.png and the summary in both adapter files."""
+def report_paths(cfg: Config, run_dir: Path, stem: str | None = None) -> tuple[Path, Path]:
+    """(report.json, report.png) of the final adapter, or RUN/reports/<stem>.json/.png of a save."""
+    if not stem or stem == cfg.output.name:
+        return Path(run_dir) / "report.json", Path(run_dir) / "report.png"
+    return Path(run_dir) / "reports" / f"{stem}.json", Path(run_dir) / "reports" / f"{stem}.png"
+
+
+def write_report(cfg: Config, run_dir: Path, stem: str | None = None) -> dict:
+    """Render, measure, and write RUN/report.json, RUN/report.png and the summary in both adapter files. `stem`: a
+    save of the run (trainer/report/saves.py) instead of the final adapter; its report goes to report_paths."""
     from trainer.data import dataset as ds
     from trainer.families.loading import resolve_source
 
     started = time.time()
     run_dir = Path(run_dir)
-    adapters = [run_dir / f"{cfg.output.name}.diffusers.safetensors", run_dir / f"{cfg.output.name}.safetensors"]
+    stem = stem or cfg.output.name
+    json_path, png_path = report_paths(cfg, run_dir, stem)
+    adapters = [run_dir / f"{stem}.diffusers.safetensors", run_dir / f"{stem}.safetensors"]
     missing = [p.name for p in adapters if not p.is_file()]
     if missing:
         raise ReportError(f"no adapter to report on: {', '.join(missing)} missing in {run_dir}")
@@ -290,9 +300,10 @@ def write_report(cfg: Config, run_dir: Path) -> dict:
                                        {str(k): v for k, v in images.items() if k != 0.0},
                                        embed=(lambda ims: clip.images(ims).numpy()) if clip else None,
                                        raw_train=train_images)
-    grid_png(images, run_dir / "report.png")
+    png_path.parent.mkdir(exist_ok=True)
+    grid_png(images, png_path)
     if cfg.report.keep_images:
-        save_images(images, {"ref": ref, "vae": drawable}, run_dir / "report")
+        save_images(images, {"ref": ref, "vae": drawable}, json_path.with_suffix(""))
     report = {
         "prompts": prompts, "seeds": cfg.report.seeds, "scales": list(SCALES),
         "held_out": not any(p in captions for p in prompts),
@@ -301,9 +312,9 @@ def write_report(cfg: Config, run_dir: Path) -> dict:
         "copying_features": "CLIP image embeddings" if clip else "16x16 RGB layout, mean removed (1.0 = exact copy)",
         "fidelity_measure": fidelity_measure(demo, clip is not None),
         **metrics,
-        "train_images": len(train_images), "image": "report.png", "seconds": round(time.time() - started, 1),
+        "train_images": len(train_images), "image": png_path.name, "seconds": round(time.time() - started, 1),
     }
-    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")
     summary = {k: report[k] for k in ("style_lift", "fidelity", "copying", "held_out")}
     summary["verdict"] = report["verdict"]["verdict"]
     summary["progress"] = report["verdict"]["progress"]

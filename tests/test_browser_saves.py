@@ -1,0 +1,87 @@
+"""Real-browser walk through the Saves tab (headless Debian Chromium via Playwright, as tests/test_browser.py): a
+finished demo-sd run with three saves (steps 2, 4 and the final 6) -> the saves table -> a saves × strength grid
+drawn on the preview worker -> the PNG with its labels in the text chunks, and a screenshot."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, app_server  # noqa: F401 (the fixture)
+
+SCREENSHOT_COPY = ROOT / "docs" / "screenshots" / "ui-saves.png"
+
+pytestmark = pytest.mark.slow
+
+
+def train_three_saves(outputs: Path) -> Path:
+    """A finished run as the UI lists it: the CLI trains it, job.json says it ran and ended."""
+    run_dir = outputs / "demo-style"
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(ROOT / "presets" / "demo-style.toml"),
+                           "--run-dir", str(run_dir), "--set", "train.steps=6", "--set", "train.save_every=2",
+                           "--set", "train.batch_size=2", "--set", "sample.every=0", "--set", "sample.prompts=[]",
+                           "--set", "report.enabled=false", "--set", "lora.rank=4", "--set", "lora.conv_rank=0",
+                           "--set", f'output.dir="{outputs}"'], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_dir / "job.json").write_text(json.dumps({"pid": 2**22 + 12345, "launched_at": 0, "returncode": 0}))
+    return run_dir
+
+
+def test_saves_tab_grid_in_a_real_browser(app_server, tmp_path):  # noqa: F811
+    if not Path(CHROMIUM).exists():
+        assert not os.environ.get("CI"), f"{CHROMIUM} missing in CI"
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, outputs = app_server
+    run_dir = train_three_saves(outputs)
+    shot = tmp_path / "ui-saves.png"
+    started = time.time()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 1400})
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.get_by_role("tab", name="Saves").click()
+            page.locator("#saves-run input").click()
+            page.get_by_role("option", name="demo-style (done)").click()
+            table = page.locator("#saves-table")
+            for label in ("step 2", "step 4", "final (step 6)"):
+                sync_api.expect(table).to_contain_text(label)
+            field = page.locator("#saves-steps input[type=number]")
+            field.fill("8")
+            field.press("Tab")
+            page.locator("#saves-grid-btn").click()
+            status = page.locator("#saves-grid-status")
+            sync_api.expect(status).to_contain_text("Drawing cell", timeout=300_000)  # per-cell progress
+            sync_api.expect(status).to_contain_text("Grid done: 6 cells", timeout=600_000)
+            sync_api.expect(status).to_contain_text("ms per cell")
+            sync_api.expect(page.locator("#saves-grid-img img")).to_be_visible(timeout=60_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    grids = sorted((outputs / ".preview" / "grids").glob("demo-style-grid-*.png"))
+    assert len(grids) == 1, grids
+    png = Image.open(grids[0])
+    text = json.loads(png.text["style_lora_grid"])
+    assert text["x_labels"] == ["step 2", "step 4", "final (step 6)"] and text["y_labels"] == ["strength 0.5",
+                                                                                              "strength 1"]
+    assert text["steps"] == 8 and len(text["cell_ms"]) == 6
+    assert png.size == (128 + 3 * 128, 34 + 2 * 128)
+    assert shot.stat().st_size > 10_000 and run_dir.is_dir()
+    print(f"browser walk: {time.time() - started:.0f} s")
+    if os.environ.get("STYLE_LORA_SCREENSHOTS"):  # `make screenshots`: refresh the README's pictures on request only
+        SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, SCREENSHOT_COPY)
