@@ -11,7 +11,8 @@ import pytest
 from trainer.report import demo_data
 
 from trainer.report import demo_styles, suite_styles
-from trainer.report.verdict import FIDELITY_SHARE, FINE, KEPT, LEARNED, judge, overcooking, style_verdict
+from trainer.report.verdict import (FIDELITY_SHARE, FINE, KEPT, LEARNED, OVERSHOOT, judge, overcooking,
+                                    style_verdict)
 
 
 def _drawn(n: int, seed: int, look=None):
@@ -147,3 +148,15 @@ def test_overcooking_warns_on_fidelity_or_copying_and_says_what_to_do():
     assert copied["copying"] and "copying at strength 1.0 rose to 1.00" in copied["warning"], copied
     # a style whose own images come that close to each other (a uniform palette) raises the level
     assert not overcooking(base["fidelity"], {"0.0": 0.9, "1.0": 0.995}, 0.85, copying_style=0.997)["copying"]
+
+
+def test_a_diverged_lora_that_overshoots_the_style_is_not_learned():
+    # the suite's overcooked run (frame at 10x the learning rate): noise whose huge move projects on every group
+    cooked = judge(_numbers({"colour": 0.14, "texture": 0.589, "layout": 0.27},
+                            {"colour": 4.508, "texture": 3.167, "layout": -0.99}))
+    assert cooked["progress"]["1.0"] == 0.462 and cooked["uncapped"]["1.0"] == 2.229  # capped alone: partly
+    assert cooked["verdict"] == "not learned" and cooked["reason"].startswith("the LoRA overshot"), cooked
+    # gameboy as measured: minor groups overshoot (layout 260 %), the style as a whole moved 124 %: learned
+    gameboy = judge(_numbers({"colour": 0.919, "texture": 0.007, "layout": 0.074},
+                             {"colour": 1.08, "texture": 7.268, "layout": 2.602}))
+    assert gameboy["verdict"] == "learned" and gameboy["uncapped"]["1.0"] == 1.236 <= OVERSHOOT < 2.229

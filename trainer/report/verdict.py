@@ -32,8 +32,11 @@ PARTLY = 0.2  # ... as partly learned; below: not learned
 MIN_STYLE = 3.0  # the style's standardised size (beyond sampling noise) below which there is no style to learn
 KEPT = 0.1  # the drawable style's cosine to the files' in a group, under which the VAE erased that group ...
 FINE = 12.0  # ... when the files' style in that group is at least this large (crispness alone: up to 8.4)
+# uncapped progress past which the LoRA's images are farther from the style along it than the base's (|1 - p| > 1):
+# not a calibrated number but where overshooting stops being closer to the style at all
+OVERSHOOT = 2.0
 FIDELITY_SHARE = 0.5  # overcooked: prompt fidelity at 1.0 under this share of the base's (or of the style's own)
-COPYING = 0.98  # overcooked: copying at 1.0 above this (and above what the style's own images reach)
+COPYING = 0.995  # overcooked: copying at 1.0 above this (and above what the style's own images reach)
 GROUPS = ("colour", "texture", "layout")
 PX = 32
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -178,11 +181,12 @@ def judge(out: dict) -> dict:
     share = out["style_share"]
     out["progress"] = {key: round(sum(share[g] * (0.0 if g in erased else float(np.clip(f, -1, 1)))
                                       for g, f in fr.items()), 3) for key, fr in out["fraction"].items()}
+    out["uncapped"] = {key: round(sum(share[g] * f for g, f in fr.items()), 3) for key, fr in out["fraction"].items()}
     top = max(out["progress"], key=float)
     out["verdict_scale"] = top
     out["has_style"] = out["style_size_total"] >= MIN_STYLE  # else the progress numbers measure noise
     out["thresholds"] = {"learned": LEARNED, "partly": PARTLY, "min_style": MIN_STYLE, "vae_kept": KEPT,
-                        "fine": FINE}
+                        "fine": FINE, "overshoot": OVERSHOOT}
     out["verdict"], out["reason"] = decide(out, top, erased)
     return out
 
@@ -214,6 +218,10 @@ def decide(out: dict, key: str, erased: list[str]) -> tuple[str, str]:
             f"the training images' style is mostly {defining} (size {files[defining]:.0f}), finer than the base can "
             f"draw: what its VAE keeps of the {defining} points elsewhere (cosine {out['vae_kept'][defining]:.2f}); "
             f"{_moved(out, key, erased, defining)}the {defining} cannot ({explain(out, key)})")
+    if out["uncapped"][key] > OVERSHOOT:  # a diverged LoRA: its huge move projects on the style by chance too
+        return "not learned", (f"the LoRA overshot: along the style it moved {out['uncapped'][key]:.0%} of the way, "
+                               f"so its images are farther from the training images than the base's ("
+                               f"{explain(out, key)})")
     verdict = verdict_of(progress, out["style_size_total"])
     main = max(share, key=share.get)
     reached = 0.0 if main in erased else out["fraction"][key][main]
