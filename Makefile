@@ -36,8 +36,8 @@ test: install
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
-# The demo base's style suite (scripts/style_suite.py): 8 styles + 2 negative controls trained on builtin:demo-sd,
-# the report's verdict against each style's ground truth; the table in docs/demo-base.md comes from outputs/style-suite.
+# The demo base's style suite (scripts/style_suite.py): 11 styles, 2 negative controls and an overcooked run trained
+# on builtin:demo-sd, the report's verdict against each style's ground truth, the overcooking warning; the table in docs/demo-base.md comes from outputs/style-suite.
 style-suite: install
 	HF_HUB_OFFLINE=1 $(PY) scripts/style_suite.py --out outputs/style-suite
 

@@ -32,6 +32,8 @@ def report_markdown(state: str, events: list[dict]) -> str:
     ]
     if last.get("verdict"):  # reports before the verdict existed have only the numbers
         lines.append(f"- **verdict: {last['verdict']}**: {last.get('reason', '')}")
+        if last.get("warning"):  # overcooking: the style may be learned, but too strongly at 1.0
+            lines.append(f"- **warning**: {last['warning']}")
         if last.get("has_style", True):  # without a style to learn the fractions measure noise
             lines.append(f"- progress towards the style: {_by_scale(last.get('progress', {}), '{:.0%}')}")
     lines += [

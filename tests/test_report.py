@@ -116,12 +116,19 @@ def test_report_written_embedded_and_loadable(tmp_path, tiny_base):
     assert set(verdict["by_group"]["1.0"]) == {"colour", "texture", "layout"}
     assert events[-1]["verdict"] == verdict["verdict"] and events[-1]["progress"] == verdict["progress"]
     assert events[-1]["has_style"] == verdict["has_style"] == (verdict["style_size_total"] >= 3.0)
+    # the overcooking warning sits beside the verdict; this base's fidelity (layout similarity) does not read the
+    # prompt, so only copying is judged
+    cooked = report["overcooking"]
+    assert report["fidelity_style"] is None and "fidelity_floor" not in cooked and cooked["copying_level"] >= 0.98
+    assert events[-1]["warning"] == cooked["warning"] and cooked["warning"] is None  # 4 steps: nothing overcooked
+    assert -1 <= report["copying_style"] <= 1
     for name in ("tiny-test.safetensors", "tiny-test.diffusers.safetensors"):
         with safe_open(str(run / name), "pt") as f:
             meta = f.metadata()
         summary = json.loads(meta["style_report"])
         assert summary["style_lift"] == report["style_lift"] and summary["copying"] == report["copying"]
         assert summary["verdict"] == verdict["verdict"] and summary["progress"] == verdict["progress"]
+        assert "warning" in summary and summary["warning"] is None
         assert meta["ss_output_name"] == "tiny-test" and "style_lora_config" in meta
     with safe_open(str(run / "tiny-test.safetensors"), "pt") as f:
         meta = f.metadata()

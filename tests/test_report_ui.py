@@ -41,6 +41,11 @@ def test_run_is_reporting_until_the_report_event(tmp_path):
                  reason="the training images hardly differ from what the base draws for their captions")
         text = report_view.report_markdown("done", jobs.status(run).events)
         assert "verdict: not learned**: the training images hardly differ" in text and "780%" not in text
+        assert "warning" not in text  # none given, none shown
+        log.emit("report", verdict="learned", progress={"1.0": 0.9}, reason="moved 90%",
+                 warning="overcooked: prompt fidelity at strength 1.0 fell to 0.12 (base 0.69, under 50% of it)")
+        text = report_view.report_markdown("done", jobs.status(run).events)
+        assert "verdict: learned**: moved 90%\n- **warning**: overcooked: prompt fidelity" in text
         assert report_view.report_image(run, st.events) == str(run / "report.png")
     finally:
         child.kill()

@@ -1,18 +1,15 @@
-"""Procedural looks on demo images: the broad random families the demo base is trained on, and the named style
-suite that measures whether a LoRA learned a style it was never built for (docs/demo-base.md).
+"""Procedural looks on demo images: the broad random families the demo base is trained on (the named style suite
+built from them is trainer/report/suite_styles.py; docs/demo-base.md).
 
 Every transform works on an RGB float array in [0, 1] (H x W x 3) plus the shape's mask (H x W, True inside the
 shape), so outlines and shadows know where the shape is. `random_look` draws a random combination from the
-families (random colours, widths, periods, strengths): what the base learns to draw. `SUITE` holds eight fixed
-styles of different kinds, each with a ground-truth statistic computed on the pixels (how much of that style an
-image shows); none of them is one the base was built around, they are single points of the broad families.
+families (random colours, widths, periods, strengths): what the base learns to draw.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -271,116 +268,3 @@ def random_look(rng: random.Random) -> Look:
     """One to three random steps (a single step half of the time)."""
     n = rng.choice([1, 1, 1, 2, 2, 3])
     return [random_step(rng) for _ in range(n)]
-
-
-# ----------------------------------------------------------------------------- the style suite (evaluation)
-
-
-SEPIA = (0.62, 0.45, 0.25)
-GAMEBOY = [(0.06, 0.22, 0.06), (0.19, 0.38, 0.19), (0.55, 0.67, 0.06), (0.61, 0.74, 0.06)]
-FRAME = (0.15, 0.1, 0.35)
-
-
-def stat_tone(x):
-    """How sepia the colours are: chroma along sepia's chroma direction minus chroma off it (a pixel of another hue
-    counts against), over all chroma: 1 = every coloured pixel is sepia-coloured."""
-    c = np.asarray(SEPIA, dtype=np.float32)
-    d = c - c.mean()
-    d /= np.linalg.norm(d)
-    chroma = x - x.mean(-1, keepdims=True)
-    along = chroma @ d
-    off = np.linalg.norm(chroma - along[..., None] * d, axis=-1)
-    return float((along - off).sum() / (np.linalg.norm(chroma, axis=-1).sum() + 1e-6))
-
-
-def stat_palette(x):
-    """Minus the mean distance of each pixel to its nearest Game Boy palette colour (0 = only palette colours)."""
-    pal = np.asarray(GAMEBOY, dtype=np.float32)
-    return -float(np.sqrt(((x[:, :, None] - pal[None, None]) ** 2).sum(-1)).min(-1).mean())
-
-
-def stat_frame(x):
-    """How close the outer 2-pixel ring is to the frame colour (1 = exactly it), minus the same for the inside."""
-    h, w = x.shape[:2]
-    close = 1 - np.sqrt(((x - np.asarray(FRAME, dtype=np.float32)) ** 2).sum(-1)) / math.sqrt(3)
-    ring = _ring(h, w, max(1, 2 * w // 32))
-    return float(close[ring].mean() - close[~_ring(h, w, max(1, 6 * w // 32))].mean())
-
-
-def stat_vignette(x):
-    """Brightness of the middle minus brightness of the corners."""
-    r, lum = _radius(*x.shape[:2]), luminance(x)
-    return float(lum[r < 0.45].mean() - lum[r > 0.85].mean())
-
-
-def stat_scanlines(x):
-    """Horizontal-line energy: mean |row-to-row| brightness change minus mean |column-to-column| change."""
-    lum = luminance(x)
-    return float(np.abs(np.diff(lum, axis=0)).mean() - np.abs(np.diff(lum, axis=1)).mean())
-
-
-def stat_outline(x):
-    """Dark lines 1-3 pixels wide: how much darker a pixel is than both its neighbours 1 or 2 pixels away across
-    (left/right or up/down), averaged."""
-    lum = luminance(x)
-    best = np.zeros_like(lum)
-    for k in (1, 2):
-        p = np.pad(lum, k, mode="edge")
-        across = np.minimum(p[k:-k, :-2 * k] - lum, p[k:-k, 2 * k:] - lum)
-        down = np.minimum(p[:-2 * k, k:-k] - lum, p[2 * k:, k:-k] - lum)
-        best = np.maximum(best, np.maximum(across, down))
-    return float(np.clip(best, 0, None).mean())
-
-
-def stat_blur(x):
-    """Softness: minus the fine-scale curvature (Laplacian) per unit of edge strength: a sharp edge turns within a
-    pixel, a blurred one over several."""
-    lum = luminance(x)
-    grad = np.abs(np.diff(lum, axis=0)).sum() + np.abs(np.diff(lum, axis=1)).sum()
-    p = np.pad(lum, 1, mode="edge")
-    lap = np.abs(4 * lum - p[:-2, 1:-1] - p[2:, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:]).sum()
-    return -float(lap / (grad + 1e-3))
-
-
-def stat_lighting(x):
-    """Top-left brightness minus bottom-right brightness (light from the top left)."""
-    u, v = _grid(*x.shape[:2])
-    lum = luminance(x)
-    t = u + v
-    return float(lum[t < 0.7].mean() - lum[t > 1.3].mean())
-
-
-@dataclass(frozen=True)
-class SuiteStyle:
-    name: str
-    kind: str  # what a person would call it: colour, palette, border, layout, texture, edges, focus, lighting
-    look: tuple
-    statistic: Callable[[np.ndarray], float]
-    what: str
-
-
-SUITE: dict[str, SuiteStyle] = {s.name: s for s in (
-    SuiteStyle("sepia", "colour tone", (("tone", {"colour": SEPIA, "amount": 0.85}),), stat_tone,
-               "every colour toned towards a warm brown"),
-    SuiteStyle("gameboy", "palette reduction", (("gradient_map", {"palette": GAMEBOY}),), stat_palette,
-               "four greens by brightness, like a Game Boy screen"),
-    SuiteStyle("frame", "border", (("border", {"colour": FRAME, "width": 3}),), stat_frame,
-               "a 3-pixel dark indigo frame"),
-    SuiteStyle("vignette", "vignette", (("vignette", {"colour": (0, 0, 0), "strength": 0.85, "power": 2.0}),),
-               stat_vignette, "corners fading to black"),
-    SuiteStyle("bands", "texture", (("lines", {"direction": "h", "period": 8, "amount": 0.55,
-                                               "colour": (0, 0, 0), "phase": 0.0}),), stat_scanlines,
-               "dark horizontal bands, 4 pixels every 8"),
-    SuiteStyle("outline", "outlines", (("outline", {"colour": (0, 0, 0), "width": 2}),), stat_outline,
-               "a 2-pixel black line around the shape"),
-    SuiteStyle("blur", "blur", (("blur", {"radius": 2.0}),), stat_blur, "everything soft, as out of focus"),
-    SuiteStyle("lighting", "lighting gradient", (("lighting", {"angle": math.pi / 4, "strength": 0.6}),),
-               stat_lighting, "light from the top left, the bottom right in shadow"),
-)}
-
-
-def statistic(style: str, images: list[Image.Image], size: int = 32) -> float:
-    """The mean ground-truth statistic of `style` over images, measured at `size` px."""
-    fn = SUITE[style].statistic
-    return float(np.mean([fn(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
-                                 / 255) for im in images]))

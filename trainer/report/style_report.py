@@ -9,13 +9,17 @@ at 1.0 (diffusers: load_lora_weights + set_adapters, the way users load the file
 Features (docs/demo-base.md): with `report.clip_model` CLIP image embeddings; without, download-free colour and
 texture statistics: a 4x4x4 RGB histogram plus Gram matrices of fixed derivative filters on each colour channel
 at four scales.
-Writes RUN/report.json, RUN/report.png (rows: base, 0.5, 1.0) and a `style_report` entry in both adapter files.
+Beside the verdict (verdict.py) the overcooking warning: prompt fidelity at 1.0 under a share of the base's (or of
+the training images' own), or copying above a level (and above how close the training images come to each other).
+Writes RUN/report.json, RUN/report.png (rows: base, 0.5, 1.0; the verdict and any warning below) and a
+`style_report` entry in both adapter files.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import textwrap
 import time
 from pathlib import Path
 
@@ -26,7 +30,7 @@ from PIL import Image, ImageDraw
 from trainer.report import demo_data
 from trainer.config import Config
 from trainer.io import atomic_path, atomic_write_text
-from trainer.report.verdict import style_verdict
+from trainer.report.verdict import overcooking, style_verdict
 
 SCALES = (0.0, 0.5, 1.0)  # 0.0 = the base alone (LoRA disabled)
 GENERIC_PROMPTS = ["{trigger}, a lighthouse on a cliff", "{trigger}, portrait of an old fisherman",
@@ -187,11 +191,16 @@ def _spread(n: int, k: int) -> list[int]:
     return list(range(n)) if n <= k else [round(i * (n - 1) / (k - 1)) for i in range(k)]
 
 
-def grid_png(images: dict[float, list[Image.Image]], path: Path, cell: int = 96) -> None:
-    """Rows: base, LoRA 0.5, LoRA 1.0 (labelled); columns: prompt x seed, as in report.json."""
+def grid_png(images: dict[float, list[Image.Image]], path: Path, cell: int = 96, footer: str = "") -> None:
+    """Rows: base, LoRA 0.5, LoRA 1.0 (labelled); columns: prompt x seed, as in report.json; `footer` (the verdict
+    and any warning, which is drawn in red) below, wrapped to the grid's width."""
     label_w = 70
     cols = len(images[SCALES[0]])
-    grid = Image.new("RGB", (label_w + cols * cell, len(SCALES) * cell), "white")
+    width = label_w + cols * cell
+    verdict, _, warning = footer.partition(" | ")
+    lines = [(t, colour) for text, colour in ((verdict, "black"), (warning, "firebrick")) if text
+             for t in textwrap.wrap(text, max(40, width // 6 - 2))]
+    grid = Image.new("RGB", (width, len(SCALES) * cell + 14 * len(lines) + (8 if lines else 0)), "white")
     pen = ImageDraw.Draw(grid)
     for r, scale in enumerate(SCALES):
         pen.text((6, r * cell + cell // 2 - 6), "base" if scale == 0 else f"LoRA {scale}", fill="black")
@@ -199,6 +208,8 @@ def grid_png(images: dict[float, list[Image.Image]], path: Path, cell: int = 96)
             small = im.width < cell
             grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST if small else Image.LANCZOS),
                        (label_w + c * cell, r * cell))
+    for i, (text, colour) in enumerate(lines):
+        pen.text((6, len(SCALES) * cell + 4 + 14 * i), text, fill=colour)
     with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")
 
@@ -233,6 +244,23 @@ def measure(images: dict[float, list[Image.Image]], train_images: list[Image.Ima
     return result
 
 
+def style_own(drawable: list[Image.Image], index: list[int], captions: list[str], train_images: list[Image.Image],
+              demo: bool, clip: ClipFeatures | None) -> tuple[float | None, float]:
+    """What the style itself scores, for the overcooking warning: prompt fidelity of the training images as the
+    base can draw them against their own captions (None where fidelity does not read the prompt), and how close
+    each comes to the nearest *other* training image on the copying measure (`index`: which file each is)."""
+    fid = None
+    if clip:
+        fid = (clip.images(drawable) * clip.texts([captions[k] for k in index])).sum(1).mean().item()
+    elif demo and all(demo_data.parse_caption(captions[k]) for k in index):
+        checks = [demo_data.content_check(im, *demo_data.parse_caption(captions[k])) for im, k in zip(drawable, index)]
+        fid = float(np.mean([np.mean(list(c.values())) for c in checks]))
+    copy = clip.images if clip else layout_features
+    sim = copy(drawable) @ copy(train_images).T
+    sim[torch.arange(len(index)), torch.tensor(index)] = -1.0  # itself is not another image
+    return (None if fid is None else round(fid, 4)), round(sim.max().item(), 4)
+
+
 def fidelity_measure(demo: bool, clip: bool) -> str:
     if clip:
         return "CLIP text-image cosine of each image and its prompt"
@@ -242,6 +270,13 @@ def fidelity_measure(demo: bool, clip: bool) -> str:
 
 
 # ----------------------------------------------------------------------------- the whole report
+
+
+def verdict_line(report: dict) -> str:
+    """The verdict, its reason and the overcooking warning: the CLI line and the grid's footer."""
+    line = f"{report['verdict']['verdict']}: {report['verdict']['reason']}"
+    warning = report.get("overcooking", {}).get("warning")
+    return line + (f" | WARNING {warning}" if warning else "")
 
 
 def embed_summary(adapter: Path, summary: dict) -> None:
@@ -291,17 +326,21 @@ def write_report(cfg: Config, run_dir: Path, stem: str | None = None) -> dict:
     captions = set(item_captions)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clip = ClipFeatures(cfg.report.clip_model, device) if cfg.report.clip_model else None
-    ref_items = _spread(len(items), REF_IMAGES)
+    ref_items, vae_items = _spread(len(items), REF_IMAGES), _spread(len(items), VAE_IMAGES)
     train_images = [Image.open(i.path).convert("RGB") for i in items]
     images, ref, drawable = render(cfg, adapters[0], prompts, device, [item_captions[k] for k in ref_items],
-                                   [train_images[k] for k in _spread(len(items), VAE_IMAGES)])
+                                   [train_images[k] for k in vae_items])
     metrics = measure(images, train_images, prompts, cfg.report.seeds, demo, clip)
     metrics["verdict"] = style_verdict(drawable, ref, images[0.0],
                                        {str(k): v for k, v in images.items() if k != 0.0},
                                        embed=(lambda ims: clip.images(ims).numpy()) if clip else None,
                                        raw_train=train_images)
+    metrics["fidelity_style"], metrics["copying_style"] = style_own(drawable, vae_items, item_captions, train_images,
+                                                                    demo, clip)
+    metrics["overcooking"] = overcooking(metrics["fidelity"], metrics["copying"], metrics["fidelity_style"],
+                                         metrics["copying_style"])
     png_path.parent.mkdir(exist_ok=True)
-    grid_png(images, png_path)
+    grid_png(images, png_path, footer=verdict_line(metrics))
     if cfg.report.keep_images:
         save_images(images, {"ref": ref, "vae": drawable}, json_path.with_suffix(""))
     report = {
@@ -318,6 +357,7 @@ def write_report(cfg: Config, run_dir: Path, stem: str | None = None) -> dict:
     summary = {k: report[k] for k in ("style_lift", "fidelity", "copying", "held_out")}
     summary["verdict"] = report["verdict"]["verdict"]
     summary["progress"] = report["verdict"]["progress"]
+    summary["warning"] = report["overcooking"]["warning"]
     summary["features"] = "clip" if clip else "download-free"
     for adapter in adapters:
         embed_summary(adapter, summary)
@@ -347,9 +387,9 @@ def run_report(cfg: Config, run_dir: Path) -> dict | None:
     verdict = report["verdict"]
     events.emit(REPORT, path=str(run_dir / "report.json"), image=str(run_dir / "report.png"),
                 verdict=verdict["verdict"], progress=verdict["progress"], reason=verdict["reason"],
-                has_style=verdict["has_style"],
+                has_style=verdict["has_style"], warning=report["overcooking"]["warning"],
                 **{k: report[k] for k in keys})
-    print(f"style report: {verdict['verdict']}: {verdict['reason']}")
+    print(f"style report: {verdict_line(report)}")
     print(f"style report: lift {report['style_lift']}, fidelity {report['fidelity']}, copying {report['copying']} "
           f"({report['seconds']} s) -> {run_dir / 'report.json'}")
     return report
