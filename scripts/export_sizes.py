@@ -36,14 +36,16 @@ def adapted_unet(variant: str, rank: int, conv_rank: int):
     from diffusers import UNet2DConditionModel
 
     from trainer.adapters.lycoris import add_locon
+    from trainer.adapters.attach import denoiser_targets
     from trainer.adapters.variants import add_adapter, lora_layers, peft_config
+    from trainer.families import sd1
     from trainer.config import LoraConfig
     from trainer.families.sd1 import REFERENCE_UNET
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**REFERENCE_UNET).requires_grad_(False)
     cfg = LoraConfig(variant=variant, rank=rank, alpha=float(rank), conv_rank=conv_rank, conv_alpha=float(conv_rank or 1))
-    config = peft_config(cfg, cfg.unet_targets, 1000)
+    config = peft_config(cfg, denoiser_targets(cfg, sd1), 1000)
     if conv_rank:
         config = add_locon(config, unet, cfg)
     add_adapter(unet, config)

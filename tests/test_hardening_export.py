@@ -22,12 +22,14 @@ def lokr_unet(tiny_base, rank: int, conv_rank: int = 0):
     from diffusers import UNet2DConditionModel
 
     from trainer.adapters.lycoris import add_locon
+    from trainer.adapters.attach import denoiser_targets
     from trainer.adapters.variants import add_adapter, lora_layers, peft_config
+    from trainer.families import sd1
     from trainer.config import LoraConfig
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base / "unet").requires_grad_(False)
     cfg = LoraConfig(variant="lokr", rank=rank, alpha=3.0, conv_rank=conv_rank, conv_alpha=1.0)
-    config = peft_config(cfg, cfg.unet_targets, 10)
+    config = peft_config(cfg, denoiser_targets(cfg, sd1), 10)
     add_adapter(unet, add_locon(config, unet, cfg) if conv_rank else config)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
