@@ -92,7 +92,9 @@ def resolve_source(path: str) -> tuple[str, str]:
             "only .safetensors checkpoints and diffusers folders are accepted"
         )
     if p.is_dir():
-        if not (p / "model_index.json").is_file() and not any((p / d).is_dir() for d in ("unet", "transformer")):
+        from trainer.families import DENOISERS
+
+        if not (p / "model_index.json").is_file() and not any((p / d).is_dir() for d in DENOISERS):
             raise ModelError(f"model.path {path!r}: folder is not a diffusers pipeline (no model_index.json)")
         return "folder", str(p)
     if p.is_file():

@@ -36,22 +36,18 @@ def fuse(key: str, members: dict[tuple[int, int], dict[str, torch.Tensor]]) -> d
         raise ValueError(f"{key}: DoRA on a fused weight needs all {count} of its parts (e.g. to_q, to_k and to_v) "
                          "in the LoRA targets: the untrained part's magnitude is not in the adapter")
     sample = next(iter(members.values()))
-    rank, out, fan_in = sample["lora_down.weight"].shape[0], sample["lora_up.weight"].shape[0], \
-        sample["lora_down.weight"].shape[1]
+    (rank, fan_in), out = sample["lora_down.weight"].shape, sample["lora_up.weight"].shape[0]
     down = torch.zeros(count * rank, fan_in)
     up = torch.zeros(count * out, count * rank)
-    scale = []
     for (slot, _), group in members.items():
         if group["lora_down.weight"].dim() != 2 or group["lora_up.weight"].shape[0] != out:
             raise ValueError(f"{key}: its fused parts must be Linear layers of one output size")
         down[slot * rank:(slot + 1) * rank] = group["lora_down.weight"]
         up[slot * out:(slot + 1) * out, slot * rank:(slot + 1) * rank] = group["lora_up.weight"]
-    if "dora_scale" in sample:
-        scale = [members[(slot, count)]["dora_scale"] for slot in range(count)]
     result = {"lora_down.weight": down, "lora_up.weight": up,
               "alpha": torch.tensor(float(count * rank), dtype=torch.float32)}
-    if scale:
-        result["dora_scale"] = torch.cat(scale)
+    if "dora_scale" in sample:  # every part is there (checked above): its rows, in slot order
+        result["dora_scale"] = torch.cat([members[(slot, count)]["dora_scale"] for slot in range(count)])
     return result
 
 

@@ -34,7 +34,7 @@ import torch
 
 from trainer import families
 from trainer.config import ModelConfig
-from trainer.lora_files.adapter_files import AdapterError, module_table, pipe_kind, pipe_parts, read_adapter
+from trainer.lora_files.adapter_files import AdapterError, module_table, pipe_parts, read_adapter
 from trainer.preview.hotswap import HotSwapSlot
 from trainer.preview.render import draw
 
@@ -81,8 +81,9 @@ class Previewer:
         if pipeline is None:  # `pipeline`: an already built SD/SDXL pipeline (benchmarks)
             pipeline = load_base(ModelConfig(path=base, single_file_config=single_file_config)).pipeline()
         self.pipe = pipeline
-        self.kind = pipe_kind(pipeline)
-        self.denoiser = families.of_pipeline(pipeline).DENOISER  # "unet" or "transformer": its part name
+        family = families.of_pipeline(pipeline)
+        self.kind = family.NAME
+        self.denoiser = family.DENOISER  # "unet" or "transformer": its part name
         self.text_parts = [p for p in pipe_parts(pipeline) if p != self.denoiser]
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(self.device, self.dtype)
