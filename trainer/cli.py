@@ -3,6 +3,7 @@
   python -m trainer train CONFIG.toml [--set section.key=value ...] [--run-dir DIR]
   python -m trainer resume RUN_DIR [--set ...]
   python -m trainer convert IN.safetensors OUT.safetensors --to kohya|diffusers [--base FAMILY] [--model BASE]
+  python -m trainer lora info|resize|merge|bake|extract|meta ...   (the LoRA toolbox: trainer/lora_tools/cli.py)
   python -m trainer build-tiny DIR [--kind FAMILY]     (FAMILY: a base family of trainer/families/, e.g. sdxl)
   python -m trainer preview --base MODEL [--hotswap] [--compile]   (JSON-lines preview worker on stdin/stdout)
   python -m trainer grid RUN --x saves --y strength [--prompts P1 P2] [--strengths 0.5,1] [--seeds 0,1] --out grid.png
@@ -199,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p_prev.add_argument("--max-rank", type=int, default=64, help="hot-swap slot rank (largest adapter or mix rank)")
     add_grid_parsers(sub)
     caption_cli.add_parser(sub)
+    from trainer.lora_tools import cli as lora_cli
+
+    lora_cli.add_parser(sub)
     args = parser.parse_args(argv)
     from trainer.versions import incompatible_versions
 
@@ -219,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args.base, single_file_config=args.single_file_config, device=args.device, dtype=args.dtype,
                          max_adapters=args.max_adapters, hotswap=args.hotswap, compile=args.compile,
                          max_rank=args.max_rank)
+        if args.command == "lora":
+            return lora_cli.run(args)
         if args.command in ("grid", "report", "saves"):
             return run_saves_command(args)
         if args.command == "convert":
