@@ -9,7 +9,8 @@ proxy's address: the per-address limit is then shared, the per-user limit still 
 
 Gradio serves any file under outputs/ to any logged-in user (`/gradio_api/file=PATH`). A second middleware
 (`RunFilesForOwner`) checks every such request against the session cookie's user: a run folder's files go only to
-the run's owner, and a preview upload folder only to its user; anyone else gets 404, as for a missing file.
+the run's owner, and a preview upload folder or Tools folder only to its user; anyone else gets 404, as for a missing
+file.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def may_read(outputs: Path, requested: str, user: str | None) -> bool:
     so neither a link nor '..' reaches a run from outside. Everything else is left to gradio's own rules."""
     from app.jobs import owner_of
     from app.preview_client import preview_dir, uploads_dir
+    from app.tools_view import TOOLS_DIR, tools_dir
 
     for path in {Path(os.path.abspath(requested)), Path(os.path.realpath(requested))}:
         if not path.is_relative_to(outputs) or path == outputs:
@@ -87,6 +89,9 @@ def may_read(outputs: Path, requested: str, user: str | None) -> bool:
         uploads = preview_dir(outputs) / "adapters"
         if path.is_relative_to(uploads) and path.parent != uploads:  # outputs/.preview/adapters/user-<key>/...
             if user is None or not path.is_relative_to(uploads_dir(outputs, user)):
+                return False
+        elif top == TOOLS_DIR:  # the Tools tab's files: outputs/.tools/user-<key>/...
+            if user is None or not path.is_relative_to(tools_dir(outputs, user)):
                 return False
         elif not top.startswith(".") and (user is None or owner_of(outputs / top) != user):  # a run folder
             return False

@@ -59,7 +59,6 @@ def base_size(base: str) -> int | None:
     return native_size(base) if Path(base).expanduser().is_dir() else None
 
 
-
 class PreviewError(RuntimeError):
     """A request the worker refused (bad adapter, ...) or a worker that died; the message says which."""
 
@@ -212,8 +211,9 @@ def uploads_dir(outputs: Path, user: str | None = None) -> Path:
 
 
 def adapter_choices(outputs: Path, user: str | None = None, runs: list | None = None) -> list[tuple[str, str]]:
-    """(label, value): finished runs (value `run:NAME`) and uploaded files (value `file:NAME`) the user may see.
-    `runs`: jobs.list_runs' answer when the caller has it."""
+    """(label, value): finished runs (value `run:NAME`), uploaded files (value `file:NAME`) and the Tools tab's results
+    (value `tool:NAME`) the user may see. `runs`: jobs.list_runs' answer when the caller has it."""
+    from app.tools_view import tool_results  # here: tools_view imports this module
     choices = []
     for st in jobs.list_runs(outputs) if runs is None else runs:
         if st.state in FINISHED and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
@@ -222,7 +222,7 @@ def adapter_choices(outputs: Path, user: str | None = None, runs: list | None = 
     if folder.is_dir():
         for p in sorted(folder.glob("*.safetensors")):
             choices.append((f"{p.name} (uploaded)", f"file:{p.name}"))
-    return choices
+    return choices + [(f"{p.name} (tools)", f"tool:{p.name}") for p in tool_results(outputs, user)]
 
 
 def newest_run_adapter(outputs: Path, user: str | None = None, runs: list | None = None) -> str | None:
@@ -252,6 +252,10 @@ def resolve(outputs: Path, value: str, user: str | None = None) -> tuple[Path, s
         if path.name != name or not path.is_file():
             raise PreviewError(f"no uploaded adapter named {name!r}")
         return path, None
+    if kind == "tool":  # a Tools tab result (app/tools_view.py); its base: the one in the Base model field
+        from app.tools_view import tool_result
+
+        return tool_result(outputs, name, user), None
     raise PreviewError(NO_ADAPTER)
 
 

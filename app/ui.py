@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import dataset_tab, form, jobs, preview, preview_client, saves_tab, uploads
+from app import dataset_tab, form, jobs, preview, preview_client, saves_tab, tools_tab, uploads
 from app.runs_view import (finished_since, fingerprint, list_fingerprint, panel_markdown,  # noqa: F401 (tests)
                            run_choices, run_dir_of, run_panel)
 from trainer.config import ConfigError, list_presets
@@ -208,6 +208,7 @@ def build_app(outputs: str | Path = "outputs") -> gr.Blocks:
             ds, tr, rn = dataset_layout(), train_layout(defaults), runs_layout()
             preview_tab = preview.build_tab(outputs)  # app/preview.py: LoRA vs base, grids, mixing (own worker)
             saves_tab.build_tab(outputs)  # app/saves_tab.py: a run's saves, the X/Y grid, keep one
+            tools_tab.build_tab(outputs, preview_tab)  # app/tools_tab.py: the LoRA toolbox (trainer lora ...)
         wire_dataset(outputs, current, ds, tr)
         wire_base(outputs, tr)
         wire_train(outputs, current, tr, rn, tabs)
