@@ -200,12 +200,13 @@ def checkpoint(outputs: Path, value: str, what: str, user: str | None = None) ->
 
 def out_path(outputs: Path, user: str | None, command: str, name: str, default: str) -> Path:
     """Where a command writes: a plain file name in the user's tools folder (checkpoints/ for bake)."""
-    raw = (name or "").strip() or default
-    clean = sanitize_name(raw, 120)
+    raw = ((name or "").strip() or default).replace("\\", "/").rsplit("/", 1)[-1]
+    single = raw.lower().endswith(SUFFIX)
+    clean = sanitize_name(raw[: -len(SUFFIX)] if single else raw, 100)
     folder = tools_dir(outputs, user)
-    if command == "bake":
-        return folder / "checkpoints" / clean  # a name without .safetensors: a diffusers folder
-    return folder / (clean if clean.endswith(SUFFIX) else clean.removesuffix(".") + SUFFIX)
+    if command == "bake":  # a name without .safetensors: a diffusers folder
+        return folder / "checkpoints" / (clean + SUFFIX if single else clean)
+    return folder / (clean + SUFFIX)
 
 
 def _rank_args(f: dict, command: str, required: bool) -> list[str]:
