@@ -1,0 +1,97 @@
+"""Real-browser walk through the Tools tab (headless Debian Chromium via Playwright, as tests/test_browser.py): a
+finished demo-sd run -> Tools -> pick its adapter -> Info (layout and rank in the summary) -> Resize to rank 2 (the
+file is written, offered for download and listed in Preview), and a screenshot."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, app_server  # noqa: F401 (the fixture)
+
+SCREENSHOT_COPY = ROOT / "docs" / "screenshots" / "ui-tools.png"
+
+pytestmark = pytest.mark.slow
+
+
+def train_demo_run(outputs: Path) -> Path:
+    """A finished rank-4 run on the demo base as the UI lists it: the CLI trains it, job.json says it ran and ended."""
+    run_dir = outputs / "demo-style"
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(ROOT / "presets" / "demo-style.toml"),
+                           "--run-dir", str(run_dir), "--set", "train.steps=2", "--set", "train.save_every=0",
+                           "--set", "train.checkpoint_every=0", "--set", "train.batch_size=2", "--set",
+                           "sample.every=0", "--set", "sample.prompts=[]", "--set", "report.enabled=false", "--set",
+                           "lora.rank=4", "--set", "lora.conv_rank=0", "--set", f'output.dir="{outputs}"'],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_dir / "job.json").write_text(json.dumps({"pid": 2**22 + 12345, "launched_at": 0, "returncode": 0}))
+    return run_dir
+
+
+def run_and_wait(page, expected: str, timeout_s: float = 300) -> str:
+    """Click Run and return the result box's text once the command has ended (it says "Running" until then)."""
+    result = page.locator("#tools-result textarea")
+    before = result.input_value()
+    page.locator("#tools-run").click()
+    end = time.time() + timeout_s
+    while (text := result.input_value()) in ("", before) or text.startswith("Running"):
+        assert time.time() < end, f"no result after {timeout_s} s: {text!r}"
+        page.wait_for_timeout(250)
+    assert re.search(expected, text, re.S), text
+    return text
+
+
+def test_tools_tab_info_and_resize_in_a_real_browser(app_server, tmp_path):  # noqa: F811
+    if not Path(CHROMIUM).exists():
+        assert not os.environ.get("CI"), f"{CHROMIUM} missing in CI"
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, outputs = app_server
+    run_dir = train_demo_run(outputs)
+    shot = tmp_path / "ui-tools.png"
+    started = time.time()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 1400})
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.get_by_role("tab", name="Tools").click()
+            page.locator("#tools-file input").click()
+            page.get_by_role("option", name="demo-style / demo-style.safetensors", exact=True).click()
+
+            info = run_and_wait(page, r"kohya.*4|4.*kohya")  # Info is the default command
+            assert "Traceback" not in info, info
+
+            page.locator("#tools-command").get_by_text("Resize", exact=True).click()
+            rank = page.locator("#tools-rank input[type=number]")
+            rank.fill("2")
+            rank.press("Tab")
+            resized = run_and_wait(page, r"Written: demo-style-r2\.safetensors")
+            sync_api.expect(page.locator("#tools-download")).to_contain_text("demo-style-r2.safetensors")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(shot), full_page=True)
+
+            page.get_by_role("tab", name="Preview").click()
+            page.locator("#preview-adapter input").click()
+            sync_api.expect(page.get_by_role("option", name="demo-style-r2.safetensors (tools)")).to_be_visible()
+        finally:
+            browser.close()
+    written = outputs / ".tools" / "local" / "demo-style-r2.safetensors"
+    assert written.is_file() and run_dir.is_dir(), resized
+    assert shot.stat().st_size > 10_000
+    print(f"browser walk: {time.time() - started:.0f} s")
+    if os.environ.get("STYLE_LORA_SCREENSHOTS"):  # `make screenshots`: refresh the README's pictures on request only
+        SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, SCREENSHOT_COPY)
