@@ -5,7 +5,6 @@ tests/test_browser_tools.py."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -252,7 +251,10 @@ def test_a_running_command_can_be_cancelled(trained):
     assert job.wait(60) and job.error == "cancelled" and tools_view.result_text(job) == "Cancelled."
 
 
-def test_info_json_has_a_summary(trained):
-    """The contract the tab reads: one JSON object with a summary (trainer/lora_tools/cli.py)."""
+def test_info_is_shown_as_a_few_lines_of_text(trained):
+    """`lora info --json` has no summary (its fields only): the tab writes the layout, ranks and consumers itself."""
     job = run_tool(trained, command="Info", file=tools_view.lora_choices(trained)[0][1])
-    assert not job.error and isinstance(job.result, dict) and job.result.get("summary"), json.dumps(job.result)[:500]
+    assert not job.error and "layout" in job.result, job.error
+    text = tools_view.result_text(job)
+    assert text.startswith("tiny.diffusers.safetensors: diffusers layout, lora"), text
+    assert "rank 4, alpha 4" in text and "loads exactly in: " in text and "{" not in text, text
