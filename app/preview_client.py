@@ -252,10 +252,10 @@ def resolve(outputs: Path, value: str, user: str | None = None) -> tuple[Path, s
         if path.name != name or not path.is_file():
             raise PreviewError(f"no uploaded adapter named {name!r}")
         return path, None
-    if kind == "tool":  # a Tools tab result (app/tools_view.py); its base: the one in the Base model field
-        from app.tools_view import tool_result
+    if kind == "tool":  # a Tools tab result (app/tools_view.py), with the base of what it was made from
+        from app.tools_view import recorded_bases, tool_result
 
-        return tool_result(outputs, name, user), None
+        return tool_result(outputs, name, user), recorded_bases(outputs, user).get(name)
     raise PreviewError(NO_ADAPTER)
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import gradio as gr  # handlers' `request: gr.Request` annotations are resolved against this module
 
-from app import jobs, preview_client, tools_view
+from app import jobs, preview_client, tools_job, tools_view
 from app.tools_view import COMMANDS, FORM, METHODS, ToolError
 
-_JOBS: dict[str | None, tools_view.ToolJob] = {}  # user -> the command running for them (one at a time)
+_JOBS: dict[str | None, tools_job.ToolJob] = {}  # user -> the command running for them (one at a time)
 
 # The fields each command shows (the file picker, Run and the result box are always shown).
 SHOWN = {"rank_row": ("Resize", "Merge", "Extract"), "files_row": ("Merge", "Bake"),
@@ -127,15 +127,18 @@ def build_tab(outputs: Path, preview_tab: dict | None = None) -> dict:
             yield "A command is still running: wait for it or Cancel it.", skip, skip, *[skip] * len(previews)
             return
         try:
-            args, out = tools_view.build_args(outputs, dict(zip(FORM, values)), user)
+            f = dict(zip(FORM, values))
+            args, out = tools_view.build_args(outputs, f, user)
+            base = tools_view.source_base(outputs, f, user)
         except ToolError as err:
             yield f"Error: {str(err).splitlines()[0]}", None, skip, *[skip] * len(previews)
             return
-        job = _JOBS[user] = tools_view.ToolJob(outputs, args, out)
+        job = _JOBS[user] = tools_job.ToolJob(outputs, args, out, base)
         yield f"Running `lora {args[0]}`…", None, skip, *[skip] * len(previews)
         while not job.wait(0.5):
             yield skip, skip, skip, *[skip] * len(previews)
         written = Path(job.result.get("out") or out) if job.result and out else None
+        tools_view.remember_base(outputs, written, base, user)
         download = str(written) if written is not None and written.is_file() else None
         choices = tools_view.lora_choices(outputs, user)
         shown = values[FORM.index("file")]
@@ -143,7 +146,7 @@ def build_tab(outputs: Path, preview_tab: dict | None = None) -> dict:
         if previews:
             found = preview_client.adapter_choices(outputs, user)
             lists = [gr.Dropdown(choices=found), gr.Dropdown(choices=[("(none)", ""), *found])]
-        yield tools_view.result_text(job), download, gr.Dropdown(choices=choices, value=shown), *lists
+        yield tools_job.result_text(job), download, gr.Dropdown(choices=choices, value=shown), *lists
 
     def on_cancel(request: gr.Request):
         job = _JOBS.get(jobs.user_of(request))

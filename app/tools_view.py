@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 from app import jobs
 from app.preview_client import uploads_dir
 from app.uploads import sanitize_name
+from trainer.io import atomic_write_text
 
 TOOLS_DIR = ".tools"
 COMMANDS = {"Info": "info", "Resize": "resize", "Merge": "merge", "Bake": "bake", "Extract": "extract",
@@ -34,6 +30,7 @@ METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")  # trainer/lora_tools/cli.py M
 LAYOUTS = ("kohya", "diffusers")
 META_FIELDS = ("title", "author", "trigger", "tags", "description")
 SUFFIX = ".safetensors"
+BASES_FILE = ".bases.json"  # in a tools folder: result name -> the base it belongs to (Info's --model, Preview's base)
 # The form's fields, in the order the tab passes them (and its API takes them).
 FORM = ("command", "file", "files", "rank", "dynamic", "param", "to", "model", "tuned", "conv_rank", "out_name",
         "overwrite", "title", "author", "trigger", "tags", "description", "thumbnail")
@@ -103,6 +100,49 @@ def resolve(outputs: Path, value: str, user: str | None = None) -> Path:
     if not value:
         raise ToolError("pick a LoRA file first (your runs' adapters, tools results or an upload)")
     raise ToolError(f"{value}: not one of your LoRA files (pick one from the list)")
+
+
+def recorded_bases(outputs: Path, user: str | None = None) -> dict[str, str]:
+    """{result name: base model} of the user's tools results whose base is known."""
+    try:
+        data = json.loads((tools_dir(outputs, user) / BASES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def base_of(outputs: Path, value: str, user: str | None = None) -> str | None:
+    """The base model a picked file belongs to when known: a run's (its config.toml), or a result's (recorded)."""
+    from trainer.config import ConfigError, load_config
+
+    kind, _, rest = (value or "").strip().partition(":")
+    try:
+        if kind == "run":
+            return load_config(resolve(outputs, value, user).parent / "config.toml").model.path
+    except (OSError, ConfigError, ToolError):
+        return None
+    return recorded_bases(outputs, user).get(rest) if kind == "tool" else None
+
+
+def source_base(outputs: Path, f: dict, user: str | None = None) -> str | None:
+    """The base of what a command reads: the Base model field, else the picked file's (merge: the first line's)."""
+    command = COMMANDS.get(f.get("command") or "")
+    if command == "bake":
+        return None  # it writes a checkpoint, not a LoRA of a base
+    if (f.get("model") or "").strip():
+        return checkpoint(outputs, f["model"], "Base model", user)
+    first = next((x.strip() for x in str(f.get("files") or "").splitlines() if x.strip()), "")
+    value = first if command == "merge" else f.get("file") or ""
+    return base_of(outputs, value if value.count(":") < 2 else value.rpartition(":")[0], user)
+
+
+def remember_base(outputs: Path, out: Path | None, base: str | None, user: str | None = None) -> None:
+    """Record the base of a written result (a later Info passes it as --model; Preview draws on it)."""
+    if out is None or base is None or not out.is_file():
+        return
+    bases = recorded_bases(outputs, user)
+    bases[out.name] = base
+    atomic_write_text(tools_dir(outputs, user) / BASES_FILE, json.dumps(bases, indent=1))
 
 
 def store_upload(outputs: Path, src: str | Path, user: str | None = None) -> str:
@@ -289,111 +329,3 @@ def build_args(outputs: Path, f: dict, user: str | None = None) -> tuple[list[st
         out = out_path(outputs, user, command, f.get("out_name"), f"{stem}-meta")
         args = ["meta", str(src), *_meta_args(f)]
     return [*args, "--out", str(out), *over], out
-
-
-# ----------------------------------------------------------------------------- running a command
-
-
-def error_line(stderr: str, code: int | None) -> str:
-    """The command's one `error: ...` line, or a short line naming how it ended (never a traceback)."""
-    lines = [x.strip() for x in (stderr or "").splitlines() if x.strip()]
-    errors = [x.removeprefix("error:").strip() for x in lines if x.startswith("error:")]
-    if errors:
-        return errors[-1]
-    if code is not None and code < 0:
-        return f"the command was stopped (signal {-code})"
-    last = next((x for x in reversed(lines) if not x.startswith(("File ", "Traceback", "^", "~"))), "")
-    return f"the command failed (exit code {code})" + (f": {last[:300]}" if last else "")
-
-
-class ToolJob:
-    """One `python -m trainer lora ... --json` child in its own session; `cancel` ends it. No time limit: a bake of a
-    large checkpoint may take long, and the user decides when to stop it."""
-
-    def __init__(self, outputs: Path, args: list[str], out: Path | None):
-        self.args, self.out = args, out
-        self.result: dict | None = None
-        self.error = ""
-        self.cancelled = False
-        self.finished = threading.Event()
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "trainer", "lora", *args, "--json"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     text=True, encoding="utf-8", errors="replace", env=jobs.child_env(outputs),
-                                     cwd=Path.cwd(), start_new_session=True)
-        threading.Thread(target=self._wait, daemon=True, name="lora-tool").start()
-
-    def _wait(self) -> None:
-        try:
-            stdout, stderr = self.proc.communicate()
-            if self.cancelled:
-                self.error = "cancelled"
-            elif self.proc.returncode != 0:
-                self.error = error_line(stderr, self.proc.returncode)
-            else:
-                self.result = parse_result(stdout)
-                if self.result is None:
-                    self.error = "the command printed no result"
-        finally:
-            self.finished.set()
-
-    def cancel(self) -> None:
-        if self.proc.poll() is None:
-            self.cancelled = True
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except OSError:
-                pass
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self.finished.wait(timeout)
-
-
-def parse_result(stdout: str) -> dict | None:
-    """The JSON object the command printed last (other lines, e.g. a library's notice, are ignored)."""
-    for line in reversed((stdout or "").splitlines()):
-        if line.strip().startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    return None
-
-
-def result_text(job: ToolJob) -> str:
-    """What the result box shows: the summary, and where the file went; or the error in one line."""
-    if job.error:
-        return "Cancelled." if job.error == "cancelled" else f"Error: {job.error}"
-    result = job.result or {}
-    summary = str(result.get("summary") or "").strip() or info_summary(result)
-    out = result.get("out") or (str(job.out) if job.out else "")
-    if out and job.args and job.args[0] == "bake":
-        summary += f"\n\nWritten: {Path(out).name} — use it as the base model in Preview: {out}"
-    elif out:
-        summary += f"\n\nWritten: {Path(out).name} (listed in Preview as \"{Path(out).name} (tools)\")"
-    return summary
-
-
-def info_summary(info: dict) -> str:
-    """`lora info`'s JSON (it has no summary) in a few lines: layout, variant, base, ranks by group, metadata, hashes
-    and the tools that load the file exactly (the CLI's own text: trainer/lora_tools/info.py info_text)."""
-    if "layout" not in info:
-        return json.dumps(info, indent=1, default=str)[:4000]
-    lines = [f"{Path(str(info.get('file', ''))).name}: {info['layout']} layout, {info.get('variant')}, for "
-             f"{info.get('base')}, written by {info.get('trainer')}; {info.get('modules')} modules, "
-             f"{int(info.get('bytes') or 0):,} bytes"]
-    for group, g in (info.get("groups") or {}).items():
-        ranks = "/".join(map(str, g.get("ranks") or [])) or "-"
-        alphas = "/".join(f"{a:g}" for a in g.get("alphas") or []) or "-"
-        lines.append(f"  {group}: {g.get('modules')} modules, rank {ranks}, alpha {alphas}")
-    for title in ("training", "metadata"):
-        lines += [f"{title}: {k} = {str(v)[:200]}" for k, v in (info.get(title) or {}).items()]
-    hashes = info.get("hashes") or {}
-    if hashes:
-        lines.append(f"hashes: AutoV2 {hashes.get('autov2')}, sha256 {hashes.get('sha256')}")
-    consumers = info.get("consumers") or {}
-    if consumers.get("exact"):
-        lines.append(f"loads exactly in: {consumers['exact']}" + (f" ({consumers['other']})" if consumers.get("other")
-                                                                   else ""))
-    return "\n".join(lines)

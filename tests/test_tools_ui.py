@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app import jobs, preview_client, tools_view
+from app import jobs, preview_client, tools_job, tools_view
 from app.tools_view import ToolError, build_args
 from tests.conftest import ROOT, TINY_STYLE
 
@@ -173,12 +173,12 @@ def test_an_upload_is_checked_and_never_replaces_one(tmp_path):
 
 def test_an_error_is_one_line_never_a_traceback():
     trace = "Traceback (most recent call last):\n  File \"x.py\", line 1\n    boom()\nValueError: boom\n"
-    assert tools_view.error_line("warning: slow\nerror: x.safetensors: no LoRA keys\n", 2) == \
+    assert tools_job.error_line("warning: slow\nerror: x.safetensors: no LoRA keys\n", 2) == \
         "x.safetensors: no LoRA keys"
-    assert tools_view.error_line(trace, 1) == "the command failed (exit code 1): ValueError: boom"
-    assert tools_view.error_line("", -15) == "the command was stopped (signal 15)"
-    assert tools_view.parse_result('notice\n{"out": "a", "summary": "s"}\n') == {"out": "a", "summary": "s"}
-    assert tools_view.parse_result("no json") is None
+    assert tools_job.error_line(trace, 1) == "the command failed (exit code 1): ValueError: boom"
+    assert tools_job.error_line("", -15) == "the command was stopped (signal 15)"
+    assert tools_job.parse_result('notice\n{"out": "a", "summary": "s"}\n') == {"out": "a", "summary": "s"}
+    assert tools_job.parse_result("no json") is None
 
 
 # ----------------------------------------------------------------------------- for real on a trained adapter
@@ -208,10 +208,12 @@ def trained(tiny_base, tmp_path_factory) -> Path:
     return outputs
 
 
-def run_tool(outputs: Path, **values) -> tools_view.ToolJob:
+def run_tool(outputs: Path, **values) -> tools_job.ToolJob:
+    """As the tab's Run does: the arguments, the input's base, the child, and the result's base recorded."""
     args, out = build_args(outputs, form(**values))
-    job = tools_view.ToolJob(outputs, args, out)
+    job = tools_job.ToolJob(outputs, args, out, tools_view.source_base(outputs, form(**values)))
     assert job.wait(600), "the command did not end"
+    tools_view.remember_base(outputs, out, job.base)
     return job
 
 
@@ -221,40 +223,70 @@ def test_info_and_resize_run_for_real_and_the_result_is_in_preview(trained):
     value = next(v for _, v in choices if v.endswith("/tiny.safetensors"))
     info = run_tool(outputs, command="Info", file=value)
     assert not info.error, info.error
-    text = tools_view.result_text(info)
+    text = tools_job.result_text(info)
     assert "kohya" in text and "4" in text, text  # the layout and the rank the run trained
 
     resized = run_tool(outputs, command="Resize", file=value, rank=2)
     assert not resized.error, resized.error
     out = tools_view.tools_dir(outputs) / "tiny-r2.safetensors"
     assert out.is_file() and Path(resized.result["out"]) == out
-    assert "tiny-r2.safetensors" in tools_view.result_text(resized)
+    assert "tiny-r2.safetensors" in tools_job.result_text(resized)
     assert ("tiny-r2.safetensors (tools)", "tool:tiny-r2.safetensors") in preview_client.adapter_choices(outputs)
     assert preview_client.resolve(outputs, "tool:tiny-r2.safetensors")[0] == out
     assert "tool:tiny-r2.safetensors" in [v for _, v in tools_view.lora_choices(outputs)]
     again = run_tool(outputs, command="Info", file="tool:tiny-r2.safetensors")
-    assert not again.error and "2" in tools_view.result_text(again)
+    assert not again.error and "2" in tools_job.result_text(again)
 
     before = out.stat().st_mtime_ns
     refused = run_tool(outputs, command="Resize", file=value, rank=2)  # the same name, no overwrite
     assert refused.error and "\n" not in refused.error and "Traceback" not in refused.error, refused.error
-    assert tools_view.result_text(refused).startswith("Error: ") and out.stat().st_mtime_ns == before
+    assert tools_job.result_text(refused).startswith("Error: ") and out.stat().st_mtime_ns == before
     replaced = run_tool(outputs, command="Resize", file=value, rank=2, overwrite=True)
     assert not replaced.error, replaced.error
 
 
 def test_a_running_command_can_be_cancelled(trained):
     args, out = build_args(trained, form(command="Info", file=tools_view.lora_choices(trained)[0][1]))
-    job = tools_view.ToolJob(trained, args, out)
+    job = tools_job.ToolJob(trained, args, out)
     time.sleep(0.2)  # still importing: well before the command could end
     job.cancel()
-    assert job.wait(60) and job.error == "cancelled" and tools_view.result_text(job) == "Cancelled."
+    assert job.wait(60) and job.error == "cancelled" and tools_job.result_text(job) == "Cancelled."
 
 
 def test_info_is_shown_as_a_few_lines_of_text(trained):
     """`lora info --json` has no summary (its fields only): the tab writes the layout, ranks and consumers itself."""
     job = run_tool(trained, command="Info", file=tools_view.lora_choices(trained)[0][1])
     assert not job.error and "layout" in job.result, job.error
-    text = tools_view.result_text(job)
+    text = tools_job.result_text(job)
     assert text.startswith("tiny.diffusers.safetensors: diffusers layout, lora"), text
     assert "rank 4, alpha 4" in text and "loads exactly in: " in text and "{" not in text, text
+
+
+def test_a_file_that_needs_its_base_is_read_with_its_run_s_base(tmp_path):
+    """The demo base's layout differs from its family's reference: its kohya file names modules only with the base.
+    Info asks for --model, the tab runs it once more with the run's base, and a result made from it keeps that base
+    (Info on it, and Preview's base)."""
+    import subprocess
+    import sys
+
+    outputs = tmp_path / "outputs"
+    run_dir = outputs / "demo"
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(ROOT / "presets" / "demo-style.toml"),
+                           "--run-dir", str(run_dir), "--set", "train.steps=1", "--set", "train.save_every=0",
+                           "--set", "train.checkpoint_every=0", "--set", "train.batch_size=1", "--set",
+                           "sample.every=0", "--set", "sample.prompts=[]", "--set", "report.enabled=false", "--set",
+                           "lora.rank=4", "--set", "lora.conv_rank=0", "--set", f'output.dir="{outputs}"'],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs.write_job(run_dir, {"pid": 2**22 + 12345, "launched_at": 0, "returncode": 0})
+    value = f"run:demo/{next(p.name for p in jobs.adapter_files(run_dir) if '.diffusers.' not in p.name)}"
+    info = run_tool(outputs, command="Info", file=value)
+    assert not info.error and info.args[-2:] == ["--model", "builtin:demo-sd"], (info.error, info.args)
+    assert "kohya layout" in tools_job.result_text(info)
+    resized = run_tool(outputs, command="Resize", file=value, rank=2, out_name="small")
+    assert not resized.error, resized.error
+    assert tools_view.recorded_bases(outputs) == {"small.safetensors": "builtin:demo-sd"}
+    assert preview_client.resolve(outputs, "tool:small.safetensors")[1] == "builtin:demo-sd"
+    again = run_tool(outputs, command="Info", file="tool:small.safetensors")
+    assert not again.error and again.args[-2:] == ["--model", "builtin:demo-sd"], again.error
+    assert tools_job.result_text(again).startswith("small.safetensors: kohya layout")
