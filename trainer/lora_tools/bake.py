@@ -99,32 +99,41 @@ def bake_folder(base, changes: dict, out: Path) -> None:
     base.pipeline().save_pretrained(out, safe_serialization=True)
 
 
+class _Captured(Exception):
+    """Carries the converted state dict out of diffusers' CLIP loader before it loads anything."""
+
+    def __init__(self, state: dict):
+        super().__init__("captured")
+        self.state = state
+
+
 def clip_conversion(model, checkpoint: dict) -> dict:
-    """diffusers' create_diffusers_clip_model_from_ldm without building a model: the same dispatch over the same
-    key tests, with its conversion functions (the model tells the position-embedding width and the wrapper)."""
+    """What diffusers' create_diffusers_clip_model_from_ldm would load into `model`: its own dispatch (which CLIP of
+    the file, by key names and position-embedding width) and conversion run, with the existing model standing in for
+    the one it builds and the final load replaced by a capture, so nothing is built or loaded."""
+    from types import SimpleNamespace
+
     from diffusers.loaders import single_file_utils as sfu
 
-    wrapped = hasattr(model, "text_model")
-    width = (model.text_model if wrapped else model).embeddings.position_embedding.weight.shape[-1]
-    names = sfu.CHECKPOINT_KEY_NAMES
-    if sfu.is_clip_model(checkpoint):
-        converted = sfu.convert_ldm_clip_checkpoint(checkpoint)
-    elif sfu.is_clip_sdxl_model(checkpoint) and checkpoint[names["clip_sdxl"]].shape[-1] == width:
-        converted = sfu.convert_ldm_clip_checkpoint(checkpoint)
-    elif sfu.is_clip_sd3_model(checkpoint) and checkpoint[names["clip_sd3"]].shape[-1] == width:
-        converted = sfu.convert_ldm_clip_checkpoint(checkpoint, "text_encoders.clip_l.transformer.")
-        converted["text_projection.weight"] = torch.eye(width, dtype=torch.float64)  # made, not read
-    elif sfu.is_open_clip_model(checkpoint):
-        converted = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix="cond_stage_model.model.")
-    elif sfu.is_open_clip_sdxl_model(checkpoint) and checkpoint[names["open_clip_sdxl"]].shape[-1] == width:
-        converted = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix="conditioner.embedders.1.model.")
-    elif sfu.is_open_clip_sdxl_refiner_model(checkpoint):
-        converted = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix="conditioner.embedders.0.model.")
-    elif sfu.is_open_clip_sd3_model(checkpoint) and checkpoint[names["open_clip_sd3"]].shape[-1] == width:
-        converted = sfu.convert_ldm_clip_checkpoint(checkpoint, "text_encoders.clip_g.transformer.")
-    else:
+    def build(_config):
+        return model
+
+    build.config_class = SimpleNamespace(from_pretrained=lambda **_: model.config)
+
+    def capture(_model, state, **_):
+        raise _Captured(state)
+
+    saved = sfu.load_model_dict_into_meta, sfu.is_accelerate_available
+    sfu.load_model_dict_into_meta, sfu.is_accelerate_available = capture, lambda: True
+    try:
+        sfu.create_diffusers_clip_model_from_ldm(build, checkpoint, config="the loaded model")
+    except _Captured as done:
+        return done.state
+    except ValueError:  # "does not seem to contain a valid CLIP model": this part is not in the file
         return {}
-    return converted if wrapped else {k.removeprefix("text_model."): v for k, v in converted.items()}
+    finally:
+        sfu.load_model_dict_into_meta, sfu.is_accelerate_available = saved
+    return {}
 
 
 def conversion(model, checkpoint: dict) -> dict:
