@@ -166,3 +166,39 @@ def test_refusals(sd35_file, tmp_path):
     (tmp_path / "full" / "model_index.json").write_text("{}")
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         bake("builtin:demo-sd", [(tmp_path / "a.safetensors", 1.0)], tmp_path / "full", deltas_of=fake)
+
+
+def test_folder_bake_draws_what_the_lora_draws_through_peft(tmp_path):
+    """The baked demo base's image equals the base's with the same LoRA loaded by diffusers/peft (≤ 2/255)."""
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.families.loading import builtin_model_path
+
+    folder = builtin_model_path("demo-sd")
+    source = loaded("builtin:demo-sd")
+    keys = ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
+            "unet.up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2",
+            "text_encoder.encoder.layers.0.self_attn.k_proj", "text_encoder.encoder.layers.1.mlp.fc2")
+    deltas = random_deltas(source, keys, seed=4)
+    out = tmp_path / "baked"
+    bake("builtin:demo-sd", [(tmp_path / "x.safetensors", 1.0)], out,
+         deltas_of=lambda path: FakeLora(source.kind, deltas))
+
+    def draw(pipe):
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        return pipe("a red square", num_inference_steps=3, height=size, width=size, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+    kwargs = dict(dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+    with_lora = StableDiffusionPipeline.from_pretrained(folder, **kwargs)
+    peft_dict = {}
+    for key, d in deltas.items():  # diffusers' canonical text-encoder spelling keeps CLIP's `text_model.`
+        key = key.replace("text_encoder.", "text_encoder.text_model.", 1)
+        peft_dict[f"{key}.lora_A.weight"] = d.down
+        peft_dict[f"{key}.lora_B.weight"] = d.up * d.scale
+    with_lora.load_lora_weights(peft_dict)
+    expected = draw(with_lora)
+    got = draw(StableDiffusionPipeline.from_pretrained(out, **kwargs))
+    plain = draw(StableDiffusionPipeline.from_pretrained(folder, **kwargs))
+    assert abs(expected - plain).max() > 4 / 255  # the LoRA visibly changes the image
+    assert abs(expected - got).max() <= 2 / 255
