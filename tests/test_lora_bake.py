@@ -3,12 +3,11 @@ Stability-layout checkpoint (tests/sd3_single_file.py), changes on q/k/v (one fu
 halves diffusers swaps, a text encoder of each CLIP; the baked file, loaded back through load_base (diffusers'
 from_single_file), holds base + w·ΔW in every changed module and the source's weights everywhere else, and every
 file tensor not touched is byte-identical. Also two weighted files, a folder bake of the demo SD1 base, and the
-refusals. The LoRAs are injected as Deltas (deltas_of), so these tests do not depend on a file reader."""
+refusals. Most LoRAs are injected as Deltas (deltas_of); the two-file bake reads real kohya and diffusers files."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
@@ -123,10 +122,14 @@ def test_two_weighted_files(sd35_file, tmp_path):
     source = loaded(file, configs)
     first = random_deltas(source, MMDIT_KEYS[:3], seed=1)
     second = random_deltas(source, (MMDIT_KEYS[0], TEXT_KEYS[0]), seed=2)
-    loras = {tmp_path / "a.safetensors": first, tmp_path / "b.safetensors": second}
+    from trainer.lora_tools.write import write_lora
+
+    # real files, read back by read_lora: a kohya file (q/k/v fused into one qkv module) and a diffusers file
+    write_lora(tmp_path / "a.safetensors", first, "sd3", "kohya", {}, unet_config=source.unet.config)
+    write_lora(tmp_path / "b.safetensors", second, "sd3", "diffusers", {})
     out = tmp_path / "two.safetensors"
     bake(str(file), [(tmp_path / "a.safetensors", 0.5), (tmp_path / "b.safetensors", -1.0)], out,
-         single_file_config=str(configs), deltas_of=lambda path: FakeLora("sd3", loras[Path(path)]))
+         single_file_config=str(configs))
     before = weights(source, {*first, *second})
     expected = {k: before[k] + 0.5 * first[k].weight() if k in first else before[k].clone() for k in before}
     for key, delta in second.items():

@@ -123,45 +123,12 @@ def test_other_family_and_missing_rank_are_refused(tiny_base, tuned):
         extract_deltas(str(tiny_base), str(tuned[0]), rank=None, dynamic=None, param=None)
 
 
-def fallback_write(monkeypatch):
-    """Until trainer.lora_tools.write lands on this branch: a stand-in writing plain kohya keys (alpha = rank)."""
-    import sys
-    import types
-
-    from safetensors.torch import save_file
-
-    from trainer import families
-
-    def check_output(path, overwrite):
-        if path.exists() and not overwrite:
-            raise ValueError(f"{path}: exists; pass --overwrite to replace it, or choose another --out")
-
-    def write_lora(path, deltas, family, layout, header, overwrite=False, unet_config=None):
-        check_output(path, overwrite)
-        tensors = {}
-        for key, d in deltas.items():
-            name = families.get(family).kohya_name(*key.split(".", 1))
-            tensors |= {f"{name}.lora_down.weight": d.down.contiguous(),
-                        f"{name}.lora_up.weight": (d.up * d.scale).contiguous(),
-                        f"{name}.alpha": torch.tensor(float(d.rank))}
-        save_file(tensors, str(path), metadata=header)
-        return path
-
-    module = types.SimpleNamespace(check_output=check_output, write_lora=write_lora,
-                                   new_header=lambda header, operation, rank: {**header, "ss_network_dim": str(rank)})
-    monkeypatch.setitem(sys.modules, "trainer.lora_tools.write", module)
-
-
-def test_extract_writes_a_kohya_file_holding_the_change(tiny_base, tuned, tmp_path, monkeypatch):
+def test_extract_writes_a_kohya_file_holding_the_change(tiny_base, tuned, tmp_path):
     from safetensors.torch import load_file
 
     from trainer import families
     from trainer.lora_tools.extract import extract
 
-    try:
-        import trainer.lora_tools.write  # noqa: F401
-    except ImportError:
-        fallback_write(monkeypatch)
     folder, added = tuned
     out = tmp_path / "extracted.safetensors"
     result = extract(str(tiny_base), str(folder), out, rank=4, dynamic=None, param=None, conv_rank=4)
