@@ -142,3 +142,21 @@ def test_extract_writes_a_kohya_file_holding_the_change(tiny_base, tuned, tmp_pa
     assert result["error"] < 1e-5 and result["summary"].startswith(f"{out}: 4 modules of a SD 1")
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         extract(str(tiny_base), str(folder), out, rank=4, dynamic=None, param=None)
+
+
+def test_extracted_diffusers_file_loads_in_diffusers_with_the_change(tiny_base, tuned, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from tests.test_lora_tools import peft_deltas
+    from trainer.lora_tools.extract import extract
+
+    folder, added = tuned
+    out = tmp_path / "extracted.diffusers.safetensors"
+    result = extract(str(tiny_base), str(folder), out, rank=2, dynamic=None, param=None, conv_rank=2, to="diffusers")
+    assert result["error"] < 1e-5
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
+    pipe.load_lora_weights(str(out))
+    got = peft_deltas({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    assert set(got) == set(added)
+    for key, change in added.items():
+        assert rel(got[key], change) < 1e-5, key
