@@ -143,3 +143,18 @@ def test_blocks_round_trip_through_toml(tmp_path):
     cfg = load_config(path)
     assert cfg.lora.blocks == {"down.1": 4, "up.2": 16, "mid": 0}
     assert validate(tomllib.loads(to_toml(cfg))) == cfg
+
+
+@pytest.mark.parametrize("variant", ["lora", "loha"])
+def test_locon_convolutions_follow_the_blocks_at_conv_rank(variant, tiny_base, tmp_path):
+    """With lora.conv_rank the chosen blocks' 3×3 convolutions keep conv_rank/conv_alpha (kohya's conv_dim), the other
+    layers take their block's rank; nothing outside the blocks (conv_in, conv_out, other levels) is adapted."""
+    base = attached(config(tiny_base, tmp_path, 'lora.blocks={"up.1" = 8}', f'lora.variant="{variant}"',
+                           "lora.conv_rank=2", "lora.conv_alpha=3.0"))
+    layers = lora_layers(base.unet)
+    assert layers and all(name.startswith("up_blocks.1.") for name in layers)
+    convs = {name for name, layer in layers.items() if getattr(layer.get_base_layer(), "kernel_size", (1, 1)) != (1, 1)}
+    assert convs and {layers[n].r["default"] for n in convs} == {2}
+    assert all(layers[n].scaling["default"] == pytest.approx(1.5) for n in convs)
+    assert {layer.r["default"] for n, layer in layers.items() if n not in convs} == {8}
+    assert all(layer.scaling["default"] == pytest.approx(0.5) for n, layer in layers.items() if n not in convs)
