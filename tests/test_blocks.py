@@ -127,12 +127,17 @@ def test_bad_blocks_are_refused_before_anything_loads(overrides, message, tiny_b
         config(tiny_base, tmp_path, *overrides)
 
 
-def test_blocks_the_base_lacks_or_without_targets_are_refused_when_attaching(tiny_base, tmp_path):
+def test_blocks_the_base_lacks_or_without_targets_are_refused_when_attaching(tiny_base, tmp_path, monkeypatch):
+    import trainer.training.loop as loop
     from trainer.families.loading import ModelError
 
-    with pytest.raises(ModelError, match=r"^lora\.blocks: this SD 1\.x base has no block 'down\.7'; its blocks are "
-                                         r"down\.0, down\.1, mid, up\.0, up\.1 \("):
-        attached(config(tiny_base, tmp_path, 'lora.blocks={"down.7" = 4, "up.1" = 4}'))
+    unknown = config(tiny_base, tmp_path, 'lora.blocks={"down.7" = 4, "up.1" = 4}')
+    message = r"^lora\.blocks: this SD 1\.x base has no block 'down\.7'; its blocks are down\.0, down\.1, mid, up\.0, up\.1 \("
+    with pytest.raises(ModelError, match=message):
+        attached(unknown)  # any base: when the adapter is attached
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("loaded the base"))
+    with pytest.raises(ModelError, match=message):  # a diffusers folder: from its configs, before loading it
+        loop.train(unknown, tmp_path / "run")
     with pytest.raises(ModelError, match=r"^lora\.blocks: no target module lies in down\.1"):  # no attention there
         attached(config(tiny_base, tmp_path, 'lora.blocks={"down.1" = 4}'))
 

@@ -16,6 +16,7 @@ get_block_dims_and_alphas), so a lower block rank there also means a larger scal
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,24 @@ def check_block_names(cfg: LoraConfig, family, denoiser_config) -> None:
     if unknown:
         raise ModelError(f"lora.blocks: this {family.label(denoiser_config)} base has no block "
                          f"{', '.join(map(repr, unknown))}; its blocks are {', '.join(valid)} ({family.BLOCKS_HELP})")
+
+
+def check_blocks_before_loading(model_path: str, cfg: LoraConfig) -> None:
+    """The lora.blocks names against a local diffusers folder's denoiser config, before the (minutes-long) load; other
+    sources (hub ids, single files) are checked when the adapter is attached."""
+    from trainer import families
+    from trainer.families.loading import resolve_source
+
+    if cfg.blocks is None or not cfg.train_unet:
+        return
+    try:
+        kind, where = resolve_source(model_path)
+        config = families.denoiser_config(Path(where)) if kind == "folder" else None
+        family = families.from_configs(config, {"text_encoder", "text_encoder_2"}) if config else None
+    except (OSError, ValueError):  # ModelError included: the loader reports it right after
+        return
+    if family is not None:
+        check_block_names(cfg, family, config)
 
 
 def block_alpha(cfg: LoraConfig, rank: int) -> float:
