@@ -104,7 +104,12 @@ def attached(cfg):
 
 
 def test_unset_blocks_trains_what_it_did_and_all_blocks_at_lora_rank_match_it(tiny_base, tmp_path):
-    unset = attached(config(tiny_base, tmp_path))
+    from trainer.training.checkpoint import estimate_lora_params
+
+    unset_cfg = config(tiny_base, tmp_path)  # the disk estimate bounds lora.blocks by its largest rank (8 > 4)
+    assert estimate_lora_params(config(tiny_base, tmp_path, 'lora.blocks={"up.1" = 8}')) > \
+        estimate_lora_params(unset_cfg) > 0
+    unset = attached(unset_cfg)
     peft = unset.unet.peft_config["default"]
     assert set(peft.target_modules) == set(unset.family.DEFAULT_TARGETS) and not peft.rank_pattern
     every = {name: 4 for name in unset.family.block_names(unset.unet.config)}

@@ -225,7 +225,7 @@ def estimate_lora_params(cfg) -> int | None:
         return None
     # None when the names do not match (a single file in Stability's fused-qkv names): the caller guesses instead;
     # lora.blocks: every block at the largest rank, an upper bound
-    rank = max(lc.rank, *(lc.blocks or {}).values())
+    rank = max([lc.rank, *(lc.blocks or {}).values()])
     return sum(_lora_params(shapes, targets, rank) for shapes, targets in parts) or None
 
 
