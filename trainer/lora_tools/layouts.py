@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import torch
 
@@ -63,7 +64,9 @@ def _layout(keys: set[str]) -> str:
         return "comfyui"
     if any(k.startswith("lora_transformer_") for k in keys):
         return "onetrainer"
-    if any(".processor." in k or ".lora_linear_layer." in k or ".lora.down." in k for k in keys):
+    if any(".processor." in k for k in keys) or (
+            any(".lora_linear_layer." in k or ".lora.down." in k for k in keys)
+            and not any(k.endswith(".lora_A.weight") for k in keys)):  # diffusers writes text encoders so still
         return "diffusers-old"
     if any(k.startswith(K_PREFIXES) for k in keys):
         return "kohya"
@@ -254,3 +257,14 @@ def normalize(state: dict[str, torch.Tensor], header: dict[str, str],
     if len(forms) > 1:
         raise ValueError("the file mixes kohya-spelled and diffusers-spelled keys")
     return out, forms.pop() if forms else "K"
+
+
+def sidecar_header(path: Path, denoiser: str) -> dict[str, str]:
+    """The `lora_adapter_metadata` header entry a peft save_pretrained folder's adapter_config.json (beside the file,
+    where peft keeps r, lora_alpha, rank_pattern, alpha_pattern) stands for, its entries prefixed with `denoiser` as
+    diffusers packs them; {} without one."""
+    config = path.parent / "adapter_config.json"
+    if not config.is_file():
+        return {}
+    entries = json.loads(config.read_text(encoding="utf-8"))
+    return {"lora_adapter_metadata": json.dumps({f"{denoiser}.{k}": v for k, v in entries.items()}, sort_keys=True)}
