@@ -42,7 +42,7 @@ def read_adapter_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return state, header
 
 
-def _base_parts(model) -> dict[str, torch.nn.Module] | None:
+def base_parts(model) -> dict[str, torch.nn.Module] | None:
     """The LoRA-able parts of a base: given as {part: module} already, or loaded from a path / hub id."""
     if model is None or isinstance(model, dict):
         return model
@@ -82,7 +82,7 @@ def convert_file(src: Path, dst: Path, to: str, base: str | None = None, model=N
     if dora and model is None and (to == "kohya" or DORA_SCALE_KEY in header):
         raise ValueError(f"{src}: a DoRA LoRA; its kohya dora_scale is relative to the base model's weights (ComfyUI's "
                          "formula), so converting it needs the base model: pass --model")
-    parts, file_header = _base_parts(model) if dora or model is not None else None, dict(header)
+    parts, file_header = base_parts(model) if dora or model is not None else None, dict(header)
 
     # Hashes describe the old payload and would be wrong for the new one; the layout notes describe the old layout.
     header = {k: v for k, v in header.items() if not k.startswith("sshs_") and k not in (

@@ -158,7 +158,7 @@ def save_kohya_lora(path: Path, modules: dict[str, torch.nn.Module], metadata: d
     return write_kohya(path, kohya_state_dict(modules, delta, kind), dict(metadata))
 
 
-def _lora_config(modules: dict[str, tuple[int, float, bool]]) -> dict:
+def lora_config(modules: dict[str, tuple[int, float, bool]]) -> dict:
     """A peft LoraConfig (as a dict) giving every module its own rank and alpha: the most common ones as r/lora_alpha,
     the rest as rank_pattern/alpha_pattern keyed by the full module path, which peft matches exactly."""
     from peft import LoraConfig
@@ -238,7 +238,7 @@ def kohya_to_diffusers(
                          + ", ".join(unknown[:5]))
     metadata = {}
     for part, modules in per_part.items():
-        metadata.update({f"{part}.{k}": v for k, v in _lora_config(modules).items()})
+        metadata.update({f"{part}.{k}": v for k, v in lora_config(modules).items()})
     return tensors, metadata
 
 

@@ -53,7 +53,26 @@ def kohya_metadata(
             raise ValueError("cover image must be PNG bytes")
         # A JSON list of base64 images: what sd-webui-additional-networks writes and A1111/ComfyUI read as a preview.
         meta["ssmd_cover_images"] = json.dumps([base64.b64encode(cover_png).decode("ascii")])
+        meta["modelspec.thumbnail"] = thumbnail_uri(small_png(cover_png))
     return meta
+
+
+def small_png(png: bytes, side: int = 256) -> bytes:
+    """An image (any format Pillow reads) as PNG bytes at most `side` px on its longer side: a thumbnail."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        image.thumbnail((side, side))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def thumbnail_uri(png: bytes) -> str:
+    """ModelSpec's thumbnail (sai_model_spec: a data URI): the PNG as base64."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:

@@ -38,7 +38,10 @@ def add_parser(sub) -> None:
     common.add_argument("--json", action="store_true", help="print one JSON object (for scripts and the web UI)")
     common.add_argument("--model", help="base model (folder, hub id, .safetensors, builtin:...): needed for DoRA "
                         "files (their scale is relative to the base weights) and to check a file against a base")
-    common.add_argument("--base", help="base family when a file's keys and metadata do not tell (sd1, sd2, sdxl, sd3)")
+    from trainer import families
+
+    common.add_argument("--base", choices=families.NAMES, help="base family, when a file's keys and metadata do not "
+                        "tell")
 
     p = cmds.add_parser("info", parents=[common], help="layout, base, variant, ranks, metadata, hashes, consumers")
     p.add_argument("file")
