@@ -145,3 +145,22 @@ def test_unknown_and_mixed_keys_are_refused():
     with pytest.raises(ValueError, match="mixes"):
         layouts.normalize({"lora_unet_a.lora_down.weight": one, "unet.a.lora_A.weight": one}, {}, "unet")
     assert layouts.detect({"lora_unet_a.alpha"}, {"style_lora_alpha": "1"}) == ("kohya", "this app")
+
+
+@pytest.mark.parametrize("base,layout", [(b, lay) for b, lays in CASES.items() for lay in lays])
+def test_read_lora_gives_each_layouts_delta(bases, tmp_path, base, layout):
+    """read_lora, with the base given, reads every layout's file into Deltas whose weight() is the ΔW its consumer
+    applies (max relative error < 1e-5), and tells the layout and trainer detect names."""
+    from trainer.lora_tools.deltas import read_lora
+
+    parts, family = bases(base)
+    path = tmp_path / "adapter_model.safetensors"
+    expected = write_layout(layout, path, parts, family, seed=len(layout) + 1)
+    file = read_lora(path, model=parts)
+    assert file.family == family.NAME
+    assert (file.layout, file.trainer) == layouts.detect(set(read(path)[0]), read(path)[1])
+    assert sorted(file.deltas) == sorted(expected)
+    for key, delta in expected.items():
+        got = file.deltas[key].weight()
+        assert got.shape == delta.shape, key
+        assert ((got - delta).abs().max() / delta.abs().max()).item() < 1e-5, key

@@ -268,3 +268,11 @@ def sidecar_header(path: Path, denoiser: str) -> dict[str, str]:
         return {}
     entries = json.loads(config.read_text(encoding="utf-8"))
     return {"lora_adapter_metadata": json.dumps({f"{denoiser}.{k}": v for k, v in entries.items()}, sort_keys=True)}
+
+
+def guess_denoiser(keys: set[str]) -> str:
+    """"transformer" when a file's denoiser keys name MMDiT modules (diffusers' transformer_blocks, Stability's
+    joint_blocks) under prefixes that do not say which part they are, else "unet"."""
+    bare = (k.removeprefix("base_model.model.").removeprefix("diffusion_model.").removeprefix("lycoris_") for k in keys)
+    return "transformer" if any(k.startswith(("transformer_blocks", "joint_blocks", "context_embedder", "x_embedder"))
+                                for k in bare) else "unet"
