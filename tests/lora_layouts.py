@@ -274,7 +274,8 @@ def write_layout(name: str, path: Path, parts: dict[str, torch.nn.Module], famil
         te = {tes[0]: "lora_te_"} if len(tes) == 1 else {tes[0]: "lora_te1_", tes[1]: "lora_te2_"}
         return write_named(path, parts, family, gen, {den: "lora_unet_", **te}, software)
     if name == "onetrainer":
-        ot = {"ot_branch": "master", "ot_revision": "0" * 40, "modelspec.sai_model_spec": "1.0.0"}
+        ot = {"ot_branch": "master", "ot_revision": "0" * 40, "modelspec.sai_model_spec": "1.0.0",
+              **({"ss_base_model_version": "sdxl_"} if family.NAME == "sdxl" else {})}  # DtypeModelSaverMixin
         if den == "transformer":  # convert_to_mixture: lora_transformer_, split q/k/v
             prefixes = {den: "lora_transformer_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
             return write_named(path, parts, family, gen, prefixes, ot, linear_only=True)
