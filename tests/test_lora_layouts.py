@@ -164,3 +164,31 @@ def test_read_lora_gives_each_layouts_delta(bases, tmp_path, base, layout):
         got = file.deltas[key].weight()
         assert got.shape == delta.shape, key
         assert ((got - delta).abs().max() / delta.abs().max()).item() < 1e-5, key
+
+
+@pytest.mark.parametrize("base,layout", [(b, lay) for b, lays in CASES.items() for lay in lays])
+def test_each_layout_goes_through_info_resize_and_merge(bases, tmp_path, base, layout):
+    """Another trainer's file through the toolbox: info names its layout and writer, resize at a rank above the true
+    one is exact (and writes the family's kohya or diffusers layout), merge with itself at 0.5 + 0.25 gives 0.75 ΔW."""
+    from trainer.lora_tools.deltas import read_lora
+    from trainer.lora_tools.info import describe_file
+    from trainer.lora_tools.merge import merge_files
+    from trainer.lora_tools.resize import resize_file
+
+    parts, family = bases(base)
+    path = tmp_path / "adapter_model.safetensors"
+    expected = write_layout(layout, path, parts, family, seed=len(layout) + 2)
+    info = describe_file(path, model=parts)
+    assert (info["layout"], info["trainer"]) == layouts.detect(set(read(path)[0]), read(path)[1])
+    assert info["family"] == family.NAME and info["modules"] == len(expected)
+    resized = resize_file(path, tmp_path / "resized.safetensors", rank=64, model=parts)
+    assert resized["error"] < 1e-5
+    merged = merge_files([(path, 0.5), (tmp_path / "resized.safetensors", 0.25)], tmp_path / "merged.safetensors",
+                         rank=None if resized["variant_in"] not in ("loha", "lokr") else 64, model=parts)
+    for name, factor in (("resized.safetensors", 1.0), ("merged.safetensors", 0.75)):
+        got = read_lora(tmp_path / name, model=parts).deltas
+        assert sorted(got) == sorted(expected), name
+        for key, delta in expected.items():
+            error = ((got[key].weight() - factor * delta).norm() / (factor * delta).norm()).item()
+            assert error < 1e-5, (name, key, error)
+    assert merged["error"] < 1e-5
