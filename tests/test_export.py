@@ -255,6 +255,10 @@ def test_metadata_strings_cover_and_hashes(tiny_base, tmp_path):
 
     cover = base64.b64decode(json.loads(header["ssmd_cover_images"])[0])
     assert Image.open(io.BytesIO(cover)).format == "PNG"
+    uri = header["modelspec.thumbnail"]  # ModelSpec's thumbnail: the same image, at most 256 px, as a data URI
+    assert uri.startswith("data:image/png;base64,")
+    thumb = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert thumb.size == Image.open(io.BytesIO(cover)).size or max(thumb.size) == 256
 
     raw = path.read_bytes()
     payload = raw[8 + struct.unpack("<Q", raw[:8])[0]:]

@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 TRAINER = ROOT / "trainer"
-LEAVES = {"trainer.config", "trainer.events", "trainer.io", "trainer.versions"}
+LEAVES = {"trainer.config", "trainer.config_lora", "trainer.events", "trainer.io", "trainer.versions"}
 TOP = {"trainer.cli", "trainer.__main__"}  # the command line imports any package
 # Base names a code string may still hold outside families/: names of other things (a builtin base, a preset, a hub
 # id), never a test of which base a run has.

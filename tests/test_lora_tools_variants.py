@@ -6,7 +6,6 @@ their outputs give that ΔW under ComfyUI's formula (tests/sd3_comfyui.py for SD
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.test_lora_tools import file_deltas, rel
 from tests.test_lycoris import merged_deltas

@@ -130,6 +130,10 @@ def test_report_written_embedded_and_loadable(tmp_path, tiny_base):
         assert summary["verdict"] == verdict["verdict"] and summary["progress"] == verdict["progress"]
         assert "warning" in summary and summary["warning"] is None
         assert meta["ss_output_name"] == "tiny-test" and "style_lora_config" in meta
+    from trainer.lora_tools.info import describe_file
+
+    shown = describe_file(run / "tiny-test.safetensors")  # `lora info` shows the embedded report
+    assert shown["report"]["verdict"] == verdict["verdict"] and shown["hashes"]["sshs_current"]
     with safe_open(str(run / "tiny-test.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["sshs_model_hash"] and meta["ss_network_alpha"] and meta["modelspec.architecture"]

@@ -1,7 +1,7 @@
 """The trainer: a library with a command line (python -m trainer); the web UI (app/) runs it as child processes.
 
-Shared leaves at the top: config.py (the one typed config), events.py (the run's event log), io.py (atomic files,
-headers), versions.py (the start-up version check); they import only each other. cli.py is the command line and may
+Shared leaves at the top: config.py (the one typed config; config_lora.py holds its [lora] checks), events.py (the
+run's event log), io.py (atomic files, headers), versions.py (the start-up version check); they import only each other. cli.py is the command line and may
 import every package. The packages, each importing only the ones before it (its __init__ says which):
 
   data        the dataset: scanning, images and buckets, masks, concepts, summary, captioning and caption edits
@@ -13,5 +13,5 @@ import every package. The packages, each importing only the ones before it (its 
   report      the style report and its verdict, and the demo base's data and styles
 
 The leaves may import only each other.
-May import: trainer.config, trainer.events, trainer.io, trainer.versions
+May import: trainer.config, trainer.config_lora, trainer.events, trainer.io, trainer.versions
 """

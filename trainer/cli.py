@@ -250,11 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adapter: {final}  (diffusers)")
             from trainer.report.style_report import run_report
 
-            report = run_report(cfg, run_dir)  # never raises: a failed report is a report_failed event, the run stands
-            if report:
-                from trainer.lora_tools.meta import embed_report
-
-                embed_report([final, final.with_name(final.name.replace(".diffusers", ""))], report)
+            run_report(cfg, run_dir)  # never raises: a failed report is a report_failed event, the run stands
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

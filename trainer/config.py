@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainer.config_lora import check_lora
+
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 # Sane upper bounds: a value past them is a typo (an extra zero, 10^12 steps), refused before anything loads instead of
@@ -96,6 +98,10 @@ class LoraConfig(Section):
     train_text_encoder: bool = Field(True, description="Train LoRA on the text encoder.")
     unet_targets: list[str] | None = Field(None, description="Denoiser modules that get LoRA (names or path suffixes, "
                                            "e.g. ff.net.0.proj). Default: the base family's attention.")
+    blocks: dict[str, Annotated[int, Field(ge=0, le=1024)]] | None = Field(
+        None, description="Train only these denoiser blocks, each at its own rank (0 = not trained), as kohya's "
+        'block_dims: e.g. {"down.1" = 4, "up.1" = 8}. Names: down.N, mid, up.N (a UNet), block.N (a transformer). A '
+        "block's alpha keeps lora.alpha/lora.rank (rsLoRA: lora.alpha). Unset: every block at lora.rank.")
     text_encoder_targets: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "out_proj"], description="Text-encoder module names that get LoRA."
     )
@@ -137,21 +143,7 @@ class LoraConfig(Section):
 
     @model_validator(mode="after")
     def _check_something_trains(self) -> "LoraConfig":
-        if not (self.train_unet or self.train_text_encoder):
-            raise ValueError("nothing to train: set train_unet or train_text_encoder to true")
-        if self.variant == "deltalora" and self.dropout:
-            raise ValueError("deltalora needs dropout = 0 (the frozen-weight update assumes the LoRA path has no dropout)")
-        if self.variant == "adalora" and self.adalora_init_rank < self.rank:
-            raise ValueError(f"adalora_init_rank ({self.adalora_init_rank}) must be >= rank ({self.rank}), the final budget")
-        if self.conv_rank and self.variant not in ("lora", "dora", "loraplus", "loha", "lokr"):
-            raise ValueError(f"conv_rank (LoCon) works with variants lora, dora, loraplus, loha and lokr, "
-                             f"not {self.variant}")
-        if self.conv_rank and not self.train_unet:
-            raise ValueError("conv_rank (LoCon) adds UNet layers: it needs train_unet = true")
-        if self.rslora and self.variant in ("loha", "lokr"):
-            raise ValueError(f"rslora is a LoRA scaling; {self.variant} scales by alpha/rank")
-        if self.variant == "adalora" and self.adalora_tinit + self.adalora_tfinal >= 1:
-            raise ValueError("adalora_tinit + adalora_tfinal must leave some steps for re-allocation (sum < 1)")
+        check_lora(self)  # trainer/config_lora.py
         return self
 
 

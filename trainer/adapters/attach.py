@@ -34,6 +34,10 @@ def attach_lora(base: Base, cfg: LoraConfig, total_steps: int = 1000) -> dict[st
             from trainer.adapters.lycoris import add_locon
 
             config = add_locon(config, module, cfg)
+        if name == denoiser and cfg.blocks is not None:
+            from trainer.adapters.blocks import restrict_to_blocks
+
+            config = restrict_to_blocks(config, module, cfg, base.family)
         try:
             tuner = add_adapter(module, config)
         except ValueError as err:

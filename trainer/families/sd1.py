@@ -36,6 +36,10 @@ DIFFUSERS_TOOLS = "diffusers (`pipe.load_lora_weights`) and this app's Preview"
 KOHYA_NOTE = "one rank, alpha = rank, the trained scale folded in"
 DIFFUSERS_NOTE = " (no key loads in A1111/ComfyUI)"
 
+# lora.blocks (trainer.adapters.blocks): the UNet's levels as diffusers numbers them. kohya's block_dims (sd-scripts
+# networks/lora.py, get_block_index) counts finer, three per level: its IN01-IN11 are down.0-down.3 (IN00, conv_in,
+# takes no LoRA), MID is mid, OUT00-OUT11 are up.0-up.3 (SDXL's 23: input_blocks 1-8, middle_block, output_blocks 0-8).
+BLOCKS_HELP = "down.N, mid, up.N: the UNet's down_blocks[N], mid_block, up_blocks[N]"
 # The real SD1.5 UNet and a 24-layer CLIP text model (OpenCLIP-H's depth covers CLIP-L's 12 layers), built on the
 # meta device to resolve kohya names without a base model: module names depend on the layout, not on the sizes.
 REFERENCE_UNET = dict(
@@ -116,6 +120,25 @@ def scale_latents(vae, sample):
 
 
 # ----------------------------------------------------------------------------- files
+
+
+def block_names(unet_config) -> tuple[str, ...]:
+    """The lora.blocks names of this denoiser (its config): down.0 … down.N, mid, up.0 … up.N."""
+    mid = ("mid",) if unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") else ()
+    return (*(f"down.{i}" for i in range(len(unet_config["down_block_types"]))), *mid,
+            *(f"up.{i}" for i in range(len(unet_config["up_block_types"]))))
+
+
+def block_of(module: str) -> str | None:
+    """The lora.blocks name of a denoiser module path (`down_blocks.1.attentions.0.proj_in` -> `down.1`); None for
+    a module outside every block (conv_in, the time embedding, conv_out)."""
+    level, _, rest = module.partition(".")
+    if level == "mid_block":
+        return "mid"
+    index = rest.split(".", 1)[0]
+    if level in ("down_blocks", "up_blocks") and index.isdigit():
+        return f"{level.removesuffix('_blocks')}.{index}"
+    return None
 
 
 def kohya_name(part: str, module: str, unet_config=None) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from trainer.families.clip import kohya_key
 from trainer.families.sd1 import (DEFAULT_TARGETS, DENOISER, DENOISER_CLASS, DIFFUSERS_NOTE, DIFFUSERS_TOOLS, KOHYA_NOTE, KOHYA_TOOLS,  # noqa: F401 (SD1's)
-                                  FROZEN_TEXT_ENCODERS, KOHYA_LAYOUT, KOHYA_PREFIXES, PIPELINE_CLASS, TEXT_ENCODERS,
-                                  TOKENIZERS, add_noise, draw_timesteps, encode_text, kohya_slot, loss_weight,
+                                  BLOCKS_HELP, FROZEN_TEXT_ENCODERS, KOHYA_LAYOUT, KOHYA_PREFIXES, PIPELINE_CLASS,
+                                  TEXT_ENCODERS, TOKENIZERS, add_noise, block_names, block_of, draw_timesteps, encode_text, kohya_slot, loss_weight,
                                   native_size, pipeline, pipeline_kwargs, predict, reference_models, scale_latents,
                                   target, training_scheduler, validation_timesteps)
 

@@ -48,6 +48,8 @@ KOHYA_NOTE = ("alpha = rank in every module, the trained scale folded in; diffus
               "use the `.diffusers.safetensors` file there")
 DIFFUSERS_NOTE = (" (ComfyUI and Forge: use the `.safetensors` file; Forge reads no diffusers SD3 keys, ComfyUI reads "
                   "them without their alpha)")
+# lora.blocks: the MMDiT's joint blocks, as sd-scripts' networks/lora_sd3.py selects them (train_block_indices)
+BLOCKS_HELP = "block.N: the MMDiT's transformer_blocks[N] (kohya: joint_blocks_N)"
 T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length, what the preview and the report sample with
 T5_CACHE_SIZE = 4096  # captions whose T5 states are kept (shuffled captions would grow it without end)
 
@@ -205,6 +207,18 @@ def kohya_slot(part: str, module: str) -> tuple[int, int] | None:
     except ValueError:
         return None
     return None if slot is None else (slot, 3)
+
+
+def block_names(unet_config) -> tuple[str, ...]:
+    """The lora.blocks names of this MMDiT (its config): block.0 … block.N."""
+    return tuple(f"block.{i}" for i in range(unet_config["num_layers"]))
+
+
+def block_of(module: str) -> str | None:
+    """`transformer_blocks.3.attn.to_q` -> `block.3`; None outside the joint blocks (embedders, the final layer)."""
+    level, _, rest = module.partition(".")
+    index = rest.split(".", 1)[0]
+    return f"block.{index}" if level == "transformer_blocks" and index.isdigit() else None
 
 
 def reference_models() -> dict:

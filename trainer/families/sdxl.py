@@ -28,7 +28,8 @@ from trainer.families.clip import CLIP_L, OPENCLIP_BIGG, kohya_key, token_ids, t
 from trainer.families.ddpm import (add_noise, draw_timesteps, loss_weight, target,  # noqa: F401 (SD's noise rule)
                                    training_scheduler, validation_timesteps)
 from trainer.families.sd1 import (DEFAULT_TARGETS, DENOISER, DENOISER_CLASS, DIFFUSERS_NOTE, DIFFUSERS_TOOLS, KOHYA_NOTE, KOHYA_TOOLS,  # noqa: F401 (as SD1's)
-                                  FROZEN_TEXT_ENCODERS, kohya_slot, native_size, scale_latents)
+                                  BLOCKS_HELP, FROZEN_TEXT_ENCODERS, block_names, block_of, kohya_slot, native_size,
+                                  scale_latents)
 
 NAME = "sdxl"
 LABEL = "SDXL"

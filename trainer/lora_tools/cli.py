@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
     common.add_argument("--json", action="store_true", help="print one JSON object (for scripts and the web UI)")
     common.add_argument("--model", help="base model (folder, hub id, .safetensors, builtin:...): needed for DoRA "
                         "files (their scale is relative to the base weights) and to check a file against a base")
+    common.add_argument("--single-file-config", help="for a single-file base read offline: a diffusers folder of "
+                        "its architecture (bake, extract)")
     from trainer import families
 
     common.add_argument("--base", choices=families.NAMES, help="base family, when a file's keys and metadata do not "
@@ -112,13 +114,15 @@ def run(args) -> int:
     elif command == "bake":
         from trainer.lora_tools.bake import bake
 
-        result = bake(args.checkpoint, weighted(args.files), Path(args.out), overwrite=args.overwrite)
+        result = bake(args.checkpoint, weighted(args.files), Path(args.out), overwrite=args.overwrite,
+                      single_file_config=args.single_file_config)
     elif command == "extract":
         from trainer.lora_tools.extract import extract
 
         result = extract(args.source, args.tuned, Path(args.out), rank=args.rank, dynamic=args.dynamic,
                          param=args.param, conv_rank=args.conv_rank, min_diff=args.min_diff,
-                         text_encoders=args.text_encoders, to=args.to or "kohya", overwrite=args.overwrite)
+                         text_encoders=args.text_encoders, to=args.to or "kohya", overwrite=args.overwrite,
+                         single_file_config=args.single_file_config)
     else:
         from trainer.lora_tools.meta import edit_metadata
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.lora_tools import layouts
+
 
 @dataclass
 class Delta:
@@ -214,6 +216,23 @@ def _kohya_lookup(name: str, family) -> str:
     return name.replace("_text_model_text_projection", "_text_projection")
 
 
+def _lycoris_members(deltas: dict, ranks: dict, name: str, group: dict, part: str, module, shapes: dict) -> None:
+    """A LoHa/LoKr module's full ΔW into `deltas`; one over a fused weight (SD3's qkv) cut into its members' rows."""
+    members = module if isinstance(module, tuple) else (module,)
+    sizes = [shapes.get(f"{part}.{m}") for m in members]
+    fused = None if None in sizes else (sum(s[0] for s in sizes), *sizes[0][1:])
+    delta, rank, alpha = _lycoris_delta(name, group, fused)
+    if len(members) > 1 and fused is None:
+        raise ValueError(f"{name}: a LoHa/LoKr factor of a fused weight needs its members' shapes to be split")
+    row = 0
+    for member, size in zip(members, sizes):
+        key = f"{part}.{member}"
+        n = size[0] if size else delta.shape[0]
+        deltas[key] = delta if len(members) == 1 else Delta(size, full=delta.full[row: row + n])
+        ranks[key] = (rank, alpha)
+        row += n
+
+
 def read_kohya(state: dict, header: dict, family, parts: dict | None, where: str) -> tuple[dict, dict, set]:
     """Deltas of a kohya/LyCORIS-spelled state: ({"part.module": Delta}, {"part.module": (rank, alpha)}, kinds)."""
     from trainer.lora_files.fused import split
@@ -242,12 +261,7 @@ def read_kohya(state: dict, header: dict, family, parts: dict | None, where: str
                     kinds.add("locon")
                 deltas[key], ranks[key] = delta, (rank, alpha)
         else:
-            if isinstance(module, tuple):
-                raise ValueError(f"{where}: {name}: a LoHa/LoKr factor of a fused weight cannot be split into its "
-                                 "parts")
-            key = f"{part}.{module}"
-            deltas[key], *ranks[key] = _lycoris_delta(name, group, shapes.get(key))
-            ranks[key] = tuple(ranks[key])
+            _lycoris_members(deltas, ranks, name, group, part, module, shapes)
             kinds.add("loha" if "hada_w1_a" in group else "lokr")
     if unknown:
         raise ValueError(f"{where}: {len(unknown)} module(s) match no module of a {family.LABEL} base (a LoRA for "
@@ -298,6 +312,15 @@ def _family(state: dict, header: dict, kohya: bool, base: str | None, parts: dic
     return families.diffusers_file_family(state, header)
 
 
+def _denoiser(state: dict, base: str | None, parts: dict | None) -> str:
+    """The denoiser's part name, for layouts whose keys do not say it (trainer.lora_tools.layouts.normalize)."""
+    from trainer import families
+
+    if parts:
+        return next(p for p in parts if p in families.DENOISERS)
+    return families.get(base).DENOISER if base else layouts.guess_denoiser(set(state))
+
+
 def read_lora(path: str | Path, model=None, base: str | None = None) -> LoraFile:
     """Any LoRA .safetensors file (kohya, LyCORIS LoHa/LoKr, diffusers/peft; other trainers' spellings through
     trainer.lora_tools.layouts) as Deltas. `model`: the base ({part: module}, or a path / hub id), needed for DoRA
@@ -310,8 +333,13 @@ def read_lora(path: str | Path, model=None, base: str | None = None) -> LoraFile
     if not state:
         raise ValueError(f"{path}: holds no tensors")
     parts = base_parts(model)
-    kohya = any(k.startswith("lora_") for k in state)
+    layout, trainer = layouts.detect(set(state), header)
     try:
+        denoiser = _denoiser(state, base, parts)
+        if layout == "peft":  # alpha sits in adapter_config.json beside the file
+            header = {**header, **layouts.sidecar_header(path, denoiser)}
+        state, form = layouts.normalize(state, header, denoiser)
+        kohya = form == "K"
         family = _family(state, header, kohya, base, parts)
         if kohya:
             deltas, ranks, kinds = read_kohya(state, header, family, parts, str(path))
@@ -322,8 +350,6 @@ def read_lora(path: str | Path, model=None, base: str | None = None) -> LoraFile
     denoisers = {key.split(".", 1)[0] for key in deltas} - set(family.TEXT_ENCODERS)
     if denoisers - {family.DENOISER}:
         raise ValueError(f"{path}: has modules of '{', '.join(sorted(denoisers))}', not of a {family.LABEL} base")
-    layout = "lycoris" if kinds & {"loha", "lokr"} else ("kohya" if kohya else "diffusers")
     variant = next((v for v in ("dora", "loha", "lokr", "locon") if v in kinds), "lora")
-    trainer = "this app" if any(k.startswith("style_lora_") for k in header) else "unknown"
     needs_base = [] if parts or variant != "dora" else sorted(k for k, d in deltas.items() if d.rank is not None)
     return LoraFile(path, layout, trainer, family.NAME, variant, deltas, header, ranks, needs_base)

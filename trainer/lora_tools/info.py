@@ -23,7 +23,7 @@ TRAINING_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", 
                  "ss_v_parameterization", "ss_training_started_at", "ss_training_finished_at")
 META_KEYS = ("modelspec.title", "modelspec.author", "modelspec.description", "modelspec.trigger_phrase",
              "modelspec.tags", "modelspec.license", "modelspec.architecture", "modelspec.date", "modelspec.resolution")
-REPORT_KEY = "style_lora_report"  # header entry: the style report's verdict and numbers (JSON)
+REPORT_KEY = "style_report"  # header entry the style report writes into a run's files (trainer.report)
 # Which consumers apply a file exactly, by its layout and variant (the rows of docs/consumers.md).
 NOT_EXACT = {
     ("kohya", "dora"): ("ComfyUI/Forge", "A1111 applies DoRA on the input axis only; kohya merge_lora.py and diffusers "

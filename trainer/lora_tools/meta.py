@@ -15,7 +15,7 @@ from pathlib import Path
 SHORT = {"title": ("modelspec.title",), "author": ("modelspec.author",), "description": ("modelspec.description",),
          "trigger": ("modelspec.trigger_phrase", "ssmd_keywords"), "tags": ("modelspec.tags",),
          "license": ("modelspec.license",)}
-EDITABLE_PREFIXES = ("modelspec.", "ss_", "ssmd_", "style_lora_report")
+EDITABLE_PREFIXES = ("modelspec.", "ss_", "ssmd_")
 THUMBNAIL_SIDE = 256  # ModelSpec suggests a small preview image
 
 
@@ -110,16 +110,3 @@ def _serialise(tensors: dict, data: bytes, metadata: dict[str, str]) -> bytes:
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw + data
 
-
-def embed_report(files: list[Path], report: dict) -> None:
-    """Write the style report's verdict and numbers into the run's adapter files (`lora info` shows them); a file
-    that cannot be edited keeps its old header (the report stays in the run folder either way)."""
-    keys = ("style_lift", "fidelity", "copying", "held_out")
-    verdict = report.get("verdict", {})
-    summary = {"verdict": verdict.get("verdict"), "progress": verdict.get("progress"), "reason": verdict.get("reason"),
-               **{k: report.get(k) for k in keys}}
-    for path in files:
-        try:
-            edit_metadata(Path(path), {"style_lora_report": json.dumps(summary, default=str)}, overwrite=True)
-        except (OSError, ValueError) as err:
-            print(f"style report not embedded in {path}: {err}")

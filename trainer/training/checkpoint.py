@@ -223,8 +223,10 @@ def estimate_lora_params(cfg) -> int | None:
             parts.append(({k: v for k, v in shapes.items() if k.startswith(TE_PREFIXES)}, lc.text_encoder_targets))
     else:
         return None
-    # None when the names do not match (a single file in Stability's fused-qkv names): the caller guesses instead
-    return sum(_lora_params(shapes, targets, lc.rank) for shapes, targets in parts) or None
+    # None when the names do not match (a single file in Stability's fused-qkv names): the caller guesses instead;
+    # lora.blocks: every block at the largest rank, an upper bound
+    rank = max([lc.rank, *(lc.blocks or {}).values()])
+    return sum(_lora_params(shapes, targets, rank) for shapes, targets in parts) or None
 
 
 def estimate_run_bytes(cfg, total_steps: int) -> dict:

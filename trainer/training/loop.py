@@ -29,6 +29,7 @@ from trainer.training.optimizers import check_optimizer_available
 from trainer.training.run import Run, attach_models, fill_caches, offload, onload, open_run, resume
 from trainer.training.sampling import render_samples
 from trainer.training.validation import validation_state, validation_due
+from trainer.adapters.blocks import check_blocks_before_loading
 from trainer.adapters.variants import adalora_state, measure_layer_importance, needs_conversion, run_loradrop
 
 
@@ -61,6 +62,8 @@ def train(cfg: Config, run_dir: Path, base=None) -> Path:
         if cfg.lora.variant == "qlora":
             check_qlora_available()  # refuse up front, before minutes of loading
         check_optimizer_available(cfg.train)
+        if base is None:
+            check_blocks_before_loading(cfg.model.path, cfg.lora)  # lora.blocks names, from the folder's configs
         if cfg.lora.variant == "loradrop":
             if base is not None:
                 raise ValueError("loradrop trains twice (probe + run) and needs model.path, not a preloaded base")
