@@ -100,15 +100,22 @@ def parse_result(stdout: str) -> dict | None:
 def result_text(job: ToolJob) -> str:
     """What the result box shows: the summary, and where the file went; or the error in one line."""
     if job.error:
-        return "Cancelled." if job.error == "cancelled" else f"Error: {job.error}"
+        return "Cancelled." if job.error == "cancelled" else f"Error: {short_paths(job, job.error)}"
     result = job.result or {}
-    summary = str(result.get("summary") or "").strip() or info_summary(result)
+    summary = short_paths(job, str(result.get("summary") or "").strip() or info_summary(result))
     out = result.get("out") or (str(job.out) if job.out else "")
     if out and job.args and job.args[0] == "bake":
         summary += f"\n\nWritten: {Path(out).name} — use it as the base model in Preview: {out}"
     elif out:
         summary += f"\n\nWritten: {Path(out).name} (listed in Preview as \"{Path(out).name} (tools)\")"
     return summary
+
+
+def short_paths(job: ToolJob, text: str) -> str:
+    """The text with the server's folders left out: results by name, run files as RUN/FILE."""
+    for folder in ([job.out.parent] if job.out is not None else []) + [job.outputs.resolve(), job.outputs]:
+        text = text.replace(f"{folder}{os.sep}", "")
+    return text
 
 
 def info_summary(info: dict) -> str:

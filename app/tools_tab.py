@@ -41,7 +41,8 @@ def layout() -> dict:
             file = gr.Dropdown(choices=[], label="LoRA file (your runs, saves, results and uploads)", scale=3,
                                elem_id="tools-file")
             refresh = gr.Button("Refresh", scale=0, elem_id="tools-refresh")
-            upload = gr.File(label="Upload a LoRA (.safetensors)", type="filepath", scale=2, elem_id="tools-upload")
+            upload = gr.File(label="Upload a LoRA (.safetensors)", type="filepath", scale=2, height=110,
+                             elem_id="tools-upload")
         command = gr.Radio(list(COMMANDS), value="Info", label="Command", elem_id="tools-command")
         help_md = gr.Markdown(HELP["Info"], elem_id="tools-help")
         with gr.Row(visible=False) as rank_row:

@@ -79,7 +79,8 @@ def test_tools_tab_info_and_resize_in_a_real_browser(app_server, tmp_path):  # n
             rank.fill("2")
             rank.press("Tab")
             resized = run_and_wait(page, r"Written: demo-style-r2\.safetensors")
-            sync_api.expect(page.locator("#tools-download")).to_contain_text("demo-style-r2.safetensors")
+            sync_api.expect(page.locator("#tools-download a")).to_have_attribute(
+                "href", re.compile(r"/demo-style-r2\.safetensors$"))  # the download link
             page.wait_for_timeout(500)
             page.screenshot(path=str(shot), full_page=True)
 

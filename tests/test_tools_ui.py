@@ -230,7 +230,8 @@ def test_info_and_resize_run_for_real_and_the_result_is_in_preview(trained):
     assert not resized.error, resized.error
     out = tools_view.tools_dir(outputs) / "tiny-r2.safetensors"
     assert out.is_file() and Path(resized.result["out"]) == out
-    assert "tiny-r2.safetensors" in tools_job.result_text(resized)
+    shown = tools_job.result_text(resized)
+    assert shown.startswith("tiny-r2.safetensors: ") and str(outputs) not in shown, shown  # no server folders shown
     assert ("tiny-r2.safetensors (tools)", "tool:tiny-r2.safetensors") in preview_client.adapter_choices(outputs)
     assert preview_client.resolve(outputs, "tool:tiny-r2.safetensors")[0] == out
     assert "tool:tiny-r2.safetensors" in [v for _, v in tools_view.lora_choices(outputs)]
