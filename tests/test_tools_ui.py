@@ -291,3 +291,42 @@ def test_a_file_that_needs_its_base_is_read_with_its_run_s_base(tmp_path):
     again = run_tool(outputs, command="Info", file="tool:small.safetensors")
     assert not again.error and again.args[-2:] == ["--model", "builtin:demo-sd"], again.error
     assert tools_job.result_text(again).startswith("small.safetensors: kohya layout")
+
+
+def test_merge_meta_bake_and_extract_run_for_real(trained, tiny_base, tmp_path):
+    """The other four commands through the tab's child: merge (0.5 + 0.25 of the run's file), tag the result, bake
+    the run's LoRA into the base (a folder) and extract it back from base and bake: each ΔW is the run's."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    from trainer.lora_tools.deltas import read_lora
+
+    outputs = trained
+    value = next(v for _, v in tools_view.lora_choices(outputs) if v.endswith("/tiny.safetensors"))
+    run_delta = {k: d.weight() for k, d in read_lora(tools_view.resolve(outputs, value)).deltas.items()}
+
+    def worst(path, factor: float) -> float:
+        got = read_lora(path).deltas
+        assert set(got) == set(run_delta), path
+        return max(float((got[k].weight() - factor * w).norm() / (factor * w).norm()) for k, w in run_delta.items()
+                   if w.abs().max() > 1e-4)
+
+    merged = run_tool(outputs, command="Merge", files=f"{value}:0.5\n{value}:0.25", out_name="half")
+    assert not merged.error, merged.error
+    assert worst(merged.result["out"], 0.75) < 1e-5
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "cover.png")
+    tagged = run_tool(outputs, command="Edit metadata", file="tool:half.safetensors", title="Half", trigger="zk",
+                      thumbnail=str(tmp_path / "cover.png"))
+    assert not tagged.error, tagged.error
+    with safe_open(tagged.result["out"], "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.title"] == "Half" and meta["modelspec.thumbnail"].startswith("data:image/png")
+
+    baked = run_tool(outputs, command="Bake", files=f"{value}:1", model=str(tiny_base), out_name="baked")
+    assert not baked.error, baked.error
+    folder = Path(baked.result["out"])
+    assert (folder / "model_index.json").is_file()
+    extracted = run_tool(outputs, command="Extract", model=str(tiny_base), tuned=str(folder), rank=8, conv_rank=8,
+                         out_name="back")
+    assert not extracted.error, extracted.error
+    assert worst(extracted.result["out"], 1.0) < 1e-3  # fp32 rounding of W + ΔW in the baked weights

@@ -99,7 +99,7 @@ def run(args) -> int:
         from trainer.lora_tools.info import describe_file, info_text
 
         result = describe_file(Path(args.file), model=args.model, base=args.base)
-        print(json.dumps(result, default=str) if args.json else info_text(result))
+        print(json.dumps({**result, "summary": info_text(result)}, default=str) if args.json else info_text(result))
         return 0
     if command == "resize":
         from trainer.lora_tools.resize import resize_file
