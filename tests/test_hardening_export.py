@@ -283,3 +283,104 @@ def test_the_preview_and_the_report_loader_read_the_lokr_layout_exactly(make_cfg
     assert_same_lokr(modules, {"unet": report.unet, "text_encoder": report.text_encoder}, "style")
     with pytest.raises(AdapterError, match="LoKr adapters cannot go into the hot-swap slot"):
         read_adapter(diffusers, pv.pipe, pv.table, allow_dora=False)
+
+
+# ----------------------------------------------------------------------------- never longer than the training
+
+
+def tensors_digest(path) -> str:
+    import hashlib
+
+    state, h = load_file(path), hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_the_time_budget_is_the_training_time_with_a_floor_and_the_ui_keeps_the_same_names():
+    import time
+
+    from app import downloads_view
+    from trainer.lora_files import export
+
+    assert export.export_budget(time.time() - 5) == export.EXPORT_FLOOR_S == downloads_view.EXPORT_FLOOR_S == 30
+    assert export.export_budget(time.time() - 100) == pytest.approx(100, abs=5)
+    assert (downloads_view.EXPORT_SKIPPED_KEY, downloads_view.LOKR_LAYOUT_KEY) == (export.EXPORT_SKIPPED_KEY,
+                                                                                   export.LOKR_LAYOUT_KEY)
+
+
+def test_a_dora_plain_lora_past_its_time_budget_is_not_written_and_the_kohya_file_says_why(make_cfg, tiny_base,
+                                                                                             tmp_path):
+    """Asked for (output.plain_lora_rank=2), but its SVDs find the budget spent: no `.plain` file and nothing partial
+    (an older one of that name is removed), the kohya header says why, a warning goes out, the Runs panel says so.
+    The kohya and diffusers files are the same tensors as with no budget; a budget that suffices changes nothing."""
+    from app import downloads_view
+    from trainer.lora_files.export import EXPORT_SKIPPED_KEY, save_adapters
+
+    cfg = make_cfg('lora.variant="dora"', "output.plain_lora_rank=2")
+    modules = tiny_models(tiny_base, "dora", "dora")
+    run, digests, warnings = tmp_path / "run", {}, []
+    run.mkdir()
+    for budget in (None, 1e6, 0.0):  # the last into the same folder: the first's .plain file is there
+        paths = save_adapters(run, cfg, modules, {}, base_kind="sd1", tag_frequency={}, cover_png=None,
+                              budget_s=budget, warn=warnings.append)
+        digests[budget] = {p.name: tensors_digest(p) for p in paths}
+    name = cfg.output.name
+    assert digests[None] == digests[1e6] and len(digests[None]) == 3
+    assert digests[0.0] == {k: v for k, v in digests[None].items() if not k.endswith(".plain.safetensors")}
+    assert sorted(p.name for p in run.iterdir()) == sorted(digests[0.0])  # no .plain, no temporary file
+    with safe_open(str(run / f"{name}.safetensors"), "pt") as f:
+        skipped = json.loads(f.metadata()[EXPORT_SKIPPED_KEY])
+    layers = sum(1 for k in load_file(run / f"{name}.safetensors") if k.endswith(".lora_down.weight"))
+    assert skipped == {f"{name}.plain.safetensors": {"budget_s": 0.0, "spent_s": skipped[f"{name}.plain.safetensors"][
+        "spent_s"], "layers_done": 0, "layers": layers}}
+    assert len(warnings) == 1 and f"{name}.plain.safetensors not written" in warnings[0] and "budget" in warnings[0]
+    line = downloads_view.file_use(run / f"{name}.safetensors")
+    assert "A1111 and kohya `merge_lora.py` cannot use this save" in line and "export time budget" in line
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_a_lycoris_diffusers_file_past_its_time_budget(variant, make_cfg, tiny_base, tmp_path):
+    """LoHa rank 8 on the tiny UNet (exact factors of rank 64, larger than the weights: SVDs) with the budget spent:
+    no diffusers file (nothing exact to fall back to), the kohya header, a warning and the Runs panel say so. LoKr
+    rank 16: peft's LoKr layout instead, exact and written at once, so nothing is missing."""
+    from app import downloads_view
+    from trainer.lora_files.export import EXPORT_SKIPPED_KEY, LOKR_LAYOUT_KEY, save_adapters
+
+    rank = 8 if variant == "loha" else 16
+    cfg = make_cfg(f'lora.variant="{variant}"', f"lora.rank={rank}")
+    modules = {"unet": lokr_unet(tiny_base, rank, variant=variant)}
+    run, warnings = tmp_path / "run", []
+    run.mkdir()
+    paths = save_adapters(run, cfg, modules, {}, base_kind="sd1", tag_frequency={}, cover_png=None, convert=True,
+                          budget_s=0.0, warn=warnings.append)
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in paths)
+    with safe_open(str(paths[0]), "pt") as f:
+        header = f.metadata()
+    kohya_line = downloads_view.file_use(paths[0])
+    if variant == "loha":
+        assert [p.name for p in paths] == [f"{cfg.output.name}.safetensors"]
+        skipped = json.loads(header[EXPORT_SKIPPED_KEY])[f"{cfg.output.name}.diffusers.safetensors"]
+        assert skipped["layers_done"] < skipped["layers"] and len(warnings) == 1
+        assert "no `.diffusers.safetensors` file was written" in kohya_line and "export time budget" in kohya_line
+    else:
+        assert EXPORT_SKIPPED_KEY not in header and not warnings
+        with safe_open(str(paths[1]), "pt") as f:
+            layout = json.loads(f.metadata()[LOKR_LAYOUT_KEY])
+        assert layout["exact"] and layout["plain_lora_out_of_time"]["layers_done"] == 0
+        assert "ran past the export time budget" in downloads_view.file_use(paths[1])
+
+
+def test_the_training_loop_gives_its_saves_the_budget_and_reports_a_skipped_file(make_cfg, tmp_path, monkeypatch):
+    """Every save of a run gets export_budget(the run's start); a file it skips is a warning on the Runs panel."""
+    import trainer.training.loop as loop
+    from app import jobs, runs_view
+
+    budgets = []
+    monkeypatch.setattr(loop, "export_budget", lambda started_at: budgets.append(started_at) or 0.0)
+    loop.train(make_cfg("train.steps=1", 'lora.variant="dora"', "output.plain_lora_rank=2"), tmp_path / "run")
+    assert budgets and not (tmp_path / "run" / "tiny-test.plain.safetensors").exists()
+    events = jobs.run_events(tmp_path / "run" / "events.jsonl")
+    panel = runs_view.panel_markdown(jobs.RunStatus(tmp_path / "run", "done", events=events))
+    assert "Warnings:" in panel and "tiny-test.plain.safetensors not written" in panel
