@@ -74,7 +74,7 @@ def timed(fn, *args, **kwargs):
 def measure(case: str, folder: Path) -> list[dict]:
     from safetensors import safe_open
 
-    from trainer.lora_files.export import COMPACT_KEY, save_diffusers_lora, save_plain_lora
+    from trainer.lora_files.export import COMPACT_KEY, LOKR_LAYOUT_KEY, save_diffusers_lora, save_plain_lora
     from trainer.lora_files.kohya import save_kohya_lora
     from trainer.lora_files.lycoris import save_lycoris_kohya
 
@@ -97,8 +97,12 @@ def measure(case: str, folder: Path) -> list[dict]:
                                     "sd1")
             rows.append(dict(file=p.name, seconds=tf, report=report))
     with safe_open(str(path), "pt") as f:
-        report = json.loads(f.metadata()[key]) if key in f.metadata() else None
-    rows.insert(1, dict(file=path.name, seconds=t, report=report))
+        meta = f.metadata()
+    row = dict(file=path.name, seconds=t, report=json.loads(meta[key]) if key in meta else None)
+    if LOKR_LAYOUT_KEY in meta:  # no plain LoRA came near: peft's own LoKr layout, exact
+        plain = json.loads(meta[LOKR_LAYOUT_KEY]).get("plain_lora")
+        row["error"] = "exact, peft's LoKr layout" + (f" (the plain LoRA: {describe({'report': plain})})" if plain else "")
+    rows.insert(1, row)
     for row in rows:
         row.update(case=f"{variant} r{rank}" + (f", conv r{conv_rank}" if conv_rank else ""),
                    bytes=(folder / row["file"]).stat().st_size, weight_bytes=weights)

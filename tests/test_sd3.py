@@ -56,9 +56,12 @@ def pipeline(folder):
 
 
 def diffusers_deltas(folder, path: Path) -> dict[tuple[str, str], torch.Tensor]:
-    """ΔW of a diffusers file as StableDiffusion3Pipeline.load_lora_weights applies it."""
+    """ΔW of a diffusers file as StableDiffusion3Pipeline.load_lora_weights applies it (a LoKr in peft's own layout:
+    as the Preview loads it, the transformer through load_lora_adapter)."""
+    from trainer.lora_files.adapter_files import load_lora_file
+
     pipe = pipeline(folder)
-    pipe.load_lora_weights(str(path), adapter_name="file")
+    load_lora_file(pipe, path, "file")
     return merged({p: getattr(pipe, p) for p in ("transformer", "text_encoder", "text_encoder_2")}, "file")
 
 

@@ -11,10 +11,40 @@ The SVDs are exact and cheap where the change has structure, never a full SVD of
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 EXACT = 1e-5  # relative error below which a truncation is the change itself, up to float32 round-off
 LOWRANK_FROM = 512  # dense changes with min(out, in) above this use torch.svd_lowrank for the top triplets
+
+
+class OutOfTime(RuntimeError):
+    """An optional export's SVDs ran past its time budget (trainer.lora_files.export): nothing of it is written."""
+
+    def __init__(self, budget_s: float, spent_s: float, done: int, layers: int):
+        super().__init__(f"stopped after {done} of {layers} layers: {spent_s:.1f} s spent of a {budget_s:.1f} s budget")
+        self.budget_s, self.spent_s, self.done, self.layers = budget_s, spent_s, done, layers
+
+    def report(self) -> dict:
+        return {"budget_s": round(self.budget_s, 1), "spent_s": round(self.spent_s, 1), "layers_done": self.done,
+                "layers": self.layers}
+
+
+class Deadline:
+    """A time budget for one save's optional exports, checked between layers (None: no limit). The clock is
+    time.monotonic from when the Deadline is made."""
+
+    def __init__(self, budget_s: float | None):
+        self.budget_s, self.start = budget_s, time.monotonic()
+
+    def check(self, done: int, layers: int) -> None:
+        """Raise OutOfTime when the budget is spent (`done` of `layers` layers finished)."""
+        if self.budget_s is None:
+            return
+        spent = time.monotonic() - self.start
+        if spent > self.budget_s:
+            raise OutOfTime(self.budget_s, spent, done, layers)
 
 
 def rank_cap(out: int, inner: int) -> int:
@@ -139,10 +169,11 @@ def _compact_layer(f, max_error: float):
     return replace(f, up=up.float().contiguous(), down=down.float().contiguous(), scale=1.0, kron=None), lost, total
 
 
-def compact_factors(factors: dict, max_error: float) -> tuple[dict, dict | None]:
+def compact_factors(factors: dict, max_error: float, deadline: Deadline | None = None) -> tuple[dict, dict | None]:
     """LyCORIS layers' factors no larger in total than the weights they change: the exact closed forms when they all
     fit; else each layer's closed form where it fits its own weight, the others truncated (exact SVD, rank by
-    `max_error`, under the per-layer cap). Returns (factors, error_report of the LyCORIS layers or None)."""
+    `max_error`, under the per-layer cap). Returns (factors, error_report of the LyCORIS layers or None).
+    `deadline`: checked before each truncated layer (raises OutOfTime)."""
     lycoris = {n: f for n, f in factors.items() if f.lycoris}
     if not lycoris:
         return factors, None
@@ -150,11 +181,13 @@ def compact_factors(factors: dict, max_error: float) -> tuple[dict, dict | None]
     exact = {n: _sizes(f)[2] * (_sizes(f)[0] + _sizes(f)[1]) for n, f in lycoris.items()}
     fits_whole = sum(exact.values()) <= sum(weight.values())
     out, lost, total = dict(factors), {}, {}
-    for name, f in lycoris.items():
+    for i, (name, f) in enumerate(lycoris.items()):
         if fits_whole or exact[name] <= weight[name]:
             up, down = f.up.flatten(1).double(), f.down.flatten(1).double()  # ‖s·up·down‖² without forming ΔW
             lost[name], total[name] = 0.0, f.scale**2 * float(((up.T @ up) * (down @ down.T)).sum())
             continue
+        if deadline is not None:
+            deadline.check(i, len(lycoris))
         out[name], lost[name], total[name] = _compact_layer(f, max_error)
     numbers = sum(_sizes(out[n])[2] * (_sizes(out[n])[0] + _sizes(out[n])[1]) for n in lycoris)
     return out, error_report(lost, total, max_error, numbers, sum(weight.values()))

@@ -17,7 +17,9 @@ diffusers loads neither: the `.diffusers.safetensors` file is the ΔW as a plain
 low-rank forms, with no SVD: (A₁B₁)∘(A₂B₂) = (A₁ ⊙ A₂)(B₁ ⊙ B₂) (row-wise / column-wise Khatri–Rao, rank r²) and
 kron(U₁V₁, U₂V₂) = kron(U₁, U₂)·kron(V₁, V₂) (a decomposed factor a·b gives its rank r). Where those factors would
 be larger than the weight they change, trainer.adapters.compact takes the exact SVD from the structure and keeps the
-rank an error target asks for, under that size cap. The file's rank per module is in its peft rank_pattern.
+rank an error target asks for, under that size cap. The file's rank per module is in its peft rank_pattern. A LoKr
+whose plain LoRA misses the target is written in peft's own LoKr layout instead (trainer.lora_files.export), which
+diffusers' load_lora_adapter reads exactly.
 """
 
 from __future__ import annotations

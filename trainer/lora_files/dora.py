@@ -71,14 +71,14 @@ def _layer_size(f) -> tuple[int, int]:
     return f.up.shape[0], f.down[0].numel()
 
 
-def plain_lora_tensors(factors: dict, rank: int, kind: str | None, unet_config=None,
-                       max_error: float = 0.01) -> tuple[dict[str, torch.Tensor], dict]:
+def plain_lora_tensors(factors: dict, rank: int, kind: str | None, unet_config=None, max_error: float = 0.01,
+                       deadline=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Every layer's effective ΔW as a plain kohya LoRA of one rank (alpha = rank, scale 1), and what the SVD lost.
 
     rank 0: the largest rank any layer needs to come within `max_error` (trainer.adapters.compact.choose_rank); a
     given rank is taken as is. Either way never above the rank at which the file (one rank, zero-padded: what every
     loader reads) would hold more numbers than the weights it changes. The report is compact.error_report's, plus
-    "rank"."""
+    "rank". `deadline` (trainer.adapters.compact.Deadline): checked before each layer's SVD (raises OutOfTime)."""
     from trainer.adapters.compact import choose_rank, dense_svd, error_report, lost_at
     from trainer.lora_files.fused import kohya_tensors
     from trainer.lora_files.kohya_names import family_of
@@ -88,7 +88,9 @@ def plain_lora_tensors(factors: dict, rank: int, kind: str | None, unet_config=N
     cap = max(1, weight_numbers // sum(o + i for o, i in sizes.values()))
     q = min(rank, cap) if rank else cap
     svds, ranks = {}, {}
-    for name, f in factors.items():
+    for i, (name, f) in enumerate(factors.items()):
+        if deadline is not None:
+            deadline.check(i, len(factors))
         u, s, vh, total, complete = dense_svd(effective_delta(f).flatten(1), min(q, *sizes[name]))
         svds[name] = u[:, :q], s, vh[:q], total, complete  # every singular value, the vectors the file may keep
         ranks[name] = min(q, s.numel()) if rank else choose_rank(s[:q], q, max_error, lost_at(s, total, q, complete))

@@ -34,7 +34,7 @@ import torch
 
 from trainer import families
 from trainer.config import ModelConfig
-from trainer.lora_files.adapter_files import AdapterError, module_table, pipe_parts, read_adapter
+from trainer.lora_files.adapter_files import AdapterError, load_part, module_table, pipe_parts, read_adapter
 from trainer.preview.hotswap import HotSwapSlot
 from trainer.preview.render import draw
 
@@ -47,7 +47,7 @@ class Adapter:
     stamp: tuple  # (size, mtime_ns): a changed file is loaded again
     parts: dict[str, tuple[dict, dict]] = field(default_factory=dict)  # part -> (tensors, metadata) kept on CPU
     rank: int = 0
-    layout: str = ""  # "kohya" | "diffusers"
+    layout: str = ""  # "kohya" | "diffusers" | "lokr" (peft's LoKr layout, trainer.lora_files.export.lokr_layout)
 
 
 def _ms(t0: float) -> float:
@@ -120,7 +120,8 @@ class Previewer:
         if old is not None:
             self._drop(name)
         self._counter += 1
-        rank = max(t.shape[0] for tensors, _ in parts.values() for k, t in tensors.items() if k.endswith("lora_A.weight"))
+        rank = max((t.shape[0] for tensors, _ in parts.values() for k, t in tensors.items() if k.endswith("lora_A.weight")),
+                   default=0)  # LoKr: no LoRA rank
         adapter = Adapter(name, f"a{self._counter}", str(path), stamp, parts, rank, layout)
         if self.hotswap and self.denoiser in parts and rank > self.max_rank:
             raise AdapterError(f"{path.name}: rank {rank} is above the hot-swap slot's max_rank {self.max_rank}")
@@ -144,14 +145,8 @@ class Previewer:
         self._load_part(peft_name, self.denoiser, tensors, metadata, hotswap)
 
     def _load_part(self, peft_name: str, part: str, tensors: dict, metadata: dict, hotswap: bool = False) -> None:
-        tensors = {k: v.to(self.device, self.dtype) for k, v in tensors.items()}
-        if part == self.denoiser:  # what load_lora_into_unet / load_lora_into_transformer do
-            getattr(self.pipe, part).load_lora_adapter(tensors, prefix=part, network_alphas=None, adapter_name=peft_name,
-                                                       metadata=metadata or None, _pipeline=self.pipe, hotswap=hotswap)
-        else:
-            self.pipe.load_lora_into_text_encoder(tensors, network_alphas=None, text_encoder=getattr(self.pipe, part),
-                                                  prefix=part, adapter_name=peft_name,
-                                                  metadata=metadata or None, _pipeline=self.pipe)
+        load_part(self.pipe, peft_name, part, {k: v.to(self.device, self.dtype) for k, v in tensors.items()}, metadata,
+                  hotswap)
 
     def _peft_names(self, part: str) -> set[str]:
         model = getattr(self.pipe, part)

@@ -143,12 +143,13 @@ def render(cfg: Config, adapter: Path, prompts: list[str], device: torch.device,
     images of `ref_prompts` (the training captions, seed = their index): what the base draws without the style;
     and `train_images` through the base's VAE: what of them the base can draw at all."""
     from trainer.families.loading import load_base
+    from trainer.lora_files.adapter_files import load_lora_file
     from trainer.preview.render import draw, sample_settings
 
     pipe = load_base(cfg.model).pipeline()  # SD1/SD2/SDXL pipeline of the base's family
     pipe.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(adapter), adapter_name="style")
+    load_lora_file(pipe, adapter, "style")  # load_lora_weights; a LoKr in peft's layout too
     out: dict[float, list[Image.Image]] = {}
     for scale in SCALES:
         if scale == 0.0:

@@ -21,7 +21,7 @@ from trainer.training.checkpoint import prune_checkpoints, save_checkpoint
 from trainer.config import Config, LoraConfig
 from trainer.events import ADAPTER, CHECKPOINT, DONE, FAILED, FAST_PATH, SAMPLES, START, STEP, STOP_FILE, STOPPED, \
     WARNING, EventLog
-from trainer.lora_files.export import save_adapters, training_metadata
+from trainer.lora_files.export import export_budget, save_adapters, training_metadata
 from trainer.training.ema import ema_state, ema_weights, update_ema
 from trainer.io import describe_os_error
 from trainer.families.loading import check_qlora_available, load_base
@@ -269,7 +269,8 @@ def save_adapter(run: Run, step: int, final: bool, best: bool = False) -> list[P
                               base_kind=base.kind, tag_frequency=ds.tag_frequency(run.items),
                               cover_png=samples[-1].read_bytes() if samples else None,
                               step=None if final else step, delta=run.delta, convert=needs_conversion(run.lora),
-                              best=best)
+                              best=best, budget_s=export_budget(run.started_at),  # never longer than the training
+                              warn=lambda text: run.events.emit(WARNING, step=step, what="export", reason=text))
     run.events.emit(ADAPTER, step=step, paths=[str(p) for p in paths], final=final)
     return list(paths)
 
