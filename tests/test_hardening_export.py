@@ -252,6 +252,13 @@ def test_a_lokr_no_plain_lora_comes_near_is_written_exactly_in_peft_lokr_layout(
              if k.startswith("text_encoder.")}
     assert not set_peft_model_state_dict(text_encoder, state, adapter_name="style").unexpected_keys
     assert_same_lokr(modules, {"unet": unet, "text_encoder": text_encoder}, "style")
+    from trainer.lora_tools.deltas import read_lora  # the toolbox reads it too: the same ΔW as the LyCORIS file
+
+    peft_file, lycoris_file = read_lora(diffusers), read_lora(kohya, model=str(tiny_base))
+    assert peft_file.variant == "lokr" and peft_file.deltas.keys() == lycoris_file.deltas.keys()
+    for key, delta in lycoris_file.deltas.items():
+        want = delta.weight()
+        assert float((peft_file.deltas[key].weight() - want).norm() / want.norm()) < 1e-5, key
     line = downloads_view.file_use(diffusers)
     assert "**exact**" in line and "load_lora_adapter" in line and "`pipe.load_lora_weights` does not read" in line
     assert f"{layout['plain_lora']['rel_error']['unet']:.2%}" in line and "of base weights it changes" in line

@@ -72,6 +72,7 @@ LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 LYCORIS_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2",
                     "lokr_w2_a", "lokr_w2_b")
 PEFT_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight")
+PEFT_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # peft's LoKr state dict
 UNSUPPORTED = {"hada_t1": "Tucker-decomposed LoHa (hada_t1/t2)", "hada_t2": "Tucker-decomposed LoHa (hada_t1/t2)",
                "lokr_t2": "Tucker-decomposed LoKr (lokr_t2)", "lora_mid.weight": "Tucker-decomposed LoCon (lora_mid)",
                "diff": "a full-weight difference (LyCORIS 'full')", "diff_b": "a bias difference",
@@ -278,7 +279,12 @@ def read_peft(state: dict, header: dict, parts: dict | None, where: str) -> tupl
 
     metadata = json.loads(header.get(LORA_ADAPTER_METADATA_KEY) or "{}")
     deltas, ranks, kinds = {}, {}, set()
-    for name, group in sorted(group_keys(state, PEFT_SUFFIXES).items()):
+    for name, group in sorted(group_keys(state, (*PEFT_SUFFIXES, *PEFT_LOKR)).items()):
+        if group.keys() & set(PEFT_LOKR):
+            key, delta, rank, alpha = _peft_lokr(name, group, metadata)
+            deltas[key], ranks[key] = delta, (rank, alpha)
+            kinds.add("lokr")
+            continue
         if not {"lora_A.weight", "lora_B.weight"} <= group.keys():
             raise ValueError(f"{where}: module {name} has no lora_A/lora_B pair")
         part, _, module = name.partition(".")
@@ -297,6 +303,26 @@ def read_peft(state: dict, header: dict, parts: dict | None, where: str) -> tupl
             kinds.add("locon")
         deltas[key], ranks[key] = delta, (rank, scale * rank if "r" in config else None)
     return deltas, ranks, kinds
+
+
+def _peft_lokr(name: str, group: dict, metadata: dict) -> tuple[str, Delta, int, float]:
+    """("part.module", ΔW, r, alpha) of one module of peft's LoKr layout: peft scales kron(w1, w2) by alpha/r always
+    (peft/tuners/lokr/layer.py), with r and alpha per module from the part's config and its patterns."""
+    from peft.utils.other import get_pattern_key
+
+    part, _, module = name.partition(".")
+    config = {k.removeprefix(part + "."): v for k, v in metadata.items() if k.startswith(part + ".")}
+    if "r" not in config:
+        raise ValueError(f"{name}: a LoKr module without its peft config (lora_adapter_metadata) to scale it")
+
+    def pick(pattern: dict | None, default):
+        key = get_pattern_key(list(pattern or {}), module)
+        return (pattern or {}).get(key, default)
+
+    rank, alpha = pick(config.get("rank_pattern"), config["r"]), pick(config.get("alpha_pattern"), config["alpha"])
+    raw, _, _ = _lycoris_delta(name, group, None)  # no alpha in the group: kron(w1, w2) unscaled
+    module = module.removeprefix("text_model.")
+    return f"{part}.{module}", Delta(raw.shape, full=raw.full * (alpha / rank)), rank, float(alpha)
 
 
 def _family(state: dict, header: dict, kohya: bool, base: str | None, parts: dict | None):

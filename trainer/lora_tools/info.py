@@ -31,6 +31,9 @@ NOT_EXACT = {
     ("lycoris", "loha"): ("A1111 1.10, ComfyUI/Forge", "kohya merge_lora.py and diffusers read no LyCORIS keys: "
                           "`lora resize` writes a plain LoRA for them"),
     ("diffusers", "dora"): ("diffusers (peft's DoRA)", "A1111 and ComfyUI read no diffusers keys"),
+    ("diffusers", "lokr"): ("diffusers (`pipe.unet.load_lora_adapter`, peft for the text encoder) and this app's "
+                            "Preview", "peft's LoKr layout: `pipe.load_lora_weights`, A1111 and ComfyUI do not read it "
+                                       "(use the run's LyCORIS `.safetensors` file there)"),
 }
 NOT_EXACT[("lycoris", "lokr")] = NOT_EXACT[("lycoris", "loha")]
 
