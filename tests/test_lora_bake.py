@@ -205,3 +205,49 @@ def test_folder_bake_draws_what_the_lora_draws_through_peft(tmp_path):
     plain = draw(StableDiffusionPipeline.from_pretrained(folder, **kwargs))
     assert abs(expected - plain).max() > 4 / 255  # the LoRA visibly changes the image
     assert abs(expected - got).max() <= 2 / 255
+
+
+def test_single_file_bake_loads_with_from_single_file_and_draws_the_loras_image(sd35_file, tmp_path):
+    """The baked SD3.5 file through diffusers' own StableDiffusion3Pipeline.from_single_file: its transformer and text
+    encoders compute what the base file's do with the LoRA file loaded by load_lora_weights (relative 1e-4), and it
+    draws the LoRA's image (≤ 2/255, where the LoRA moves the image by 0.1 on average)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from trainer.lora_tools.write import write_lora
+
+    file, configs = sd35_file
+    source = loaded(file, configs)
+    # text-encoder attention only: diffusers' text-encoder loader maps no peft key of a CLIP MLP (PEFT_TO_DIFFUSERS)
+    keys = MMDIT_KEYS + ("text_encoder.encoder.layers.0.self_attn.q_proj", "text_encoder_2.encoder.layers.1.self_attn.v_proj")
+    deltas = {k: d.scaled(4.0) for k, d in random_deltas(source, keys, seed=5).items()}
+    lora = write_lora(tmp_path / "style.diffusers.safetensors", deltas, "sd3", "diffusers", {})
+    out = tmp_path / "baked.safetensors"
+    bake(str(file), [(lora, 1.0)], out, single_file_config=str(configs))
+
+    def pipeline(path):
+        pipe = StableDiffusion3Pipeline.from_single_file(str(path), config=str(configs), torch_dtype=torch.float32)
+        pipe.text_encoder_3.eval()  # from_single_file leaves T5 in training mode: its dropout would differ per call
+        return pipe
+
+    def draw(pipe):
+        size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        return pipe("a red square", num_inference_steps=3, height=size, width=size, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+    with_lora, baked = pipeline(file), pipeline(out)
+    with_lora.load_lora_weights(str(lora))
+    with torch.no_grad():
+        embeds = [p.encode_prompt("a red square", "a red square", "a red square", do_classifier_free_guidance=False)
+                  for p in (with_lora, baked)]
+        for want, got in zip(embeds[0], embeds[1]):
+            if want is not None:
+                assert float((got - want).norm() / want.norm()) < 1e-4
+        g = torch.Generator().manual_seed(1)
+        config = baked.transformer.config
+        latents = torch.randn(1, config.in_channels, config.sample_size, config.sample_size, generator=g)
+        outputs = [p.transformer(latents, encoder_hidden_states=embeds[0][0], pooled_projections=embeds[0][2],
+                                 timestep=torch.tensor([500.0])).sample for p in (with_lora, baked)]
+    assert float((outputs[1] - outputs[0]).norm() / outputs[0].norm()) < 1e-4
+    expected, plain, got = draw(with_lora), draw(pipeline(file)), draw(baked)
+    assert abs(expected - plain).mean() > 0.05  # the LoRA changes the image a lot
+    assert abs(expected - got).max() <= 2 / 255

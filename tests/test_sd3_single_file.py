@@ -91,6 +91,9 @@ def test_single_file_loads_into_the_folders_weights(sd35):
         assert sd3.label(base.unet.config) == ("SD 3.5 Medium" if medium else "SD 3.5 Large")
         assert base.text_encoder_3 is not None and base.tokenizer_3 is not None
         assert_same_weights(ref, base, PARTS)
+        # from_single_file left T5 in training mode: its dropout noised every caption's conditioning
+        assert not any(m.training for m in (base.unet, base.vae, base.text_encoder, base.text_encoder_2,
+                                            base.text_encoder_3))
 
 
 def test_single_file_without_t5_or_text_encoders(sd35):

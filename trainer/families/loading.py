@@ -210,6 +210,9 @@ def load_base(cfg: ModelConfig, quantize_bits: int | None = None) -> Base:
         raise
     except Exception as err:  # diffusers raises many types (OSError, ValueError, SingleFileComponentError...)
         raise ModelError(load_error(cfg.path, kind, err)) from None
+    for part in pipe.components.values():  # from_pretrained gives eval mode; from_single_file leaves SD3's T5 in
+        if hasattr(part, "eval"):           # training mode, whose dropout would noise every caption's conditioning
+            part.eval()
     noise_scheduler, prediction_type = family.training_scheduler(pipe.scheduler, cfg.prediction_type)
     return Base(
         unet=getattr(pipe, family.DENOISER),
