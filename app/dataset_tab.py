@@ -43,6 +43,7 @@ def build() -> dict[str, Any]:
         with gr.Row():
             apply_btn = gr.Button("Apply to captions", elem_id="bulk-btn")
             undo_btn = gr.Button("Undo last bulk edit", elem_id="undo-btn")
+            clear_btn = gr.Button("Clear undo history", elem_id="clear-undo-btn", size="sm")
         edit_md = gr.Markdown(elem_id="bulk-status")
         with gr.Row():
             tags_df = gr.Dataframe(headers=["tag", "images"], datatype=["str", "number"], interactive=False,
@@ -68,7 +69,7 @@ def build() -> dict[str, Any]:
         summary_btn = gr.Button("Refresh summary", size="sm")
     return dict(cap_model=cap_model, cap_mode=cap_mode, cap_strip=cap_strip, cap_overwrite=cap_overwrite,
                 cap_btn=cap_btn, cap_md=cap_md, prefix=prefix, suffix=suffix, remove_tag=remove_tag, find=find,
-                replace=replace, strip=strip, apply_btn=apply_btn, undo_btn=undo_btn, edit_md=edit_md,
+                replace=replace, strip=strip, apply_btn=apply_btn, undo_btn=undo_btn, clear_btn=clear_btn, edit_md=edit_md,
                 tags_df=tags_df, selected=selected, clear_btn=clear_btn, tag_box=tag_box,
                 concept_folder=concept_folder, concept_trigger=concept_trigger, concept_prefix=concept_prefix,
                 concept_repeats=concept_repeats, concept_btn=concept_btn, concepts_md=concepts_md,
@@ -122,6 +123,9 @@ def wire(outputs: Path, c: dict[str, Any], current, grid, data_md, min_size, gri
         name, table, text, tag_rows, choices = refreshed(run_dir, min_image_size, only)
         return name, table, text, message, tag_rows, choices
 
+    def clear(run: str, request: gr.Request):
+        return dt.clear_undo(_editable(outputs, run, request))
+
     selected = c["selected"]
     captioned = c["cap_btn"].click(
         caption, [current, c["cap_model"], c["cap_mode"], c["cap_overwrite"], c["cap_strip"], selected, min_size],
@@ -131,6 +135,7 @@ def wire(outputs: Path, c: dict[str, Any], current, grid, data_md, min_size, gri
         bulk, [current, *(c[k] for k in ("prefix", "suffix", "find", "replace", "remove_tag", "strip")), selected,
                min_size], edit_outputs, api_name="bulk_edit")
     undone = c["undo_btn"].click(undo, [current, selected, min_size], edit_outputs, api_name="undo_edit")
+    c["clear_btn"].click(clear, [current], [c["edit_md"]], api_name="clear_undo")
     return [captioned, edited, undone, _wire_tags_and_concepts(outputs, c, current)]
 
 

@@ -140,6 +140,17 @@ def undo(run_dir: Path) -> str:
         return str(err).split(": ", 1)[-1]
 
 
+def clear_undo(run_dir: Path) -> str:
+    """Forget the dataset's caption undo history (kept until the user clears it); one line saying how much."""
+    dataset = Path(run_dir) / "dataset"
+    try:
+        with ce.caption_lock(dataset, "clear the undo history"):
+            count = ce.clear_undo(dataset)
+    except ce.EditError as err:
+        return str(err).split(": ", 1)[-1]
+    return f"Undo history cleared ({count} step{'s' if count != 1 else ''})."
+
+
 def tag_rows(run_dir: Path | None) -> list[list]:
     """[tag, images] rows for the tag-frequency table, most frequent first."""
     dataset = Path(run_dir) / "dataset" if run_dir else None

@@ -84,6 +84,10 @@ def test_bulk_edit_tags_selection_undo_and_concepts(tmp_path):
                                  "to strip"]
     assert dt.undo(run) == "'prefix zkstyle' undone: 1 caption files restored"
     assert dt.images_with_tag(run, "zkstyle") == [] and dt.undo(run) == "nothing to undo"
+    dt.bulk_edit(run, prefix="zqone")
+    dt.bulk_edit(run, suffix="zqtwo")
+    assert dt.clear_undo(run) == "Undo history cleared (2 steps)." and dt.undo(run) == "nothing to undo"
+    assert dt.images_with_tag(run, "zqone") == names  # clearing forgets the history, the captions stay as they are
 
     sub = run / "dataset" / "3_castles"
     sub.mkdir()
