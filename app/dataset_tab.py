@@ -43,7 +43,7 @@ def build() -> dict[str, Any]:
         with gr.Row():
             apply_btn = gr.Button("Apply to captions", elem_id="bulk-btn")
             undo_btn = gr.Button("Undo last bulk edit", elem_id="undo-btn")
-            clear_btn = gr.Button("Clear undo history", elem_id="clear-undo-btn", size="sm")
+            clear_undo_btn = gr.Button("Clear undo history", elem_id="clear-undo-btn", size="sm")
         edit_md = gr.Markdown(elem_id="bulk-status")
         with gr.Row():
             tags_df = gr.Dataframe(headers=["tag", "images"], datatype=["str", "number"], interactive=False,
@@ -69,7 +69,8 @@ def build() -> dict[str, Any]:
         summary_btn = gr.Button("Refresh summary", size="sm")
     return dict(cap_model=cap_model, cap_mode=cap_mode, cap_strip=cap_strip, cap_overwrite=cap_overwrite,
                 cap_btn=cap_btn, cap_md=cap_md, prefix=prefix, suffix=suffix, remove_tag=remove_tag, find=find,
-                replace=replace, strip=strip, apply_btn=apply_btn, undo_btn=undo_btn, clear_btn=clear_btn, edit_md=edit_md,
+                replace=replace, strip=strip, apply_btn=apply_btn, undo_btn=undo_btn, clear_undo_btn=clear_undo_btn,
+                edit_md=edit_md,
                 tags_df=tags_df, selected=selected, clear_btn=clear_btn, tag_box=tag_box,
                 concept_folder=concept_folder, concept_trigger=concept_trigger, concept_prefix=concept_prefix,
                 concept_repeats=concept_repeats, concept_btn=concept_btn, concepts_md=concepts_md,
@@ -135,7 +136,7 @@ def wire(outputs: Path, c: dict[str, Any], current, grid, data_md, min_size, gri
         bulk, [current, *(c[k] for k in ("prefix", "suffix", "find", "replace", "remove_tag", "strip")), selected,
                min_size], edit_outputs, api_name="bulk_edit")
     undone = c["undo_btn"].click(undo, [current, selected, min_size], edit_outputs, api_name="undo_edit")
-    c["clear_btn"].click(clear, [current], [c["edit_md"]], api_name="clear_undo")
+    c["clear_undo_btn"].click(clear, [current], [c["edit_md"]], api_name="clear_undo")
     return [captioned, edited, undone, _wire_tags_and_concepts(outputs, c, current)]
 
 

@@ -149,6 +149,8 @@ def test_ui_captions_with_a_model_and_bulk_edits(server, tmp_path):
     assert prefixed == set(chosen)
     name, grid, _, undo_md, _, _ = client.predict(run, [], 16, api_name="/undo_edit")
     assert "undone" in undo_md and not any(row[2].startswith("zkstyle") for row in grid["data"])
+    assert client.predict(run, api_name="/clear_undo").startswith("Undo history cleared (")  # the model's captions
+    assert client.predict(run, [], 16, api_name="/undo_edit")[3] == "nothing to undo"
 
     summary = client.predict(run=run, preset_name="tiny-test", extra_lines="", api_name="/summary")
     assert "Dataset: 3 images" in summary and "steps per epoch" in summary
