@@ -159,3 +159,23 @@ def one_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def finished_demo_run(outputs: Path, name: str = "demo-style", *, steps: int = 2, save_every: int = 0,
+                      batch_size: int = 2) -> Path:
+    """A finished rank-4 run of presets/demo-style.toml on the demo base, as the UI lists it: the CLI trains it (no
+    samples, no report, no checkpoints) and job.json says it ran and ended."""
+    import json
+    import subprocess
+    import sys
+
+    run_dir = outputs / name
+    sets = [f"train.steps={steps}", f"train.save_every={save_every}", "train.checkpoint_every=0",
+            f"train.batch_size={batch_size}", "sample.every=0", "sample.prompts=[]", "report.enabled=false",
+            "lora.rank=4", "lora.conv_rank=0", f'output.dir="{outputs}"']
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(ROOT / "presets" / "demo-style.toml"),
+                           "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_dir / "job.json").write_text(json.dumps({"pid": 2**22 + 12345, "launched_at": 0, "returncode": 0}))
+    return run_dir

@@ -7,33 +7,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, finished_demo_run
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, app_server  # noqa: F401 (the fixture)
 
 SCREENSHOT_COPY = ROOT / "docs" / "screenshots" / "ui-saves.png"
 
 pytestmark = pytest.mark.slow
-
-
-def train_three_saves(outputs: Path) -> Path:
-    """A finished run as the UI lists it: the CLI trains it, job.json says it ran and ended."""
-    run_dir = outputs / "demo-style"
-    proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(ROOT / "presets" / "demo-style.toml"),
-                           "--run-dir", str(run_dir), "--set", "train.steps=6", "--set", "train.save_every=2",
-                           "--set", "train.batch_size=2", "--set", "sample.every=0", "--set", "sample.prompts=[]",
-                           "--set", "report.enabled=false", "--set", "lora.rank=4", "--set", "lora.conv_rank=0",
-                           "--set", f'output.dir="{outputs}"'], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (run_dir / "job.json").write_text(json.dumps({"pid": 2**22 + 12345, "launched_at": 0, "returncode": 0}))
-    return run_dir
 
 
 def test_saves_tab_grid_in_a_real_browser(app_server, tmp_path):  # noqa: F811
@@ -42,7 +27,7 @@ def test_saves_tab_grid_in_a_real_browser(app_server, tmp_path):  # noqa: F811
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
     url, outputs = app_server
-    run_dir = train_three_saves(outputs)
+    run_dir = finished_demo_run(outputs, steps=6, save_every=2)
     shot = tmp_path / "ui-saves.png"
     started = time.time()
     with sync_api.sync_playwright() as pw:

@@ -267,19 +267,10 @@ def test_a_file_that_needs_its_base_is_read_with_its_run_s_base(tmp_path):
     """The demo base's layout differs from its family's reference: its kohya file names modules only with the base.
     Info asks for --model, the tab runs it once more with the run's base, and a result made from it keeps that base
     (Info on it, and Preview's base)."""
-    import subprocess
-    import sys
+    from tests.conftest import finished_demo_run
 
     outputs = tmp_path / "outputs"
-    run_dir = outputs / "demo"
-    proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(ROOT / "presets" / "demo-style.toml"),
-                           "--run-dir", str(run_dir), "--set", "train.steps=1", "--set", "train.save_every=0",
-                           "--set", "train.checkpoint_every=0", "--set", "train.batch_size=1", "--set",
-                           "sample.every=0", "--set", "sample.prompts=[]", "--set", "report.enabled=false", "--set",
-                           "lora.rank=4", "--set", "lora.conv_rank=0", "--set", f'output.dir="{outputs}"'],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    jobs.write_job(run_dir, {"pid": 2**22 + 12345, "launched_at": 0, "returncode": 0})
+    run_dir = finished_demo_run(outputs, "demo", steps=1, batch_size=1)
     value = f"run:demo/{next(p.name for p in jobs.adapter_files(run_dir) if '.diffusers.' not in p.name)}"
     info = run_tool(outputs, command="Info", file=value)
     assert not info.error and info.args[-2:] == ["--model", "builtin:demo-sd"], (info.error, info.args)
