@@ -102,7 +102,10 @@ def result_text(job: ToolJob) -> str:
     if job.error:
         return "Cancelled." if job.error == "cancelled" else f"Error: {short_paths(job, job.error)}"
     result = job.result or {}
-    summary = short_paths(job, str(result.get("summary") or "").strip() or info_summary(result))
+    summary = str(result.get("summary") or "").strip() or json.dumps(result, indent=1, default=str)[:4000]
+    if result.get("file"):  # info names its input as given: by its name here
+        summary = summary.replace(str(result["file"]), Path(str(result["file"])).name)
+    summary = short_paths(job, summary)
     out = result.get("out") or (str(job.out) if job.out else "")
     if out and job.args and job.args[0] == "bake":
         summary += f"\n\nWritten: {Path(out).name} — use it as the base model in Preview: {out}"
@@ -116,27 +119,3 @@ def short_paths(job: ToolJob, text: str) -> str:
     for folder in ([job.out.parent] if job.out is not None else []) + [job.outputs.resolve(), job.outputs]:
         text = text.replace(f"{folder}{os.sep}", "")
     return text
-
-
-def info_summary(info: dict) -> str:
-    """`lora info`'s JSON (it has no summary) in a few lines: layout, variant, base, ranks by group, metadata, hashes
-    and the tools that load the file exactly (the CLI's own text: trainer/lora_tools/info.py info_text)."""
-    if "layout" not in info:
-        return json.dumps(info, indent=1, default=str)[:4000]
-    lines = [f"{Path(str(info.get('file', ''))).name}: {info['layout']} layout, {info.get('variant')}, for "
-             f"{info.get('base')}, written by {info.get('trainer')}; {info.get('modules')} modules, "
-             f"{int(info.get('bytes') or 0):,} bytes"]
-    for group, g in (info.get("groups") or {}).items():
-        ranks = "/".join(map(str, g.get("ranks") or [])) or "-"
-        alphas = "/".join(f"{a:g}" for a in g.get("alphas") or []) or "-"
-        lines.append(f"  {group}: {g.get('modules')} modules, rank {ranks}, alpha {alphas}")
-    for title in ("training", "metadata"):
-        lines += [f"{title}: {k} = {str(v)[:200]}" for k, v in (info.get(title) or {}).items()]
-    hashes = info.get("hashes") or {}
-    if hashes:
-        lines.append(f"hashes: AutoV2 {hashes.get('autov2')}, sha256 {hashes.get('sha256')}")
-    consumers = info.get("consumers") or {}
-    if consumers.get("exact"):
-        lines.append(f"loads exactly in: {consumers['exact']}" + (f" ({consumers['other']})" if consumers.get("other")
-                                                                   else ""))
-    return "\n".join(lines)
