@@ -252,3 +252,25 @@ def test_cli_commands_print_json_and_refuse_in_one_line(files, tmp_path):
     info = subprocess.run([*run, "info", str(tmp_path / "r.safetensors")], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert info.returncode == 0 and "kohya layout, locon" in info.stdout and "rank 2" in info.stdout
+
+
+def test_a_file_without_metadata_is_told_by_its_real_shapes(tmp_path):
+    """A full-size UNet-only kohya file with diffusers module names and no metadata (as ai-toolkit and OneTrainer
+    write SDXL files) names modules an SD1 UNet has too: the shapes of the real bases tell it is SDXL."""
+    from safetensors.torch import save_file
+
+    from trainer import families
+    from trainer.lora_tools.deltas import module_shapes
+
+    family = "sdxl"
+    shapes = module_shapes({"unet": families.get(family).reference_models()["unet"]})
+    state, g = {}, torch.Generator().manual_seed(0)
+    for key, shape in shapes.items():
+        if key.endswith(("attn2.to_k", "attn2.to_v")):
+            name = "lora_unet_" + key.removeprefix("unet.").replace(".", "_")
+            state[f"{name}.lora_down.weight"] = torch.randn(4, shape[1], generator=g)
+            state[f"{name}.lora_up.weight"] = torch.randn(shape[0], 4, generator=g)
+            state[f"{name}.alpha"] = torch.tensor(2.0)
+    save_file(state, tmp_path / "a.safetensors")
+    lf = read_lora(tmp_path / "a.safetensors")
+    assert lf.family == family and len(lf.deltas) == len(state) // 3

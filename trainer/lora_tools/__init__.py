@@ -1,7 +1,8 @@
 """The LoRA toolbox (`python -m trainer lora ...`, the web UI's Tools tab): inspect, resize, merge, bake, extract and
 tag LoRA files of every base family and variant, including files other trainers wrote.
 
-  deltas.py    Delta (one module's ΔW, low-rank or full), LoraFile, read_lora: any layout -> {part.module: Delta}
+  lora_file.py Delta (one module's ΔW, low-rank or full) and LoraFile
+  deltas.py    read_lora: any layout -> {part.module: Delta} (formulas.py: the consumers' ΔW formulas)
   layouts.py   which layout and trainer a file's keys come from, and their key names mapped to the base's modules
   write.py     write_lora: Deltas -> a kohya or diffusers file (exact scales, checked hashes and metadata)
   lowrank.py   truncated SVD of a ΔW at a rank or by kohya resize_lora.py's dynamic methods, with what it kept

@@ -1,71 +1,19 @@
-"""One module's change of the base weight (Delta) and a LoRA file read into them (LoraFile, read_lora).
-
-A Delta is ΔW = scale·up·down (a LoRA, kept low-rank) or the full ΔW (LoHa, LoKr, DoRA's effective change): what a
-consumer adds to the base weight at strength 1. Keys are "part.module": the part as diffusers files name it (unet,
-transformer, text_encoder, text_encoder_2) and the module path as the base's model names it (text encoders without
-`text_model.`), e.g. "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q".
+"""read_lora: any LoRA file (kohya, LyCORIS, diffusers/peft, other trainers' spellings through layouts.py) read into
+per-module Deltas (trainer.lora_tools.lora_file; the consumers' formulas in formulas.py), with its base family told
+from --base, the base model, its metadata, or its keys checked against each family's real shapes.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from trainer.lora_tools import layouts
-
-
-@dataclass
-class Delta:
-    """ΔW of one module: scale·up·down when `full` is None, else `full`. `shape` is the base weight's."""
-
-    shape: tuple[int, ...]
-    down: torch.Tensor | None = None  # [r, in(, kh, kw)]
-    up: torch.Tensor | None = None  # [out, r(, 1, 1)]
-    scale: float = 1.0
-    full: torch.Tensor | None = None
-
-    @property
-    def rank(self) -> int | None:
-        """The LoRA rank; None for a full ΔW."""
-        return None if self.down is None else self.down.shape[0]
-
-    def weight(self) -> torch.Tensor:
-        """ΔW in float32, shaped like the base weight."""
-        if self.full is not None:
-            return self.full.float().reshape(self.shape)
-        return (self.up.float().flatten(1) @ self.down.float().flatten(1)).reshape(self.shape) * self.scale
-
-    def scaled(self, weight: float) -> Delta:
-        """This change at strength `weight` (the low-rank form kept)."""
-        if self.full is not None:
-            return Delta(self.shape, full=self.full * weight)
-        return Delta(self.shape, self.down, self.up, self.scale * weight)
-
-
-@dataclass
-class LoraFile:
-    """A LoRA file read into Deltas, with what `lora info` tells about it."""
-
-    path: Path
-    layout: str  # "kohya" | "diffusers" | "lycoris" | "peft" ... (trainer.lora_tools.layouts)
-    trainer: str  # who wrote it, as far as the keys and metadata tell ("this app", "kohya sd-scripts", ...)
-    family: str  # the base family's NAME
-    variant: str  # "lora" | "dora" | "loha" | "lokr" | "locon" ...
-    deltas: dict[str, Delta]
-    header: dict[str, str] = field(default_factory=dict)
-    ranks: dict[str, tuple[int | None, float | None]] = field(default_factory=dict)  # "part.module": (rank, alpha)
-    needs_base: list[str] = field(default_factory=list)  # DoRA modules read without the base: ΔW not resolved
-
-    def require_base(self) -> None:
-        """Refuse to use ΔW that needs the base model's weights (DoRA) when the file was read without them."""
-        if self.needs_base:
-            raise ValueError(f"{self.path}: a DoRA LoRA ({self.needs_base[0]} ...); its change depends on the base "
-                             "model's weights: pass --model")
+from trainer.lora_tools.formulas import dora_delta, low_rank_delta, lycoris_delta, peft_lokr
+from trainer.lora_tools.lora_file import Delta, LoraFile  # noqa: F401 (the toolbox imports them from here too)
 
 
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
@@ -120,63 +68,6 @@ def base_weights(parts: dict[str, torch.nn.Module], key: str) -> torch.Tensor:
     return base_weight(parts, part, module).float().cpu()
 
 
-def _low_rank(group: dict[str, torch.Tensor], down_key: str, up_key: str, scale: float) -> Delta:
-    down, up = group[down_key].float(), group[up_key].float()
-    shape = (up.shape[0], *down.shape[1:])
-    return Delta(shape, down.contiguous(), up.contiguous(), scale)
-
-
-def _dora_delta(delta: Delta, scale: torch.Tensor, weight: torch.Tensor, comfy: bool) -> Delta:
-    """The effective ΔW = W' − W of a DoRA module. comfy: ComfyUI/Forge's weight_decompose on a kohya dora_scale
-    (output axis: divided by the ORIGINAL weight's row norm + eps; input axis: by the column norm of W + ΔW);
-    otherwise peft's (W + ΔW)·m/‖W + ΔW‖ per output row."""
-    from trainer.lora_files.dora import EPS, dora_weight, row_norm
-
-    w, d = weight.double(), delta.weight().double()
-    if not comfy:
-        return Delta(delta.shape, full=(dora_weight(w, d, scale.double()) - w).float())
-    combined = w + d
-    if scale.shape[0] == w.shape[0]:
-        norm = row_norm(w)
-    else:  # input axis: the norm of each input column of W + ΔW
-        norm = row_norm(combined.transpose(0, 1)).transpose(0, 1)
-    return Delta(delta.shape, full=(combined * scale.double().reshape(norm.shape) / (norm + EPS) - w).float())
-
-
-def _lycoris_delta(name: str, group: dict[str, torch.Tensor], shape: tuple[int, ...] | None) -> tuple[Delta, int, float]:
-    """ΔW of a LoHa or LoKr module by ComfyUI's formulas (comfy/weight_adapter): LoHa (w1a·w1b)∘(w2a·w2b)·alpha/r with
-    r = w1b's rows; LoKr kron(w1, w2)·alpha/dim only when a factor is decomposed (dim = its rank), else scale 1."""
-    alpha = float(group["alpha"]) if "alpha" in group else None
-    if "hada_w1_a" in group:
-        missing = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} - group.keys()
-        if missing:
-            raise ValueError(f"{name}: LoHa module without {', '.join(sorted(missing))}")
-        w1 = group["hada_w1_a"].double() @ group["hada_w1_b"].double().flatten(1)
-        w2 = group["hada_w2_a"].double() @ group["hada_w2_b"].double().flatten(1)
-        rank = group["hada_w1_b"].shape[0]
-        full = w1 * w2 * ((alpha if alpha is not None else rank) / rank)
-    else:
-        factors, dim = [], None
-        for w in ("lokr_w1", "lokr_w2"):
-            if w in group:
-                factors.append(group[w].double())
-            elif f"{w}_a" in group and f"{w}_b" in group:
-                factors.append(group[f"{w}_a"].double() @ group[f"{w}_b"].double().flatten(1))
-                dim = group[f"{w}_b"].shape[0]
-            else:
-                raise ValueError(f"{name}: LoKr module without {w} (or {w}_a/{w}_b)")
-        w1, w2 = factors
-        if len(shape or ()) == 4 and w2.dim() == 2 and w2.numel() * w1.numel() == math.prod(shape):
-            w2 = w2.reshape(shape[0] // w1.shape[0], shape[1] // w1.shape[1], *shape[2:])
-        if w2.dim() == 4:
-            w1 = w1.unsqueeze(2).unsqueeze(2)
-        full = torch.kron(w1, w2) * (alpha / dim if dim is not None and alpha is not None else 1.0)
-        rank = dim or 0
-    if shape is None or math.prod(shape) != full.numel():
-        shape = tuple(full.shape)
-    return Delta(shape, full=full.float().reshape(shape)), rank, alpha
-
-
 @functools.cache
 def _reference_tables(family: str) -> tuple[dict, dict]:
     from trainer import families
@@ -222,7 +113,7 @@ def _lycoris_members(deltas: dict, ranks: dict, name: str, group: dict, part: st
     members = module if isinstance(module, tuple) else (module,)
     sizes = [shapes.get(f"{part}.{m}") for m in members]
     fused = None if None in sizes else (sum(s[0] for s in sizes), *sizes[0][1:])
-    delta, rank, alpha = _lycoris_delta(name, group, fused)
+    delta, rank, alpha = lycoris_delta(name, group, fused)
     if len(members) > 1 and fused is None:
         raise ValueError(f"{name}: a LoHa/LoKr factor of a fused weight needs its members' shapes to be split")
     row = 0
@@ -253,10 +144,10 @@ def read_kohya(state: dict, header: dict, family, parts: dict | None, where: str
             for member, g in members:
                 key, rank = f"{part}.{member}", g["lora_down.weight"].shape[0]
                 alpha = float(g["alpha"]) if "alpha" in g else float(rank)  # no alpha: scale 1 in A1111/ComfyUI
-                delta = _low_rank(g, "lora_down.weight", "lora_up.weight", alpha / rank)
+                delta = low_rank_delta(g, "lora_down.weight", "lora_up.weight", alpha / rank)
                 if "dora_scale" in g:  # ComfyUI/Forge's formula: the consumers that read a kohya dora_scale
                     if parts:
-                        delta = _dora_delta(delta, g["dora_scale"].float(), base_weights(parts, key), comfy=True)
+                        delta = dora_delta(delta, g["dora_scale"].float(), base_weights(parts, key), comfy=True)
                     kinds.add("dora")
                 elif delta.down.dim() == 4 and delta.down.shape[2:] != (1, 1):
                     kinds.add("locon")
@@ -281,7 +172,7 @@ def read_peft(state: dict, header: dict, parts: dict | None, where: str) -> tupl
     deltas, ranks, kinds = {}, {}, set()
     for name, group in sorted(group_keys(state, (*PEFT_SUFFIXES, *PEFT_LOKR)).items()):
         if group.keys() & set(PEFT_LOKR):
-            key, delta, rank, alpha = _peft_lokr(name, group, metadata)
+            key, delta, rank, alpha = peft_lokr(name, group, metadata)
             deltas[key], ranks[key] = delta, (rank, alpha)
             kinds.add("lokr")
             continue
@@ -293,36 +184,16 @@ def read_peft(state: dict, header: dict, parts: dict | None, where: str) -> tupl
         rank = group["lora_A.weight"].shape[0]
         scale = peft_scaling(config, part, module, rank) if "r" in config else 1.0
         key = f"{part}.{module}"
-        delta = _low_rank(group, "lora_A.weight", "lora_B.weight", scale)
+        delta = low_rank_delta(group, "lora_A.weight", "lora_B.weight", scale)
         magnitude = group.get("lora_magnitude_vector", group.get("lora_magnitude_vector.weight"))
         if magnitude is not None:
             if parts:
-                delta = _dora_delta(delta, magnitude.float(), base_weights(parts, key), comfy=False)
+                delta = dora_delta(delta, magnitude.float(), base_weights(parts, key), comfy=False)
             kinds.add("dora")
         elif delta.down.dim() == 4 and delta.down.shape[2:] != (1, 1):
             kinds.add("locon")
         deltas[key], ranks[key] = delta, (rank, scale * rank if "r" in config else None)
     return deltas, ranks, kinds
-
-
-def _peft_lokr(name: str, group: dict, metadata: dict) -> tuple[str, Delta, int, float]:
-    """("part.module", ΔW, r, alpha) of one module of peft's LoKr layout: peft scales kron(w1, w2) by alpha/r always
-    (peft/tuners/lokr/layer.py), with r and alpha per module from the part's config and its patterns."""
-    from peft.utils.other import get_pattern_key
-
-    part, _, module = name.partition(".")
-    config = {k.removeprefix(part + "."): v for k, v in metadata.items() if k.startswith(part + ".")}
-    if "r" not in config:
-        raise ValueError(f"{name}: a LoKr module without its peft config (lora_adapter_metadata) to scale it")
-
-    def pick(pattern: dict | None, default):
-        key = get_pattern_key(list(pattern or {}), module)
-        return (pattern or {}).get(key, default)
-
-    rank, alpha = pick(config.get("rank_pattern"), config["r"]), pick(config.get("alpha_pattern"), config["alpha"])
-    raw, _, _ = _lycoris_delta(name, group, None)  # no alpha in the group: kron(w1, w2) unscaled
-    module = module.removeprefix("text_model.")
-    return f"{part}.{module}", Delta(raw.shape, full=raw.full * (alpha / rank)), rank, float(alpha)
 
 
 def _family(state: dict, header: dict, kohya: bool, base: str | None, parts: dict | None):
@@ -336,6 +207,34 @@ def _family(state: dict, header: dict, kohya: bool, base: str | None, parts: dic
     if kohya:
         return families.version_family(header.get("ss_base_model_version", "")) or families.kohya_file_family(state)
     return families.diffusers_file_family(state, header)
+
+
+def _read_state(state: dict, header: dict, kohya: bool, family, parts: dict | None, where: str) -> tuple:
+    return read_kohya(state, header, family, parts, where) if kohya else read_peft(state, header, parts, where)
+
+
+def _by_shapes(state: dict, header: dict, kohya: bool, guess, where: str) -> tuple | None:
+    """(family, read) of the family whose real base has every module of the file, at the file's shapes: SD1 and
+    SDXL UNet files name many modules alike (ai-toolkit's and OneTrainer's SDXL files use diffusers names), their
+    widths differ. None when no family's real base fits (a tiny test base; SD1 and SD2 share one reference, so the
+    shapes do not tell them apart: their files say it in ss_base_model_version)."""
+    from trainer import families
+
+    keys = set(state)
+    if kohya:  # SD1/SD2 spell keys alike, and a diffusers-named SDXL UNet file has no SDXL-only key
+        prefixes = {f: tuple(f.KOHYA_PREFIXES.values()) for f in families.FAMILIES}
+        candidates = [f for f in reversed(families.FAMILIES) if any(k.startswith(prefixes[f]) for k in keys)]
+    else:
+        candidates = [f for f in reversed(families.FAMILIES) if any(k.startswith(f.DENOISER + ".") for k in keys)]
+    for family in sorted(candidates, key=lambda f: f is not guess):  # the guess first, the slowest table (SD3) last
+        try:
+            read = _read_state(state, header, kohya, family, None, where)
+        except ValueError:
+            continue
+        shapes = _reference_tables(family.NAME)[1]
+        if read[0] and all(shapes.get(k) == tuple(d.shape) for k, d in read[0].items()):
+            return family, read
+    return None
 
 
 def _denoiser(state: dict, base: str | None, parts: dict | None) -> str:
@@ -352,6 +251,7 @@ def read_lora(path: str | Path, model=None, base: str | None = None) -> LoraFile
     trainer.lora_tools.layouts) as Deltas. `model`: the base ({part: module}, or a path / hub id), needed for DoRA
     files and to name modules of a base whose layout differs from its family's reference; `base`: a family name when
     the file does not tell. ValueError names the file and the problem."""
+    from trainer import families
     from trainer.lora_files.convert import base_parts, read_adapter_file
 
     path = Path(path)
@@ -366,11 +266,21 @@ def read_lora(path: str | Path, model=None, base: str | None = None) -> LoraFile
             header = {**header, **layouts.sidecar_header(path, denoiser)}
         state, form = layouts.normalize(state, header, denoiser)
         kohya = form == "K"
-        family = _family(state, header, kohya, base, parts)
-        if kohya:
-            deltas, ranks, kinds = read_kohya(state, header, family, parts, str(path))
-        else:
-            deltas, ranks, kinds = read_peft(state, header, parts, str(path))
+        # the family is sure from --base, the base itself or the file's ss_base_model_version; else from the keys,
+        # checked against the shapes of each family's real base
+        sure = bool(base or parts or families.version_family(header.get("ss_base_model_version", "")))
+        try:
+            family = _family(state, header, kohya, base, parts)
+        except ValueError:
+            if sure:
+                raise
+            family = None
+        found = None if sure else _by_shapes(state, header, kohya, family, str(path))
+        if found is None and family is None:
+            raise ValueError(f"cannot tell which base this LoRA is for; pass --base ({', '.join(families.NAMES)}) "
+                             "or --model")
+        family, (deltas, ranks, kinds) = found or (family, _read_state(state, header, kohya, family, parts,
+                                                                         str(path)))
     except ValueError as err:
         raise ValueError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
     denoisers = {key.split(".", 1)[0] for key in deltas} - set(family.TEXT_ENCODERS)
