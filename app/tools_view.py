@@ -323,7 +323,7 @@ def build_args(outputs: Path, f: dict, user: str | None = None) -> tuple[list[st
         tuned = checkpoint(outputs, f.get("tuned") or "", "Fine-tuned checkpoint", user)
         out = out_path(outputs, user, command, f.get("out_name"), "extracted")
         conv = positive_int(f.get("conv_rank") or 0, "Conv rank", zero=True)
-        args = ["extract", "--from", base, "--tuned", tuned, *_rank_args(f, "Extract", required=True),
+        args = ["extract", "--base", base, "--tuned", tuned, *_rank_args(f, "Extract", required=True),
                 *(["--conv-rank", str(conv)] if conv else []), *_to_args(f)]
     else:
         out = out_path(outputs, user, command, f.get("out_name"), f"{stem}-meta")

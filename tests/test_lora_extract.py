@@ -160,3 +160,19 @@ def test_extracted_diffusers_file_loads_in_diffusers_with_the_change(tiny_base, 
     assert set(got) == set(added)
     for key, change in added.items():
         assert rel(got[key], change) < 1e-5, key
+
+
+def test_cli_extract_takes_the_original_as_base_as_the_issue_spells_it(tiny_base, tuned, tmp_path, capsys):
+    import json
+
+    from trainer.cli import main
+
+    folder, added = tuned
+    out = tmp_path / "cli.safetensors"
+    assert main(["lora", "extract", "--base", str(tiny_base), "--tuned", str(folder), "--rank", "2", "--conv-rank", "2",
+                 "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["error"] < 1e-5 and set(result["modules"]) == set(added) and out.is_file()
+    assert main(["lora", "extract", "--from", str(tiny_base), "--tuned", str(folder), "--rank", "2",
+                 "--out", str(out)]) == 2  # the old spelling still works; the output exists: refused in one line
+    assert "exists; pass --overwrite" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def test_each_command_gets_the_cli_arguments_and_writes_in_the_tools_folder(tmp_
                     str(home / "checkpoints" / "my_base")]
     args, _ = build_args(outputs, form(command="Extract", model="builtin:demo-sd", tuned="builtin:demo-sd", rank=4,
                                        conv_rank=2))
-    assert args == ["extract", "--from", "builtin:demo-sd", "--tuned", "builtin:demo-sd", "--rank", "4",
+    assert args == ["extract", "--base", "builtin:demo-sd", "--tuned", "builtin:demo-sd", "--rank", "4",
                     "--conv-rank", "2", "--out", str(home / "extracted.safetensors")]
     thumb = tmp_path / "thumb.png"
     thumb.write_bytes(b"png")

@@ -42,16 +42,19 @@ def add_parser(sub) -> None:
                         "its architecture (bake, extract)")
     from trainer import families
 
-    common.add_argument("--base", choices=families.NAMES, help="base family, when a file's keys and metadata do not "
+    family = argparse.ArgumentParser(add_help=False)  # extract's --base is its original checkpoint, as kohya's
+    family.add_argument("--base", choices=families.NAMES, help="base family, when a file's keys and metadata do not "
                         "tell")
 
-    p = cmds.add_parser("info", parents=[common], help="layout, base, variant, ranks, metadata, hashes, consumers")
+    p = cmds.add_parser("info", parents=[common, family],
+                        help="layout, base, variant, ranks, metadata, hashes, consumers")
     p.add_argument("file")
-    p = cmds.add_parser("resize", parents=[common], help="any LoRA variant -> a plain LoRA of another rank (SVD)")
+    p = cmds.add_parser("resize", parents=[common, family],
+                        help="any LoRA variant -> a plain LoRA of another rank (SVD)")
     p.add_argument("file")
     _rank_args(p, "new")
     _write_args(p)
-    p = cmds.add_parser("merge", parents=[common], help="one LoRA whose ΔW is the weighted sum of several")
+    p = cmds.add_parser("merge", parents=[common, family], help="one LoRA whose ΔW is the weighted sum of several")
     p.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]")
     _rank_args(p, "output")
     _write_args(p)
@@ -60,7 +63,8 @@ def add_parser(sub) -> None:
     p.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]")
     _write_args(p, folder=True)
     p = cmds.add_parser("extract", parents=[common], help="a LoRA from the difference of two checkpoints")
-    p.add_argument("--from", dest="source", required=True, metavar="BASE", help="the original checkpoint")
+    p.add_argument("--base", "--from", dest="source", required=True, metavar="BASE",
+                   help="the original checkpoint (what TUNED was fine-tuned from)")
     p.add_argument("--tuned", required=True, help="the fine-tuned checkpoint")
     _rank_args(p, "LoRA")
     p.add_argument("--conv-rank", type=int, default=0, help="also 3x3 convolutions, as LoCon of this rank (default: "
@@ -69,7 +73,8 @@ def add_parser(sub) -> None:
     p.add_argument("--text-encoders", action=argparse.BooleanOptionalAction, default=True,
                    help="extract the text encoders' change too (default: yes)")
     _write_args(p)
-    p = cmds.add_parser("meta", parents=[common], help="edit title, author, trigger, tags, thumbnail; tensors untouched")
+    p = cmds.add_parser("meta", parents=[common, family],
+                        help="edit title, author, trigger, tags, thumbnail; tensors untouched")
     p.add_argument("file")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="title, author, description, trigger, tags, license, or any ss_*/modelspec.* key")
