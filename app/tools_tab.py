@@ -50,6 +50,8 @@ def layout() -> dict:
             dynamic = gr.Dropdown([("(fixed rank)", ""), *METHODS], value="", label="Dynamic rank (rank: the largest)",
                                   elem_id="tools-dynamic")
             param = gr.Number(label="Dynamic parameter X", value=None, elem_id="tools-param")
+            conv_rank = gr.Number(label="Conv rank (3x3 convolutions; Resize: 0 = the rank; Extract: 0 = leave out)",
+                                  precision=0, value=0, minimum=0)
             to = gr.Dropdown([("same as the input", ""), ("kohya / A1111", "kohya"), ("diffusers", "diffusers")],
                              value="", label="Output layout", elem_id="tools-to")
         with gr.Row(visible=False) as files_row:
@@ -61,7 +63,6 @@ def layout() -> dict:
                            "DoRA files (optional). builtin:..., a hub id, a .safetensors file or a folder.")
         with gr.Row(visible=False) as extract_row:
             tuned = gr.Textbox(label="Fine-tuned checkpoint", scale=3, elem_id="tools-tuned")
-            conv_rank = gr.Number(label="Conv rank (3x3 convolutions; 0: none)", precision=0, value=0, minimum=0)
         with gr.Group(visible=False) as meta_box:
             with gr.Row():
                 title = gr.Textbox(label="Title", elem_id="tools-title")

@@ -306,7 +306,8 @@ def build_args(outputs: Path, f: dict, user: str | None = None) -> tuple[list[st
         rank = _rank_args(f, "Resize", required=True)
         tag = f"r{rank[1]}" if rank[0] == "--rank" and "--dynamic" not in rank else str(f.get("dynamic"))
         out = out_path(outputs, user, command, f.get("out_name"), f"{stem}-{tag}")
-        args = ["resize", str(src), *rank, *_to_args(f), *model_args]
+        conv = positive_int(f.get("conv_rank") or 0, "Conv rank", zero=True)
+        args = ["resize", str(src), *rank, *(["--conv-rank", str(conv)] if conv else []), *_to_args(f), *model_args]
     elif command == "merge":
         items = weighted_files(outputs, f.get("files"), user)
         out = out_path(outputs, user, command, f.get("out_name"), "merged")

@@ -274,3 +274,18 @@ def test_a_file_without_metadata_is_told_by_its_real_shapes(tmp_path):
     save_file(state, tmp_path / "a.safetensors")
     lf = read_lora(tmp_path / "a.safetensors")
     assert lf.family == family and len(lf.deltas) == len(state) // 3
+
+
+def test_resize_gives_convolutions_their_own_rank(files, tiny_base, tmp_path):
+    """kohya resize_lora.py's --new_conv_rank: 3×3 convolutions at --conv-rank, everything else at --rank."""
+    from trainer.lora_tools.resize import resize_file
+
+    kohya, _, want = files["alpha_ne_r"]
+    result = resize_file(kohya, tmp_path / "c.safetensors", rank=1, conv_rank=3)
+    got = read_lora(tmp_path / "c.safetensors").deltas
+    kernels = {k for k, w in want.items() if w.dim() == 4 and w.shape[-1] == 3}
+    assert kernels and len(kernels) < len(want)
+    for key, stats in result["modules"].items():
+        assert stats["rank"] == (3 if key in kernels else 1) and got[key].rank == result["rank"] == 3, key
+    with pytest.raises(ValueError, match="--conv-rank must be ≥ 1"):
+        resize_file(kohya, tmp_path / "d.safetensors", rank=1, conv_rank=0)

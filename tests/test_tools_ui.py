@@ -47,6 +47,8 @@ def test_each_command_gets_the_cli_arguments_and_writes_in_the_tools_folder(tmp_
                                        out_name="small", overwrite=True))
     assert args[2:] == ["--rank", "8", "--dynamic", "sv_fro", "--param", "0.9", "--out", str(home / "small.safetensors"),
                         "--overwrite"]
+    args, _ = build_args(outputs, form(command="Resize", file=a, rank=4, conv_rank=2))
+    assert args[2:6] == ["--rank", "4", "--conv-rank", "2"]
     args, out = build_args(outputs, form(command="Merge", files=f"{a}:0.7\n\n{b}", to="kohya"))
     assert args == ["merge", f"{run / 'style.safetensors'}:0.7", f"{run / 'style-step000010.safetensors'}:1",
                     "--to", "kohya", "--out", str(home / "merged.safetensors")]

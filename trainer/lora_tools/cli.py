@@ -53,6 +53,8 @@ def add_parser(sub) -> None:
                         help="any LoRA variant -> a plain LoRA of another rank (SVD)")
     p.add_argument("file")
     _rank_args(p, "new")
+    p.add_argument("--conv-rank", type=int, help="rank of 3x3 convolutions (LoCon; with --dynamic: their largest), "
+                   "as kohya's --new_conv_rank (default: --rank)")
     _write_args(p)
     p = cmds.add_parser("merge", parents=[common, family], help="one LoRA whose ΔW is the weighted sum of several")
     p.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]")
@@ -110,7 +112,8 @@ def run(args) -> int:
         from trainer.lora_tools.resize import resize_file
 
         result = resize_file(Path(args.file), Path(args.out), rank=args.rank, dynamic=args.dynamic, param=args.param,
-                             to=args.to, model=args.model, base=args.base, overwrite=args.overwrite)
+                             to=args.to, model=args.model, base=args.base, overwrite=args.overwrite,
+                             conv_rank=args.conv_rank)
     elif command == "merge":
         from trainer.lora_tools.merge import merge_files
 

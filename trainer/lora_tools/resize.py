@@ -40,18 +40,21 @@ def factor(delta: Delta, rank: int | None, dynamic: str | None, param: float | N
     return LowRank(down=new_down.contiguous(), up=new_up.contiguous(), kept=kept, error=error)
 
 
-def factor_all(deltas: dict[str, Delta], rank: int | None, dynamic: str | None,
-               param: float | None) -> tuple[dict[str, Delta], dict[str, dict], dict]:
+def factor_all(deltas: dict[str, Delta], rank: int | None, dynamic: str | None, param: float | None,
+               conv_rank: int | None = None) -> tuple[dict[str, Delta], dict[str, dict], dict]:
     """Every module factored: (new Deltas, {module: {rank, kept, error}}, totals {kept, error} over the whole file:
-    sqrt(Σ kept² / Σ ‖ΔW‖²) and sqrt(Σ residual² / Σ ‖ΔW‖²))."""
+    sqrt(Σ kept² / Σ ‖ΔW‖²) and sqrt(Σ residual² / Σ ‖ΔW‖²)). `conv_rank`: the rank (with `dynamic`: the cap) of
+    3×3 convolutions, kohya resize_lora.py's --new_conv_rank; None: `rank` for every module."""
     if rank is None and dynamic is None:
         raise ValueError("give --rank R, or --dynamic METHOD --param X")
-    if rank is not None and rank < 1:
-        raise ValueError(f"--rank must be ≥ 1, not {rank}")
+    for name, value in (("--rank", rank), ("--conv-rank", conv_rank)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be ≥ 1, not {value}")
     out, stats = {}, {}
     norm_sq = kept_sq = residual_sq = 0.0
     for key, delta in deltas.items():
-        low = factor(delta, rank, dynamic, param)
+        kernel = len(delta.shape) == 4 and tuple(delta.shape[2:]) != (1, 1)
+        low = factor(delta, conv_rank if kernel and conv_rank else rank, dynamic, param)
         out[key] = Delta(delta.shape, low.down, low.up, 1.0)
         norm = float(delta.weight().double().norm())
         norm_sq, kept_sq, residual_sq = norm_sq + norm**2, kept_sq + (low.kept * norm)**2, residual_sq + (low.error * norm)**2
@@ -86,7 +89,7 @@ def stats_lines(stats: dict[str, dict], total: dict, worst: int = 5) -> list[str
 
 def resize_file(src: Path, out: Path, *, rank: int | None = None, dynamic: str | None = None,
                 param: float | None = None, to: str | None = None, model=None, base: str | None = None,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, conv_rank: int | None = None) -> dict:
     """Write `src` as a plain LoRA of a new rank at `out`; returns what was kept per module and in total."""
     from trainer.lora_files.convert import base_parts
     from trainer.lora_tools.write import check_output, new_header, write_lora
@@ -95,9 +98,10 @@ def resize_file(src: Path, out: Path, *, rank: int | None = None, dynamic: str |
     parts = base_parts(model)
     file = read_lora(src, model=parts, base=base)
     file.require_base()
-    deltas, stats, total = factor_all(file.deltas, rank, dynamic, param)
+    deltas, stats, total = factor_all(file.deltas, rank, dynamic, param, conv_rank)
     new_rank = max(s["rank"] for s in stats.values())
-    operation = {"op": "resize", "from": Path(src).name, "rank": rank, "dynamic": dynamic, "param": param,
+    operation = {"op": "resize", "from": Path(src).name, "rank": rank, "conv_rank": conv_rank, "dynamic": dynamic,
+                 "param": param,
                  "kept": round(total["kept"], 6), "error": total["error"]}
     layout = output_layout(file, to)
     write_lora(Path(out), deltas, file.family, layout, new_header(file.header, operation, new_rank), overwrite,
