@@ -100,6 +100,9 @@ def consumers(file: LoraFile) -> dict[str, str]:
     from trainer import families
 
     family = families.get(file.family)
+    if file.layout == "lycoris" and file.variant == "lokr" and any(rank for rank, _ in file.ranks.values()):
+        return {"exact": "ComfyUI/Forge", "other": "A1111 1.10 fails on decomposed LoKr factors (lokr_w*_a/_b); "
+                "kohya merge_lora.py and diffusers read no LyCORIS keys: `lora resize` writes a plain LoRA for them"}
     if (file.layout, file.variant) in NOT_EXACT:
         exact, other = NOT_EXACT[(file.layout, file.variant)]
         return {"exact": exact, "other": other}
