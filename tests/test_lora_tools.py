@@ -8,6 +8,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +290,14 @@ def test_resize_gives_convolutions_their_own_rank(files, tiny_base, tmp_path):
         assert stats["rank"] == (3 if key in kernels else 1) and got[key].rank == result["rank"] == 3, key
     with pytest.raises(ValueError, match="--conv-rank must be ≥ 1"):
         resize_file(kohya, tmp_path / "d.safetensors", rank=1, conv_rank=0)
+
+
+def test_file_weight_arguments(tmp_path):
+    from trainer.lora_tools.cli import weighted
+
+    odd = tmp_path / "my:style.safetensors"  # a ':' in a file name is not a weight
+    odd.write_bytes(b"")
+    assert weighted([str(odd), f"{odd}:-0.5", "a.safetensors:0.7", "b.safetensors"]) == [
+        (odd, 1.0), (odd, -0.5), (Path("a.safetensors"), 0.7), (Path("b.safetensors"), 1.0)]
+    with pytest.raises(ValueError, match="the weight after ':' must be a number"):
+        weighted(["a.safetensors:strong"])

@@ -90,7 +90,7 @@ def weighted(items: list[str]) -> list[tuple[Path, float]]:
     out = []
     for item in items:
         path, sep, weight = item.rpartition(":")
-        if not sep or not path or "/" in weight or "\\" in weight:
+        if not sep or not path or "/" in weight or "\\" in weight or Path(item).is_file():  # a name may hold ':'
             path, weight = item, "1"
         try:
             out.append((Path(path), float(weight)))
