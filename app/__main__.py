@@ -35,7 +35,7 @@ def parse_auth(pairs: list[str], auth_file: str | None) -> list[tuple[str, str]]
 
 def served_paths(outputs: Path) -> dict[str, list[str]]:
     """Gradio may serve files from outputs/ only, and never its private folder (the per-user key)."""
-    from app.preview_client import PRIVATE_DIR
+    from app.user_files import PRIVATE_DIR
 
     return {"allowed_paths": [str(outputs)], "blocked_paths": [str(Path(outputs) / PRIVATE_DIR)]}
 

@@ -79,8 +79,7 @@ def may_read(outputs: Path, requested: str, user: str | None) -> bool:
     folder). The path is judged both as written (after '..' is folded, as gradio does) and with its links resolved,
     so neither a link nor '..' reaches a run from outside. Everything else is left to gradio's own rules."""
     from app.jobs import owner_of
-    from app.preview_client import preview_dir, uploads_dir
-    from app.tools_view import TOOLS_DIR, tools_dir
+    from app.user_files import TOOLS_DIR, preview_dir, tools_dir, uploads_dir
 
     for path in {Path(os.path.abspath(requested)), Path(os.path.realpath(requested))}:
         if not path.is_relative_to(outputs) or path == outputs:

@@ -13,12 +13,9 @@ with a message while a run trains. On a CPU-only machine the two simply share th
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import queue
-import secrets
 import shutil
 import subprocess
 import sys
@@ -28,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from app import jobs
 from app.uploads import sanitize_name
+from app.user_files import preview_dir, recorded_bases, tool_result, tool_results, uploads_dir
 from trainer.events import DONE, STOPPED
 from trainer.io import describe_os_error, read_safetensors_header
 from trainer.lora_files.shapes import check_shapes
@@ -61,10 +58,6 @@ def base_size(base: str) -> int | None:
 
 class PreviewError(RuntimeError):
     """A request the worker refused (bad adapter, ...) or a worker that died; the message says which."""
-
-
-def preview_dir(outputs: Path) -> Path:
-    return Path(outputs) / ".preview"
 
 
 class Worker:
@@ -194,26 +187,9 @@ def _run_adapter(run_dir: Path) -> Path | None:
     return None
 
 
-PRIVATE_DIR = ".private"  # under outputs/, never served
-
-
-def uploads_dir(outputs: Path, user: str | None = None) -> Path:
-    """Uploaded adapters; with login, each user's in a folder named by a keyed hash nobody else can guess."""
-    folder = preview_dir(outputs) / "adapters"
-    if user is None:
-        return folder
-    key_file = Path(outputs) / PRIVATE_DIR / "user-key"  # app/__main__ puts PRIVATE_DIR in gradio's blocked_paths
-    if not key_file.is_file():
-        key_file.parent.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(secrets.token_hex(32))
-    digest = hmac.new(key_file.read_text().encode(), user.encode(), hashlib.sha256).hexdigest()[:32]
-    return folder / f"user-{digest}"
-
-
 def adapter_choices(outputs: Path, user: str | None = None, runs: list | None = None) -> list[tuple[str, str]]:
     """(label, value): finished runs (value `run:NAME`), uploaded files (value `file:NAME`) and the Tools tab's results
     (value `tool:NAME`) the user may see. `runs`: jobs.list_runs' answer when the caller has it."""
-    from app.tools_view import tool_results  # here: tools_view imports this module
     choices = []
     for st in jobs.list_runs(outputs) if runs is None else runs:
         if st.state in FINISHED and _run_adapter(st.run_dir) and jobs.visible_to(st.run_dir, user):
@@ -253,8 +229,6 @@ def resolve(outputs: Path, value: str, user: str | None = None) -> tuple[Path, s
             raise PreviewError(f"no uploaded adapter named {name!r}")
         return path, None
     if kind == "tool":  # a Tools tab result (app/tools_view.py), with the base of what it was made from
-        from app.tools_view import recorded_bases, tool_result
-
         return tool_result(outputs, name, user), recorded_bases(outputs, user).get(name)
     raise PreviewError(NO_ADAPTER)
 

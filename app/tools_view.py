@@ -6,7 +6,7 @@ Where things are (all under outputs/, served with the same per-user rules as the
   OUTPUTS/.tools/<local | user-KEY>/           results: what the commands write (Preview lists them as `tool:NAME`)
   OUTPUTS/.tools/<local | user-KEY>/uploads/   LoRA files uploaded into the Tools tab
   OUTPUTS/.tools/<local | user-KEY>/checkpoints/  baked checkpoints (a base for Preview, not an adapter)
-KEY is the preview uploads' keyed hash of the user name (preview_client.uploads_dir): nobody else can guess it.
+KEY is the preview uploads' keyed hash of the user name (app/user_files.py): nobody else can guess it.
 """
 
 from __future__ import annotations
@@ -19,18 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from app import jobs
-from app.preview_client import uploads_dir
 from app.uploads import sanitize_name
+from app.user_files import BASES_FILE, SUFFIX, recorded_bases, tool_result, tool_results, tools_dir
 from trainer.io import atomic_write_text
 
-TOOLS_DIR = ".tools"
 COMMANDS = {"Info": "info", "Resize": "resize", "Merge": "merge", "Bake": "bake", "Extract": "extract",
             "Edit metadata": "meta"}
 METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")  # trainer/lora_tools/cli.py METHODS (kept equal by a test)
 LAYOUTS = ("kohya", "diffusers")
 META_FIELDS = ("title", "author", "trigger", "tags", "description")
-SUFFIX = ".safetensors"
-BASES_FILE = ".bases.json"  # in a tools folder: result name -> the base it belongs to (Info's --model, Preview's base)
 # The form's fields, in the order the tab passes them (and its API takes them).
 FORM = ("command", "file", "files", "rank", "dynamic", "param", "to", "model", "tuned", "conv_rank", "out_name",
         "overwrite", "title", "author", "trigger", "tags", "description", "thumbnail")
@@ -38,29 +35,6 @@ FORM = ("command", "file", "files", "rank", "dynamic", "param", "to", "model", "
 
 class ToolError(ValueError):
     """A form value the Tools tab refuses; the message is one line for the user."""
-
-
-# ----------------------------------------------------------------------------- where files are
-
-
-def tools_dir(outputs: Path, user: str | None = None) -> Path:
-    """The user's tools folder: OUTPUTS/.tools/local without login, else .tools/user-KEY (unguessable)."""
-    return Path(outputs) / TOOLS_DIR / (uploads_dir(outputs, user).name if user is not None else "local")
-
-
-def tool_results(outputs: Path, user: str | None = None) -> list[Path]:
-    """The LoRA files the user's commands wrote (newest first): what Preview lists as `tool:NAME`."""
-    folder = tools_dir(outputs, user)
-    files = [p for p in folder.glob(f"*{SUFFIX}") if p.is_file()] if folder.is_dir() else []
-    return sorted(files, key=lambda p: (-p.stat().st_mtime, p.name))
-
-
-def tool_result(outputs: Path, name: str, user: str | None = None) -> Path:
-    """The user's result file `name`; FileNotFoundError for anything else."""
-    path = tools_dir(outputs, user) / sanitize_name(name)
-    if not name or path.name != name or not path.is_file() or not name.endswith(SUFFIX):
-        raise FileNotFoundError(f"no tools result named {name!r}")
-    return path
 
 
 def lora_choices(outputs: Path, user: str | None = None) -> list[tuple[str, str]]:
@@ -100,15 +74,6 @@ def resolve(outputs: Path, value: str, user: str | None = None) -> Path:
     if not value:
         raise ToolError("pick a LoRA file first (your runs' adapters, tools results or an upload)")
     raise ToolError(f"{value}: not one of your LoRA files (pick one from the list)")
-
-
-def recorded_bases(outputs: Path, user: str | None = None) -> dict[str, str]:
-    """{result name: base model} of the user's tools results whose base is known."""
-    try:
-        data = json.loads((tools_dir(outputs, user) / BASES_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
 def base_of(outputs: Path, value: str, user: str | None = None) -> str | None:
