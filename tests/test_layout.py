@@ -9,6 +9,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 TRAINER = ROOT / "trainer"
@@ -27,17 +29,17 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def modules() -> dict[str, Path]:
-    return {module_name(p): p for p in sorted(TRAINER.rglob("*.py"))}
+def modules(root: Path = TRAINER) -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(root.rglob("*.py"))}
 
 
-def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
-    """Every trainer module `path` imports, at module level or inside a function."""
+def imports_of(path: Path, known: dict[str, Path], package: str = "trainer") -> set[str]:
+    """Every `package` module `path` imports, at module level or inside a function."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("trainer")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trainer"):
+            out |= {a.name for a in node.names if a.name.startswith(package)}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package):
             for alias in node.names:  # `from trainer.x import y`: the module trainer.x.y when there is one
                 sub = f"{node.module}.{alias.name}"
                 out.add(sub if sub in known else node.module)
@@ -73,9 +75,10 @@ def test_packages_import_only_what_their_init_allows():
     assert not wrong, "imports against the stated direction:\n" + "\n".join(wrong)
 
 
-def test_no_import_cycles():
-    known = modules()
-    graph = {m: {t for t in imports_of(p, known) if t in known and t != m} for m, p in known.items()}
+@pytest.mark.parametrize("package", ["trainer", "app"])
+def test_no_import_cycles(package):
+    known = modules(ROOT / package)
+    graph = {m: {t for t in imports_of(p, known, package) if t in known and t != m} for m, p in known.items()}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     cycles = []
 
