@@ -38,11 +38,13 @@ def pipe_kind(pipe) -> str:
 
 def module_table(pipe) -> dict[str, dict[str, torch.nn.Module]]:
     """{part: {module path as a diffusers file names it (no `text_model.`): Linear/Conv2d}} of the clean base."""
-    table: dict[str, dict[str, torch.nn.Module]] = {}
-    for part, model in pipe_parts(pipe).items():
-        table[part] = {name.removeprefix("text_model."): m for name, m in model.named_modules()
-                       if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    return table
+    return {part: weight_modules(model) for part, model in pipe_parts(pipe).items()}
+
+
+def weight_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{module path as files name it (text encoders without `text_model.`): Linear or Conv2d} of one part."""
+    return {name.removeprefix("text_model."): m for name, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
 
 
 def read_adapter(path: str | Path, pipe, table: dict | None = None,

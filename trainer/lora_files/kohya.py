@@ -86,16 +86,22 @@ def file_delta(group: dict[str, torch.Tensor], shape) -> torch.Tensor:
     return (up.flatten(1) @ down.flatten(1)).reshape(shape) * (alpha / rank)
 
 
-def base_weight(models: dict[str, torch.nn.Module], part: str, module: str) -> torch.Tensor:
-    """The base (un-adapted) weight of `part`.`module`; text-encoder paths with or without `text_model.`."""
-    model = models.get(part)
+def find_module(model: torch.nn.Module, module: str) -> tuple[str | None, torch.nn.Module | None]:
+    """(path, submodule) of `module` as files name it (text encoders with or without `text_model.`); (None, None)."""
     for path in (module, f"text_model.{module}"):
         try:
-            layer = model.get_submodule(path)
+            return path, model.get_submodule(path)
         except AttributeError:
             continue
-        return (layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight.detach()
-    raise ValueError(f"{part}.{module}: no such module in the base model")
+    return None, None
+
+
+def base_weight(models: dict[str, torch.nn.Module], part: str, module: str) -> torch.Tensor:
+    """The base (un-adapted) weight of `part`.`module`; text-encoder paths with or without `text_model.`."""
+    layer = find_module(models.get(part), module)[1]
+    if layer is None:
+        raise ValueError(f"{part}.{module}: no such module in the base model")
+    return (layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight.detach()
 
 
 def kohya_state_dict(modules: dict[str, torch.nn.Module], delta=None,
@@ -202,6 +208,15 @@ def check_kohya_family(file_kind: str, kind: str | None) -> None:
                          f"{families.kohya_layout_label(base_family)} base")
 
 
+def table_name(name: str, family) -> str:
+    """A file's kohya module name as the name tables (kohya_names) spell it: SD1/SD2 files sometimes spell the one text
+    encoder lora_te1_; files written before the fix spell SDXL's projection lora_te2_text_model_text_projection
+    (ComfyUI's key map knows lora_te2_text_projection only)."""
+    if name.startswith("lora_te1_") and "text_encoder_2" not in family.KOHYA_PREFIXES:
+        name = "lora_te_" + name.removeprefix("lora_te1_")
+    return name.replace("_text_model_text_projection", "_text_projection")
+
+
 def kohya_to_diffusers(
     state: dict[str, torch.Tensor], model_modules: dict[str, torch.nn.Module] | None = None, kind: str | None = None,
     header: dict[str, str] | None = None,
@@ -220,12 +235,7 @@ def kohya_to_diffusers(
     per_part: dict[str, dict[str, tuple[int, float, bool]]] = {}
     unknown = []
     for name, group in sorted(group_modules(state, KOHYA_SUFFIXES).items()):
-        # SD1/SD2 files sometimes spell the one text encoder lora_te1_; files written before the fix spell SDXL's
-        # projection lora_te2_text_model_text_projection (ComfyUI's key map knows lora_te2_text_projection only)
-        lookup = name
-        if name.startswith("lora_te1_") and "text_encoder_2" not in family_of(file_kind).KOHYA_PREFIXES:
-            lookup = "lora_te_" + name.removeprefix("lora_te1_")
-        lookup = lookup.replace("_text_model_text_projection", "_text_projection")
+        lookup = table_name(name, family_of(file_kind))
         if lookup not in table:
             unknown.append(name)
             continue
@@ -268,27 +278,30 @@ def _add_module(tensors: dict, per_part: dict, name: str, part: str, module: str
     per_part.setdefault(part, {})[module] = (rank, alpha, "dora_scale" in group)
 
 
-def peft_scaling(config: dict, part: str, module: str, rank: int) -> float:
-    """The scaling peft gives `module` under `config` (a LoraConfig dict), as LoraLayer.update_layer computes it."""
+def pattern_value(pattern: dict | None, part: str, module: str, default):
+    """The value a peft rank_pattern/alpha_pattern gives `module` of `part` (a text-encoder module as spelled with or
+    without `text_model.`), else `default`."""
     from peft.utils.other import get_pattern_key
 
-    names = [module, f"text_model.{module}"] if part.startswith("text_encoder") else [module]
+    for name in [module, f"text_model.{module}"] if part.startswith("text_encoder") else [module]:
+        key = get_pattern_key(list(pattern or {}), name)
+        if key in (pattern or {}):
+            return pattern[key]
+    return default
 
-    def pick(pattern: dict | None, default):
-        for name in names:
-            key = get_pattern_key(list(pattern or {}), name)
-            if key in (pattern or {}):
-                return pattern[key]
-        return default
 
-    r, alpha = pick(config.get("rank_pattern"), config["r"]), pick(config.get("alpha_pattern"), config["lora_alpha"])
+def peft_scaling(config: dict, part: str, module: str, rank: int) -> float:
+    """The scaling peft gives `module` under `config` (a LoraConfig dict), as LoraLayer.update_layer computes it."""
+    r = pattern_value(config.get("rank_pattern"), part, module, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern"), part, module, config["lora_alpha"])
     if r != rank:
         raise ValueError(f"{part}.{module}: adapter metadata says rank {r}, the tensors have rank {rank}")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
 def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict, kind: str | None = None,
-                       model_modules: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
+                       model_modules: dict[str, torch.nn.Module] | None = None,
+                       unet_config=None) -> dict[str, torch.Tensor]:
     """peft-layout tensors (`unet.<module>.lora_A.weight`, ...) + diffusers adapter metadata -> kohya tensors of a
     `kind` base (SDXL UNet modules get SGM names for the real SDXL layout), at one rank with alpha = rank (see
     uniform_module). DoRA modules need the base weights (`model_modules`) for ComfyUI's dora_scale."""
@@ -323,7 +336,7 @@ def diffusers_to_kohya(state: dict[str, torch.Tensor], adapter_metadata: dict, k
         if magnitude is not None:
             weight = base_weight(model_modules, part, module).float().cpu()
             group["dora_scale"] = comfy_dora_scale(magnitude, weight, file_delta(group, weight.shape))
-        entries.append((family.kohya_name(part, module), family.kohya_slot(part, module), group))
+        entries.append((family.kohya_name(part, module, unet_config), family.kohya_slot(part, module), group))
     tensors = kohya_tensors(entries)
     if guessed:
         warnings.warn(f"no lora_adapter_metadata for {', '.join(sorted(guessed))}: assuming alpha = rank (scale 1.0, "

@@ -20,15 +20,10 @@ from pathlib import Path
 
 import torch
 
+from trainer.lora_files.kohya import find_module
+from trainer.lora_tools.deltas import load_model
+
 TAG_BASE = float(2**40)  # element tags start here: above any constant a conversion makes, exact in float64 to 2^53
-
-
-def load(path: str, single_file_config: str | None = None):
-    """The base at `path` as trainer.families.loading.Base."""
-    from trainer.config import ModelConfig
-    from trainer.families.loading import load_base
-
-    return load_base(ModelConfig(path=path, single_file_config=single_file_config))
 
 
 def read_deltas(path: Path, base, deltas_of=None):
@@ -38,16 +33,6 @@ def read_deltas(path: Path, base, deltas_of=None):
     from trainer.lora_tools.deltas import read_lora
 
     return read_lora(path, model=base.parts(), base=None)
-
-
-def find_module(model, name: str):
-    """A Linear/Conv2d of a part by the name files use (text encoders with or without `text_model.`)."""
-    for path in (name, f"text_model.{name}"):
-        try:
-            return path, model.get_submodule(path)
-        except AttributeError:
-            continue
-    return None, None
 
 
 def summed_changes(checkpoint: str, files: list[tuple[Path, float]], base, deltas_of=None) -> dict:
@@ -262,7 +247,7 @@ def bake(checkpoint: str, files: list[tuple[Path, float]], out: Path, *, overwri
         raise ValueError(f"{checkpoint}: no LoRA files to bake")
     kind, where = resolve_source(checkpoint)
     to_file = check_out(checkpoint, kind, out, overwrite)
-    base = load(checkpoint, single_file_config)
+    base = load_model(checkpoint, single_file_config)
     changes = summed_changes(checkpoint, files, base, deltas_of)
     if not changes:
         raise ValueError(f"{files[0][0]}: no module changes to bake")

@@ -100,14 +100,6 @@ def _kohya_tables(family: str, parts: dict | None) -> tuple[dict, dict[str, tupl
     return named | reference_names(family), shapes
 
 
-def _kohya_lookup(name: str, family) -> str:
-    """A file's kohya name as our tables spell it: SD1/SD2 files sometimes say lora_te1_; older SDXL files
-    lora_te2_text_model_text_projection (ComfyUI's key map knows lora_te2_text_projection only)."""
-    if name.startswith("lora_te1_") and "text_encoder_2" not in family.KOHYA_PREFIXES:
-        name = "lora_te_" + name.removeprefix("lora_te1_")
-    return name.replace("_text_model_text_projection", "_text_projection")
-
-
 def _lycoris_members(deltas: dict, ranks: dict, name: str, group: dict, part: str, module, shapes: dict) -> None:
     """A LoHa/LoKr module's full ΔW into `deltas`; one over a fused weight (SD3's qkv) cut into its members' rows."""
     members = module if isinstance(module, tuple) else (module,)
@@ -128,11 +120,12 @@ def _lycoris_members(deltas: dict, ranks: dict, name: str, group: dict, part: st
 def read_kohya(state: dict, header: dict, family, parts: dict | None, where: str) -> tuple[dict, dict, set]:
     """Deltas of a kohya/LyCORIS-spelled state: ({"part.module": Delta}, {"part.module": (rank, alpha)}, kinds)."""
     from trainer.lora_files.fused import split
+    from trainer.lora_files.kohya import table_name
 
     table, shapes = _kohya_tables(family.NAME, parts)
     deltas, ranks, kinds, unknown = {}, {}, set(), []
     for name, group in sorted(group_keys(state, (*LORA_SUFFIXES, *LYCORIS_SUFFIXES)).items()):
-        target = table.get(_kohya_lookup(name, family))
+        target = table.get(table_name(name, family))
         if target is None:
             unknown.append(name)
             continue
@@ -244,6 +237,14 @@ def _denoiser(state: dict, base: str | None, parts: dict | None) -> str:
     if parts:
         return next(p for p in parts if p in families.DENOISERS)
     return families.get(base).DENOISER if base else layouts.guess_denoiser(set(state))
+
+
+def load_model(path: str, single_file_config: str | None = None):
+    """The base at `path` (folder, builtin:, single file, hub id) as trainer.families.loading.Base."""
+    from trainer.config import ModelConfig
+    from trainer.families.loading import load_base
+
+    return load_base(ModelConfig(path=path, single_file_config=single_file_config))
 
 
 def read_lora(path: str | Path, model=None, base: str | None = None) -> LoraFile:

@@ -20,24 +20,11 @@ from pathlib import Path
 
 import torch
 
-from trainer.lora_tools.deltas import Delta
+from trainer.lora_files.adapter_files import weight_modules
+from trainer.lora_tools.deltas import Delta, load_model
 from trainer.lora_tools.lowrank import LowRank, low_rank, relative_error
 
 WORST = 5  # modules the summary names
-
-
-def weight_modules(model) -> dict[str, torch.nn.Module]:
-    """{module path as files name it (text encoders without `text_model.`): Linear or Conv2d} of one part."""
-    return {name.removeprefix("text_model."): m for name, m in model.named_modules()
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-
-
-def load(path: str, single_file_config: str | None = None):
-    """The base at `path` (folder, builtin:, single file, hub id) as trainer.families.loading.Base."""
-    from trainer.config import ModelConfig
-    from trainer.families.loading import load_base
-
-    return load_base(ModelConfig(path=path, single_file_config=single_file_config))
 
 
 def check_same_base(source: str, tuned: str, original, changed) -> None:
@@ -103,7 +90,7 @@ def extract_deltas(source: str, tuned: str, *, rank: int | None, dynamic: str | 
     """(deltas {part.module: Delta}, the source Base, report dict) without writing anything."""
     if rank is None and dynamic is None:
         raise ValueError(f"{tuned}: give --rank, or --dynamic with --param (and --rank as the largest rank)")
-    original, changed = load(source, single_file_config), load(tuned, single_file_config)
+    original, changed = load_model(source, single_file_config), load_model(tuned, single_file_config)
     check_same_base(source, tuned, original, changed)
     parts, other = original.parts(), changed.parts()
     names = list(parts) if text_encoders else [original.family.DENOISER]

@@ -72,18 +72,14 @@ def lycoris_delta(name: str, group: dict[str, torch.Tensor], shape: tuple[int, .
 def peft_lokr(name: str, group: dict, metadata: dict) -> tuple[str, Delta, int, float]:
     """("part.module", ΔW, r, alpha) of one module of peft's LoKr layout: peft scales kron(w1, w2) by alpha/r always
     (peft/tuners/lokr/layer.py), with r and alpha per module from the part's config and its patterns."""
-    from peft.utils.other import get_pattern_key
+    from trainer.lora_files.kohya import pattern_value
 
     part, _, module = name.partition(".")
+    module = module.removeprefix("text_model.")
     config = {k.removeprefix(part + "."): v for k, v in metadata.items() if k.startswith(part + ".")}
     if "r" not in config:
         raise ValueError(f"{name}: a LoKr module without its peft config (lora_adapter_metadata) to scale it")
-
-    def pick(pattern: dict | None, default):
-        key = get_pattern_key(list(pattern or {}), module)
-        return (pattern or {}).get(key, default)
-
-    rank, alpha = pick(config.get("rank_pattern"), config["r"]), pick(config.get("alpha_pattern"), config["alpha"])
+    rank = pattern_value(config.get("rank_pattern"), part, module, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern"), part, module, config["alpha"])
     raw, _, _ = lycoris_delta(name, group, None)  # no alpha in the group: kron(w1, w2) unscaled
-    module = module.removeprefix("text_model.")
     return f"{part}.{module}", Delta(raw.shape, full=raw.full * (alpha / rank)), rank, float(alpha)

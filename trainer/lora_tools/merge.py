@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from trainer.lora_tools.deltas import Delta, LoraFile, read_lora
-from trainer.lora_tools.resize import factor_all, output_layout, stats_lines, unet_config
+from trainer.lora_tools.resize import factor_all, output_layout, stats_lines
 
 
 def stack(deltas: list[Delta], weights: list[float]) -> Delta:
@@ -62,6 +62,7 @@ def merge_files(items: list[tuple[Path, float]], out: Path, *, rank: int | None 
                 overwrite: bool = False) -> dict:
     """Merge weighted LoRA files into `out`; returns the merged ranks and, when factored, the measured error."""
     from trainer.lora_files.convert import base_parts
+    from trainer.lora_files.kohya_names import unet_config
     from trainer.lora_tools.write import check_output, new_header, write_lora
 
     if len(items) < 1:
@@ -83,7 +84,7 @@ def merge_files(items: list[tuple[Path, float]], out: Path, *, rank: int | None 
                  "param": param, "error": total["error"]}
     layout = output_layout(files[0], to)
     write_lora(Path(out), summed, files[0].family, layout, new_header(files[0].header, operation, new_rank),
-               overwrite, unet_config(parts))
+               overwrite, unet_config(parts or {}))
     inputs = ", ".join(f"{Path(p).name}×{w:g}" for p, w in items)
     summary = [f"{out}: {layout} LoRA of {inputs}, {len(summed)} modules, rank up to {new_rank}"]
     summary += stats_lines(stats, total) if stats else ["exact: the ranks of the inputs are stacked"]

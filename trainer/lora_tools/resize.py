@@ -71,13 +71,6 @@ def output_layout(file: LoraFile, to: str | None) -> str:
     return "diffusers" if file.layout in ("diffusers", "peft", "diffusers-old") else "kohya"
 
 
-def unet_config(parts: dict | None):
-    """The denoiser's config among a loaded base's parts (kohya names of some families depend on it)."""
-    from trainer.lora_files.kohya_names import unet_config as config_of
-
-    return config_of(parts) if parts else None
-
-
 def stats_lines(stats: dict[str, dict], total: dict, worst: int = 5) -> list[str]:
     """Human lines: the total share kept and error, and the modules that lost most."""
     lines = [f"kept {total['kept']:.2%} of ‖ΔW‖_F overall; relative error {total['error']:.2e}"]
@@ -92,6 +85,7 @@ def resize_file(src: Path, out: Path, *, rank: int | None = None, dynamic: str |
                 overwrite: bool = False, conv_rank: int | None = None) -> dict:
     """Write `src` as a plain LoRA of a new rank at `out`; returns what was kept per module and in total."""
     from trainer.lora_files.convert import base_parts
+    from trainer.lora_files.kohya_names import unet_config
     from trainer.lora_tools.write import check_output, new_header, write_lora
 
     check_output(Path(out), overwrite)  # before any work: a refused output must not cost a long SVD
@@ -105,7 +99,7 @@ def resize_file(src: Path, out: Path, *, rank: int | None = None, dynamic: str |
                  "kept": round(total["kept"], 6), "error": total["error"]}
     layout = output_layout(file, to)
     write_lora(Path(out), deltas, file.family, layout, new_header(file.header, operation, new_rank), overwrite,
-               unet_config(parts))
+               unet_config(parts or {}))
     ranks = sorted({s["rank"] for s in stats.values()})
     summary = [f"{out}: {layout} LoRA, {len(deltas)} modules, rank {ranks[0]}"
                + (f"..{ranks[-1]}" if len(ranks) > 1 else "") + f" (from a {file.variant} {file.layout} file)",

@@ -54,22 +54,6 @@ def _plain(deltas: dict[str, Delta], where: Path) -> dict[str, Delta]:
     return deltas
 
 
-def kohya_tensors_of(deltas: dict[str, Delta], family: str, unet_config=None) -> dict[str, torch.Tensor]:
-    """kohya tensors at one rank (alpha = rank, scales folded in), keyed by the family's kohya names."""
-    from trainer import families
-    from trainer.lora_files.fused import kohya_tensors
-    from trainer.lora_files.kohya import uniform_module
-
-    fam = families.get(family)
-    rank = max(d.rank for d in deltas.values())
-    entries = []
-    for key, d in deltas.items():
-        part, module = key.split(".", 1)
-        entries.append((fam.kohya_name(part, module, unet_config), fam.kohya_slot(part, module),
-                        uniform_module(d.down.float(), d.up.float(), d.scale, rank)))
-    return kohya_tensors(entries)
-
-
 def peft_tensors_of(deltas: dict[str, Delta]) -> tuple[dict[str, torch.Tensor], dict]:
     """diffusers/peft tensors (scale folded into lora_B, alpha = rank per module) and their adapter metadata."""
     from trainer.lora_files.kohya import lora_config
@@ -95,17 +79,17 @@ def write_lora(path: Path, deltas: dict[str, Delta], family: str, layout: str, h
     from safetensors.torch import save_file
 
     from trainer.io import atomic_path
-    from trainer.lora_files.kohya import write_kohya
+    from trainer.lora_files.kohya import diffusers_to_kohya, write_kohya
 
     path = Path(path)
     check_output(path, overwrite)
     deltas = _plain(deltas, path)
     header = {k: str(v) for k, v in header.items()}
-    if layout in ("kohya", "lycoris"):
-        return write_kohya(path, kohya_tensors_of(deltas, family, unet_config), header)
-    if layout != "diffusers":
+    if layout not in ("kohya", "lycoris", "diffusers"):
         raise ValueError(f"{path}: unknown layout {layout!r} (kohya or diffusers)")
     tensors, metadata = peft_tensors_of(deltas)
+    if layout != "diffusers":  # kohya: one rank, alpha = rank, as every run's kohya file (trainer.lora_files.kohya)
+        return write_kohya(path, diffusers_to_kohya(tensors, metadata, family, unet_config=unet_config), header)
     header.update(format="pt")
     header[LORA_ADAPTER_METADATA_KEY] = json.dumps(metadata, indent=2, sort_keys=True, default=str)
     with atomic_path(path) as tmp:
