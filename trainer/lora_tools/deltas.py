@@ -11,16 +11,13 @@ from pathlib import Path
 
 import torch
 
+from trainer.lora_files.adapter_files import LOKR_SUFFIXES  # peft's LoKr state dict
+from trainer.lora_files.kohya import DIFFUSERS_SUFFIXES, KOHYA_SUFFIXES
 from trainer.lora_tools import layouts
 from trainer.lora_tools.formulas import dora_delta, low_rank_delta, lycoris_delta, peft_lokr
 from trainer.lora_tools.lora_file import Delta, LoraFile  # noqa: F401 (the toolbox imports them from here too)
 
 
-LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
-LYCORIS_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2",
-                    "lokr_w2_a", "lokr_w2_b")
-PEFT_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight")
-PEFT_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # peft's LoKr state dict
 UNSUPPORTED = {"hada_t1": "Tucker-decomposed LoHa (hada_t1/t2)", "hada_t2": "Tucker-decomposed LoHa (hada_t1/t2)",
                "lokr_t2": "Tucker-decomposed LoKr (lokr_t2)", "lora_mid.weight": "Tucker-decomposed LoCon (lora_mid)",
                "diff": "a full-weight difference (LyCORIS 'full')", "diff_b": "a bias difference",
@@ -124,7 +121,7 @@ def read_kohya(state: dict, header: dict, family, parts: dict | None, where: str
 
     table, shapes = _kohya_tables(family.NAME, parts)
     deltas, ranks, kinds, unknown = {}, {}, set(), []
-    for name, group in sorted(group_keys(state, (*LORA_SUFFIXES, *LYCORIS_SUFFIXES)).items()):
+    for name, group in sorted(group_keys(state, (*KOHYA_SUFFIXES, *layouts.LYCORIS)).items()):
         target = table.get(table_name(name, family))
         if target is None:
             unknown.append(name)
@@ -163,8 +160,8 @@ def read_peft(state: dict, header: dict, parts: dict | None, where: str) -> tupl
 
     metadata = json.loads(header.get(LORA_ADAPTER_METADATA_KEY) or "{}")
     deltas, ranks, kinds = {}, {}, set()
-    for name, group in sorted(group_keys(state, (*PEFT_SUFFIXES, *PEFT_LOKR)).items()):
-        if group.keys() & set(PEFT_LOKR):
+    for name, group in sorted(group_keys(state, (*DIFFUSERS_SUFFIXES, *LOKR_SUFFIXES)).items()):
+        if group.keys() & set(LOKR_SUFFIXES):
             key, delta, rank, alpha = peft_lokr(name, group, metadata)
             deltas[key], ranks[key] = delta, (rank, alpha)
             kinds.add("lokr")

@@ -20,13 +20,16 @@ from pathlib import Path
 
 import torch
 
-LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
-LYCORIS_SUFFIXES = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b",
-                    ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b")
+from trainer.lora_files.adapter_files import LOKR_SUFFIXES
+from trainer.lora_files.kohya import KOHYA_SUFFIXES
+
+LYCORIS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", *LOKR_SUFFIXES)  # LoHa's and LoKr's tensors
+LORA_SUFFIXES = tuple("." + s for s in KOHYA_SUFFIXES)
+LYCORIS_SUFFIXES = tuple("." + s for s in LYCORIS)
 K_SUFFIXES = LORA_SUFFIXES + LYCORIS_SUFFIXES
 D_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector",
               # peft's own LoKr layout (this app's exact LoKr diffusers file: diffusers' load_lora_adapter reads it)
-              ".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b")
+              *("." + s for s in LOKR_SUFFIXES))
 K_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 D_PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 # peft/diffusers suffix spellings -> (D) suffix
