@@ -3,6 +3,7 @@ downloaded) clicks through upload -> caption grid -> Train -> live panel -> down
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -23,6 +24,40 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-dev-shm-usage"]
 
 pytestmark = pytest.mark.slow
+
+
+def chromium_or_skip():
+    """playwright's sync_api. .ci/run installs Chromium: in CI a missing browser is a failure, on a dev machine a
+    skip with the fix."""
+    if not Path(CHROMIUM).exists():
+        assert not os.environ.get("CI"), f"{CHROMIUM} missing in CI"
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    return pytest.importorskip("playwright.sync_api")
+
+
+@contextlib.contextmanager
+def app_page(sync_api, tmp_path: Path, url: str, **context):
+    """A page of the app at `url` in headless Chromium with a fresh profile folder (Playwright passes it as
+    --user-data-dir), closed afterwards. `context`: more launch_persistent_context options."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 1400}, **context)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
+def publish_screenshots(*pairs: tuple[Path, Path]) -> None:
+    """`make screenshots` (STYLE_LORA_SCREENSHOTS): copy each (shot, README picture); otherwise nothing."""
+    if os.environ.get("STYLE_LORA_SCREENSHOTS"):
+        for shot, copy in pairs:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, copy)
 
 
 @pytest.fixture
@@ -57,59 +92,44 @@ def app_server(tmp_path):
 
 
 def test_click_through_upload_train_download(app_server, tmp_path):
-    if not Path(CHROMIUM).exists():
-        # .ci/run installs it; in CI a missing browser is a failure, on a dev machine a skip with the fix.
-        assert not os.environ.get("CI"), f"{CHROMIUM} missing in CI"
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = chromium_or_skip()
     url, outputs = app_server
     shot = tmp_path / "ui-train.png"
-    with sync_api.sync_playwright() as pw:
-        # A fresh profile folder per test (Playwright passes it as --user-data-dir).
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 1400}, accept_downloads=True)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(url)
+    with app_page(sync_api, tmp_path, url, accept_downloads=True) as page:
+        # Dataset: drop the example images and captions -> the caption grid fills in
+        page.locator("#upload input[type=file]").set_input_files(sorted(str(p) for p in TINY_STYLE.iterdir()))
+        grid = page.locator("#caption-grid")
+        sync_api.expect(grid).to_contain_text("11_green_triangle.png", timeout=60_000)
+        sync_api.expect(page.locator("#dataset-status")).to_contain_text("12 images, 12 usable")
+        page.wait_for_timeout(1000)  # thumbnails
+        page.screenshot(path=str(tmp_path / "ui-dataset.png"), full_page=True)
 
-            # Dataset: drop the example images and captions -> the caption grid fills in
-            page.locator("#upload input[type=file]").set_input_files(sorted(str(p) for p in TINY_STYLE.iterdir()))
-            grid = page.locator("#caption-grid")
-            sync_api.expect(grid).to_contain_text("11_green_triangle.png", timeout=60_000)
-            sync_api.expect(page.locator("#dataset-status")).to_contain_text("12 images, 12 usable")
-            page.wait_for_timeout(1000)  # thumbnails
-            page.screenshot(path=str(tmp_path / "ui-dataset.png"), full_page=True)
+        # Train: the demo base and tiny preset are preselected; make it short, then Train
+        page.get_by_role("tab", name="Train").click()
+        steps = page.get_by_label("Steps", exact=True)
+        steps.fill("6")
+        steps.press("Tab")
+        page.locator("#train-btn").click()
 
-            # Train: the demo base and tiny preset are preselected; make it short, then Train
-            page.get_by_role("tab", name="Train").click()
-            steps = page.get_by_label("Steps", exact=True)
-            steps.fill("6")
-            steps.press("Tab")
-            page.locator("#train-btn").click()
-
-            # Runs: the live panel follows the run until it is done
-            status = page.locator("#run-status")
-            sync_api.expect(status).to_contain_text("running", timeout=120_000)
-            page.reload()  # the page reattaches to the running run (state lives in the run folders)
-            page.get_by_role("tab", name="Runs").click()
-            sync_api.expect(status).to_contain_text("my-style: running", timeout=60_000)
-            run_dir = next(p for p in outputs.iterdir() if (p / "job.json").is_file())
-            ended = wait_for_run_end(run_dir)  # follows the run's events: as long as the machine needs, no guess
-            assert ended.state == "done", f"{ended.state}: {ended.reason}"
-            sync_api.expect(status).to_contain_text("done", timeout=60_000)  # the panel's next refresh shows it
-            sync_api.expect(status).to_contain_text("6/6")
-            link = page.locator("#downloads a[href$='.diffusers.safetensors']").first
-            sync_api.expect(link).to_be_visible(timeout=30_000)
-            with page.expect_download() as info:
-                link.click()
-            saved = tmp_path / info.value.suggested_filename
-            info.value.save_as(saved)
-            page.wait_for_timeout(1500)  # let the plot and gallery finish drawing
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+        # Runs: the live panel follows the run until it is done
+        status = page.locator("#run-status")
+        sync_api.expect(status).to_contain_text("running", timeout=120_000)
+        page.reload()  # the page reattaches to the running run (state lives in the run folders)
+        page.get_by_role("tab", name="Runs").click()
+        sync_api.expect(status).to_contain_text("my-style: running", timeout=60_000)
+        run_dir = next(p for p in outputs.iterdir() if (p / "job.json").is_file())
+        ended = wait_for_run_end(run_dir)  # follows the run's events: as long as the machine needs, no guess
+        assert ended.state == "done", f"{ended.state}: {ended.reason}"
+        sync_api.expect(status).to_contain_text("done", timeout=60_000)  # the panel's next refresh shows it
+        sync_api.expect(status).to_contain_text("6/6")
+        link = page.locator("#downloads a[href$='.diffusers.safetensors']").first
+        sync_api.expect(link).to_be_visible(timeout=30_000)
+        with page.expect_download() as info:
+            link.click()
+        saved = tmp_path / info.value.suggested_filename
+        info.value.save_as(saved)
+        page.wait_for_timeout(1500)  # let the plot and gallery finish drawing
+        page.screenshot(path=str(shot), full_page=True)
 
     from safetensors import safe_open
 
@@ -117,7 +137,5 @@ def test_click_through_upload_train_download(app_server, tmp_path):
         assert len(list(f.keys())) > 0
     assert saved.name.endswith(".safetensors")
     assert shot.stat().st_size > 10_000 and (tmp_path / "ui-dataset.png").stat().st_size > 10_000
-    if os.environ.get("STYLE_LORA_SCREENSHOTS"):  # `make screenshots`: refresh the README's pictures on request only
-        SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, SCREENSHOT_COPY)
-        shutil.copy(tmp_path / "ui-dataset.png", SCREENSHOT_COPY.with_name("ui-dataset.png"))
+    publish_screenshots((shot, SCREENSHOT_COPY),
+                        (tmp_path / "ui-dataset.png", SCREENSHOT_COPY.with_name("ui-dataset.png")))

@@ -5,16 +5,13 @@ drawn on the preview worker -> the PNG with its labels in the text chunks, and a
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.conftest import ROOT, finished_demo_run
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, app_server  # noqa: F401 (the fixture)
+from tests.test_browser import app_page, app_server, chromium_or_skip, publish_screenshots  # noqa: F401 (app_server: the fixture)
 
 SCREENSHOT_COPY = ROOT / "docs" / "screenshots" / "ui-saves.png"
 
@@ -22,41 +19,29 @@ pytestmark = pytest.mark.slow
 
 
 def test_saves_tab_grid_in_a_real_browser(app_server, tmp_path):  # noqa: F811
-    if not Path(CHROMIUM).exists():
-        assert not os.environ.get("CI"), f"{CHROMIUM} missing in CI"
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = chromium_or_skip()
     url, outputs = app_server
     run_dir = finished_demo_run(outputs, steps=6, save_every=2)
     shot = tmp_path / "ui-saves.png"
     started = time.time()
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 1400})
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(url)
-            page.get_by_role("tab", name="Saves").click()
-            page.locator("#saves-run input").click()
-            page.get_by_role("option", name="demo-style (done)").click()
-            table = page.locator("#saves-table")
-            for label in ("step 2", "step 4", "final (step 6)"):
-                sync_api.expect(table).to_contain_text(label)
-            field = page.locator("#saves-steps input[type=number]")
-            field.fill("8")
-            field.press("Tab")
-            page.locator("#saves-grid-btn").click()
-            status = page.locator("#saves-grid-status")
-            sync_api.expect(status).to_contain_text("Drawing cell", timeout=300_000)  # per-cell progress
-            sync_api.expect(status).to_contain_text("Grid done: 6 cells", timeout=600_000)
-            sync_api.expect(status).to_contain_text("ms per cell")
-            sync_api.expect(page.locator("#saves-grid-img img")).to_be_visible(timeout=60_000)
-            page.wait_for_timeout(1000)
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+    with app_page(sync_api, tmp_path, url) as page:
+        page.get_by_role("tab", name="Saves").click()
+        page.locator("#saves-run input").click()
+        page.get_by_role("option", name="demo-style (done)").click()
+        table = page.locator("#saves-table")
+        for label in ("step 2", "step 4", "final (step 6)"):
+            sync_api.expect(table).to_contain_text(label)
+        field = page.locator("#saves-steps input[type=number]")
+        field.fill("8")
+        field.press("Tab")
+        page.locator("#saves-grid-btn").click()
+        status = page.locator("#saves-grid-status")
+        sync_api.expect(status).to_contain_text("Drawing cell", timeout=300_000)  # per-cell progress
+        sync_api.expect(status).to_contain_text("Grid done: 6 cells", timeout=600_000)
+        sync_api.expect(status).to_contain_text("ms per cell")
+        sync_api.expect(page.locator("#saves-grid-img img")).to_be_visible(timeout=60_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(shot), full_page=True)
     grids = sorted((outputs / ".preview" / "grids").glob("demo-style-grid-*.png"))
     assert len(grids) == 1, grids
     png = Image.open(grids[0])
@@ -67,6 +52,4 @@ def test_saves_tab_grid_in_a_real_browser(app_server, tmp_path):  # noqa: F811
     assert png.size == (128 + 3 * 128, 34 + 2 * 128)
     assert shot.stat().st_size > 10_000 and run_dir.is_dir()
     print(f"browser walk: {time.time() - started:.0f} s")
-    if os.environ.get("STYLE_LORA_SCREENSHOTS"):  # `make screenshots`: refresh the README's pictures on request only
-        SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, SCREENSHOT_COPY)
+    publish_screenshots((shot, SCREENSHOT_COPY))

@@ -4,16 +4,13 @@ file is written, offered for download and listed in Preview), and a screenshot."
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, finished_demo_run
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, app_server  # noqa: F401 (the fixture)
+from tests.test_browser import app_page, app_server, chromium_or_skip, publish_screenshots  # noqa: F401 (app_server: the fixture)
 
 SCREENSHOT_COPY = ROOT / "docs" / "screenshots" / "ui-tools.png"
 
@@ -34,48 +31,34 @@ def run_and_wait(page, expected: str, timeout_s: float = 300) -> str:
 
 
 def test_tools_tab_info_and_resize_in_a_real_browser(app_server, tmp_path):  # noqa: F811
-    if not Path(CHROMIUM).exists():
-        assert not os.environ.get("CI"), f"{CHROMIUM} missing in CI"
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = chromium_or_skip()
     url, outputs = app_server
     run_dir = finished_demo_run(outputs)
     shot = tmp_path / "ui-tools.png"
     started = time.time()
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 1400})
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(url)
-            page.get_by_role("tab", name="Tools").click()
-            page.locator("#tools-file input").click()
-            page.get_by_role("option", name="demo-style / demo-style.safetensors", exact=True).click()
+    with app_page(sync_api, tmp_path, url) as page:
+        page.get_by_role("tab", name="Tools").click()
+        page.locator("#tools-file input").click()
+        page.get_by_role("option", name="demo-style / demo-style.safetensors", exact=True).click()
 
-            info = run_and_wait(page, r"kohya.*4|4.*kohya")  # Info is the default command
-            assert "Traceback" not in info, info
+        info = run_and_wait(page, r"kohya.*4|4.*kohya")  # Info is the default command
+        assert "Traceback" not in info, info
 
-            page.locator("#tools-command").get_by_text("Resize", exact=True).click()
-            rank = page.locator("#tools-rank input[type=number]")
-            rank.fill("2")
-            rank.press("Tab")
-            resized = run_and_wait(page, r"Written: demo-style-r2\.safetensors")
-            sync_api.expect(page.locator("#tools-download a")).to_have_attribute(
-                "href", re.compile(r"/demo-style-r2\.safetensors$"))  # the download link
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(shot), full_page=True)
+        page.locator("#tools-command").get_by_text("Resize", exact=True).click()
+        rank = page.locator("#tools-rank input[type=number]")
+        rank.fill("2")
+        rank.press("Tab")
+        resized = run_and_wait(page, r"Written: demo-style-r2\.safetensors")
+        sync_api.expect(page.locator("#tools-download a")).to_have_attribute(
+            "href", re.compile(r"/demo-style-r2\.safetensors$"))  # the download link
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(shot), full_page=True)
 
-            page.get_by_role("tab", name="Preview").click()
-            page.locator("#preview-adapter input").click()
-            sync_api.expect(page.get_by_role("option", name="demo-style-r2.safetensors (tools)")).to_be_visible()
-        finally:
-            browser.close()
+        page.get_by_role("tab", name="Preview").click()
+        page.locator("#preview-adapter input").click()
+        sync_api.expect(page.get_by_role("option", name="demo-style-r2.safetensors (tools)")).to_be_visible()
     written = outputs / ".tools" / "local" / "demo-style-r2.safetensors"
     assert written.is_file() and run_dir.is_dir(), resized
     assert shot.stat().st_size > 10_000
     print(f"browser walk: {time.time() - started:.0f} s")
-    if os.environ.get("STYLE_LORA_SCREENSHOTS"):  # `make screenshots`: refresh the README's pictures on request only
-        SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, SCREENSHOT_COPY)
+    publish_screenshots((shot, SCREENSHOT_COPY))
