@@ -410,7 +410,9 @@ def test_logged_in_users_see_only_their_own_runs(tmp_path):
         assert alice.predict(api_name="/restore")[0] == run
         # Preview uploads live in a per-user folder keyed by a secret that gradio never serves.
         assert preview.uploads_dir(outputs, "alice") != preview.uploads_dir(outputs, "bob")
-        key = outputs / preview.PRIVATE_DIR / "user-key"
+        from app.user_files import PRIVATE_DIR
+
+        key = outputs / PRIVATE_DIR / "user-key"
         assert key.is_file()
         with httpx.Client(base_url=url) as http:
             assert http.post("login", data={"username": "bob", "password": "builder"}).status_code == 200
